@@ -1,0 +1,140 @@
+//! Command line: `inferdns run | check | demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, Overrides};
+use crate::config;
+use crate::demo::{self, DemoOptions};
+use crate::error::AppError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "inferdns",
+    version,
+    about = "Authoritative DNS for AI inference endpoints"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run {
+        /// Main configuration file.
+        #[arg(long, default_value = "/etc/inferdns/inferdns.toml")]
+        config: PathBuf,
+        /// Serve DNS (UDP and TCP) on this address instead of the config's (port 0: any free port).
+        #[arg(long)]
+        dns_listen: Option<SocketAddr>,
+        /// Serve the admin API on this address instead of the config's (port 0: any free port).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Load and check a configuration without serving; exit 0 if it is good, 1 if not.
+    Check {
+        #[arg(long, default_value = "/etc/inferdns/inferdns.toml")]
+        config: PathBuf,
+    },
+    /// Start simulated regions and the server on loopback and show failover and failback.
+    Demo {
+        /// One JSON object per line for each event, and a summary last.
+        #[arg(long)]
+        json: bool,
+        /// DNS address of the demo server (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8053")]
+        dns_listen: SocketAddr,
+        /// Keep everything running this many seconds afterwards, for dig.
+        #[arg(long, value_name = "SECONDS")]
+        hold: Option<u64>,
+    },
+}
+
+/// Default log filter per command: the demo prints its own story.
+pub fn default_log_filter(cli: &Cli) -> &'static str {
+    match cli.command {
+        Command::Demo { .. } => "warn,hickory_server=error",
+        _ => "info,hickory_server=warn,hickory_proto=warn",
+    }
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} regions, {} endpoints, {} services, {} static records)",
+                    config.display(),
+                    c.regions.len(),
+                    c.regions.iter().map(|r| r.endpoints.len()).sum::<usize>(),
+                    c.services.len(),
+                    c.zone.records.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                ExitCode::from(1)
+            }
+        },
+        Command::Run {
+            config,
+            dns_listen,
+            admin_listen,
+        } => block_on(async move {
+            let config = config::load(&config)?;
+            app::run(
+                config,
+                Overrides {
+                    dns_listen,
+                    admin_listen,
+                },
+            )
+            .await
+        }),
+        Command::Demo {
+            json,
+            dns_listen,
+            hold,
+        } => block_on(demo::run(DemoOptions {
+            json,
+            dns_listen,
+            hold: hold.map(Duration::from_secs),
+        })),
+    }
+}
+
+fn block_on(future: impl std::future::Future<Output = Result<(), AppError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("inferdns: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                AppError::Config(errors) => {
+                    for err in &errors.0 {
+                        eprintln!("{err}");
+                    }
+                }
+                other => eprintln!("inferdns: {other}"),
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

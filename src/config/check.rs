@@ -1,0 +1,844 @@
+//! Parse → check → compile: from the file structs to [`Config`], collecting
+//! every problem with its file:line:col.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{LowerName, Name, RData, Record};
+use toml::Spanned;
+
+use super::file::{EndpointSection, MainFile, ProbeSection, RegionSection, ServiceSection};
+use super::{
+    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, ServerConfig,
+    Service, Soa, Source, Target, ZoneConfig, zonefile,
+};
+
+/// Default probe timing: detects a killed endpoint in about 1 s and a hung
+/// one in about 2 s (interval × fall, plus the timeout for a hang).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(800);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 2;
+/// Default TTL of service answers.
+pub const DEFAULT_SERVICE_TTL: u32 = 30;
+
+/// Loads and checks the configuration at `path` with everything it refers to.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read(path, None)?;
+    let source = Source { path, text: &text };
+    let file: MainFile = match toml::from_str(&text) {
+        Ok(file) => file,
+        Err(e) => return Err(ConfigErrors(vec![toml_error(&source, &e)])),
+    };
+    let mut checker = Checker {
+        errors: Vec::new(),
+        base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let config = checker.main(&source, &file);
+    match config {
+        Some(config) if checker.errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(checker.errors)),
+    }
+}
+
+fn read(path: &Path, at: Option<ConfigError>) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        let mut error = at.unwrap_or(ConfigError {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: String::new(),
+        });
+        error.message = format!("cannot read {}: {e}", path.display());
+        ConfigErrors(vec![error])
+    })
+}
+
+fn toml_error(source: &Source<'_>, e: &toml::de::Error) -> ConfigError {
+    let span = e.span().unwrap_or(0..0);
+    source.error(span, e.message().trim_end().to_string())
+}
+
+struct Checker {
+    errors: Vec<ConfigError>,
+    /// Directory of the main file; relative paths start here.
+    base: PathBuf,
+}
+
+impl Checker {
+    fn err(&mut self, source: &Source<'_>, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push(source.error(span, message));
+    }
+
+    fn main(&mut self, src: &Source<'_>, file: &MainFile) -> Option<Config> {
+        let server = self.server(src, &file.server);
+        let zone = self.zone(src, &file.zone);
+        let regions = self.regions(src, &file.regions);
+        let region_ids: HashMap<&str, usize> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        let apex = zone.as_ref().map(|z| z.apex.clone());
+
+        let mut services = Vec::new();
+        if let Some(apex) = &apex {
+            for (id, section) in &file.services {
+                if let Some(s) = self.service(
+                    src,
+                    id,
+                    section.get_ref(),
+                    section.span(),
+                    apex,
+                    &region_ids,
+                ) {
+                    services.push((s, src.error(section.span(), "")));
+                }
+            }
+            if let Some(dir) = &file.policy_dir {
+                self.policy_dir(src, dir, apex, &region_ids, &mut services);
+            }
+        }
+        let services = self.cross_check_services(services, zone.as_ref());
+        Some(Config {
+            server: server?,
+            zone: zone?,
+            regions,
+            services,
+        })
+    }
+
+    fn server(&mut self, src: &Source<'_>, s: &super::file::ServerSection) -> Option<ServerConfig> {
+        let mut dns_listen = Vec::new();
+        for addr in &s.dns_listen {
+            if let Some(a) = self.socket_addr(src, addr) {
+                dns_listen.push(a);
+            }
+        }
+        if s.dns_listen.is_empty() {
+            self.err(
+                src,
+                0..0,
+                "server.dns-listen must name at least one address",
+            );
+        }
+        let admin_listen = self.socket_addr(src, &s.admin_listen);
+        let grace = self.duration(
+            src,
+            &s.startup_grace,
+            "startup-grace",
+            Duration::ZERO,
+            Duration::from_secs(60),
+        );
+        let idle = self.duration(
+            src,
+            &s.tcp_idle_timeout,
+            "tcp-idle-timeout",
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        );
+        let payload = *s.max_udp_payload.get_ref();
+        if !(512..=4096).contains(&payload) {
+            self.err(
+                src,
+                s.max_udp_payload.span(),
+                format!("max-udp-payload {payload} is out of range (512..=4096)"),
+            );
+        }
+        Some(ServerConfig {
+            dns_listen,
+            admin_listen: admin_listen?,
+            startup_grace: grace?,
+            tcp_idle_timeout: idle?,
+            max_udp_payload: payload,
+        })
+    }
+
+    fn zone(&mut self, src: &Source<'_>, z: &super::file::ZoneSection) -> Option<ZoneConfig> {
+        let apex = self.absolute_name(src, &z.apex)?;
+        if apex.is_root() {
+            self.err(src, z.apex.span(), "zone.apex cannot be the root");
+            return None;
+        }
+        let apex_lower = LowerName::new(&apex);
+        let soa_s = &z.soa;
+        let primary = self.absolute_name(src, &soa_s.primary);
+        let contact = self.absolute_name(src, &soa_s.contact);
+        let ttl_checks = [
+            (&soa_s.refresh, "refresh", 1, 2_419_200),
+            (&soa_s.retry, "retry", 1, 2_419_200),
+            (&soa_s.expire, "expire", 1, 31_536_000),
+            (&soa_s.minimum, "minimum", 0, 86_400),
+            (&soa_s.ttl, "ttl", 1, 604_800),
+        ];
+        for (value, what, min, max) in ttl_checks {
+            self.ttl_in_range(src, value, &format!("zone.soa.{what}"), min, max);
+        }
+
+        let mut records = Vec::new();
+        let mut ns = Vec::new();
+        let mut glue_names = HashSet::new();
+        if z.ns.is_empty() {
+            self.err(
+                src,
+                z.apex.span(),
+                "the zone needs at least one [[zone.ns]]",
+            );
+        }
+        for entry in &z.ns {
+            let Some(name) = self.absolute_name(src, &entry.name) else {
+                continue;
+            };
+            let inside = apex_lower.zone_of(&LowerName::new(&name));
+            if inside && entry.addresses.is_empty() {
+                self.err(
+                    src,
+                    entry.name.span(),
+                    format!("name server {name} is inside the zone and needs glue: set addresses"),
+                );
+            }
+            if !inside && !entry.addresses.is_empty() {
+                self.err(
+                    src,
+                    entry.addresses[0].span(),
+                    format!("name server {name} is outside the zone; glue addresses are only for names inside it"),
+                );
+            }
+            for address in &entry.addresses {
+                let Some(ip) = self.ip(src, address) else {
+                    continue;
+                };
+                let rdata = match ip {
+                    IpAddr::V4(v4) => RData::A(A(v4)),
+                    IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+                };
+                records.push(Record::from_rdata(
+                    name.clone(),
+                    *soa_s.ttl.get_ref(),
+                    rdata,
+                ));
+            }
+            if inside {
+                glue_names.insert(LowerName::new(&name));
+            }
+            ns.push(name);
+        }
+
+        if let Some(file) = &z.file {
+            let path = self.base.join(file.get_ref());
+            match read(&path, Some(src.error(file.span(), ""))) {
+                Ok(text) => match zonefile::parse(&path, &text, &apex) {
+                    Ok(zone_records) => {
+                        let zsrc = Source {
+                            path: &path,
+                            text: &text,
+                        };
+                        for r in &zone_records {
+                            let owner = LowerName::new(&r.name);
+                            let is_addr = matches!(r.data, RData::A(_) | RData::AAAA(_));
+                            if is_addr && glue_names.contains(&owner) {
+                                let (line, col) = zonefile::owner_position(
+                                    &zsrc,
+                                    &r.name,
+                                    &apex,
+                                    Some(r.record_type()),
+                                );
+                                self.errors.push(ConfigError {
+                                    file: path.clone(),
+                                    line,
+                                    col,
+                                    message: format!(
+                                        "{} has addresses in [[zone.ns]] already; remove them here",
+                                        r.name
+                                    ),
+                                });
+                            }
+                        }
+                        records.extend(zone_records);
+                    }
+                    Err(errors) => self.errors.extend(errors),
+                },
+                Err(e) => self.errors.extend(e.0),
+            }
+        }
+
+        Some(ZoneConfig {
+            apex,
+            soa: Soa {
+                primary: primary?,
+                contact: contact?,
+                serial: soa_s.serial,
+                refresh: *soa_s.refresh.get_ref(),
+                retry: *soa_s.retry.get_ref(),
+                expire: *soa_s.expire.get_ref(),
+                minimum: *soa_s.minimum.get_ref(),
+                ttl: *soa_s.ttl.get_ref(),
+            },
+            ns,
+            records,
+        })
+    }
+
+    fn regions(
+        &mut self,
+        src: &Source<'_>,
+        regions: &BTreeMap<String, Spanned<RegionSection>>,
+    ) -> Vec<Region> {
+        let mut out = Vec::new();
+        for (id, region) in regions {
+            if !valid_id(id) {
+                self.err(
+                    src,
+                    region.span(),
+                    format!("region id {id:?} must be lowercase letters, digits and '-'"),
+                );
+            }
+            let section = region.get_ref();
+            if section.endpoints.is_empty() {
+                self.err(src, region.span(), format!("region {id} has no endpoints"));
+            }
+            let mut seen = HashSet::new();
+            let mut endpoints = Vec::new();
+            for ep in &section.endpoints {
+                if let Some(endpoint) =
+                    self.endpoint(src, id, ep.get_ref(), ep.span(), &section.probe)
+                {
+                    if !seen.insert(endpoint.target.clone()) {
+                        self.err(
+                            src,
+                            ep.span(),
+                            format!("region {id} lists endpoint {} twice", endpoint.target),
+                        );
+                        continue;
+                    }
+                    endpoints.push(endpoint);
+                }
+            }
+            out.push(Region {
+                id: id.clone(),
+                endpoints,
+            });
+        }
+        out
+    }
+
+    fn endpoint(
+        &mut self,
+        src: &Source<'_>,
+        region: &str,
+        ep: &EndpointSection,
+        span: Range<usize>,
+        probe: &ProbeSection,
+    ) -> Option<Endpoint> {
+        let (target, probe_ip) = match (&ep.address, &ep.cname) {
+            (Some(address), None) => {
+                if let Some(pa) = &ep.probe_address {
+                    self.err(
+                        src,
+                        pa.span(),
+                        "probe-address is only for cname endpoints; an address endpoint is probed on its own address",
+                    );
+                }
+                let ip = self.ip(src, address)?;
+                (Target::Address(ip), ip)
+            }
+            (None, Some(cname)) => {
+                let name = self.absolute_name(src, cname)?;
+                let Some(pa) = &ep.probe_address else {
+                    self.err(
+                        src,
+                        span,
+                        format!("cname endpoint {name} in region {region} needs probe-address (names are never resolved for probes)"),
+                    );
+                    return None;
+                };
+                let ip = self.ip(src, pa)?;
+                (Target::Cname(name), ip)
+            }
+            (Some(_), Some(c)) => {
+                self.err(
+                    src,
+                    c.span(),
+                    "an endpoint has either address or cname, not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.err(src, span, "an endpoint needs address or cname");
+                return None;
+            }
+        };
+        let probe = self.probe(src, probe, ep.port.as_ref(), probe_ip, &target)?;
+        Some(Endpoint { target, probe })
+    }
+
+    fn probe(
+        &mut self,
+        src: &Source<'_>,
+        p: &ProbeSection,
+        port_override: Option<&Spanned<u16>>,
+        ip: IpAddr,
+        target: &Target,
+    ) -> Option<ProbeSpec> {
+        let scheme = match p.scheme.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("http", _)) => Scheme::Http,
+            Some(("https", _)) => Scheme::Https,
+            Some((other, span)) => {
+                self.err(
+                    src,
+                    span,
+                    format!("probe scheme {other:?} is not http or https"),
+                );
+                return None;
+            }
+        };
+        let default_port = match scheme {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        };
+        let port = port_override
+            .or(p.port.as_ref())
+            .map_or(default_port, |p| *p.get_ref());
+        let path = p
+            .path
+            .as_ref()
+            .map_or("/health".to_string(), |p| p.get_ref().clone());
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            let span = p.path.as_ref().map_or(0..0, |p| p.span());
+            self.err(
+                src,
+                span,
+                format!("probe path {path:?} must start with '/' and have no spaces"),
+            );
+        }
+        if let Some(status) = &p.expect_status
+            && !(100..=599).contains(status.get_ref())
+        {
+            self.err(
+                src,
+                status.span(),
+                format!("expect-status {} is not an HTTP status", status.get_ref()),
+            );
+        }
+        let interval = match &p.interval {
+            Some(i) => self.duration(
+                src,
+                i,
+                "probe interval",
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+            None => DEFAULT_INTERVAL,
+        };
+        let timeout = match &p.timeout {
+            Some(t) => self.duration(
+                src,
+                t,
+                "probe timeout",
+                Duration::from_millis(50),
+                Duration::from_secs(60),
+            )?,
+            None => DEFAULT_TIMEOUT,
+        };
+        let rise = self.count(src, p.rise.as_ref(), "rise", DEFAULT_RISE);
+        let fall = self.count(src, p.fall.as_ref(), "fall", DEFAULT_FALL);
+        for value in [&p.host, &p.tls_server_name].into_iter().flatten() {
+            if value.get_ref().is_empty()
+                || value
+                    .get_ref()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+            {
+                self.err(
+                    src,
+                    value.span(),
+                    format!("{:?} is not a host name", value.get_ref()),
+                );
+            }
+        }
+        if let Some(sni) = &p.tls_server_name
+            && scheme != Scheme::Https
+        {
+            self.err(src, sni.span(), "tls-server-name needs scheme = \"https\"");
+        }
+        let host = p
+            .host
+            .as_ref()
+            .map(|h| h.get_ref().clone())
+            .or_else(|| match target {
+                Target::Cname(name) => Some(name.to_ascii().trim_end_matches('.').to_string()),
+                Target::Address(_) => None,
+            });
+        Some(ProbeSpec {
+            addr: SocketAddr::new(ip, port),
+            scheme,
+            path,
+            expect_status: p.expect_status.as_ref().map(|s| *s.get_ref()),
+            interval,
+            timeout,
+            rise: rise?,
+            fall: fall?,
+            host,
+            tls_server_name: p.tls_server_name.as_ref().map(|s| s.get_ref().clone()),
+        })
+    }
+
+    fn policy_dir(
+        &mut self,
+        src: &Source<'_>,
+        dir: &Spanned<String>,
+        apex: &Name,
+        region_ids: &HashMap<&str, usize>,
+        services: &mut Vec<(Service, ConfigError)>,
+    ) {
+        let path = self.base.join(dir.get_ref());
+        let entries = match std::fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.err(
+                    src,
+                    dir.span(),
+                    format!("cannot read policy directory {}: {e}", path.display()),
+                );
+                return;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = match read(&file, None) {
+                Ok(text) => text,
+                Err(e) => {
+                    self.errors.extend(e.0);
+                    continue;
+                }
+            };
+            let psrc = Source {
+                path: &file,
+                text: &text,
+            };
+            let id = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match toml::from_str::<ServiceSection>(&text) {
+                Ok(section) => {
+                    if let Some(s) = self.service(&psrc, &id, &section, 0..0, apex, region_ids) {
+                        services.push((s, psrc.error(0..0, "")));
+                    }
+                }
+                Err(e) => self.errors.push(toml_error(&psrc, &e)),
+            }
+        }
+    }
+
+    fn service(
+        &mut self,
+        src: &Source<'_>,
+        id: &str,
+        s: &ServiceSection,
+        span: Range<usize>,
+        apex: &Name,
+        region_ids: &HashMap<&str, usize>,
+    ) -> Option<Service> {
+        if !valid_id(id) {
+            self.err(
+                src,
+                span.clone(),
+                format!("service id {id:?} must be lowercase letters, digits and '-'"),
+            );
+        }
+        let name = match &s.name {
+            Some(n) => self.service_name(src, n, apex)?,
+            None => Name::from_ascii(id)
+                .and_then(|n| n.append_domain(apex))
+                .map_err(|e| {
+                    self.err(
+                        src,
+                        span.clone(),
+                        format!("service id {id:?} is not a DNS label: {e}"),
+                    )
+                })
+                .ok()?,
+        };
+        let apex_lower = LowerName::new(apex);
+        let lower = LowerName::new(&name);
+        if lower == apex_lower || !apex_lower.zone_of(&lower) {
+            let at = s.name.as_ref().map_or(span.clone(), |n| n.span());
+            self.err(
+                src,
+                at,
+                format!("service name {name} must be below the apex {apex}"),
+            );
+        }
+        if s.tiers.get_ref().is_empty() {
+            self.err(src, s.tiers.span(), format!("service {id} has no tiers"));
+        }
+        let mut tiers = Vec::new();
+        let mut seen = HashSet::new();
+        for tier in s.tiers.get_ref() {
+            if tier.is_empty() {
+                self.err(
+                    src,
+                    s.tiers.span(),
+                    format!("service {id} has an empty tier"),
+                );
+            }
+            let mut regions = Vec::new();
+            for region in tier {
+                match region_ids.get(region.get_ref().as_str()) {
+                    Some(&i) => {
+                        if !seen.insert(i) {
+                            self.err(
+                                src,
+                                region.span(),
+                                format!(
+                                    "region {} appears twice in the tiers of service {id}",
+                                    region.get_ref()
+                                ),
+                            );
+                        }
+                        regions.push(i);
+                    }
+                    None => self.err(
+                        src,
+                        region.span(),
+                        format!(
+                            "service {id} refers to unknown region {:?}",
+                            region.get_ref()
+                        ),
+                    ),
+                }
+            }
+            tiers.push(regions);
+        }
+        let ttl = match &s.ttl {
+            Some(ttl) => self.ttl_in_range(src, ttl, "ttl", 1, 86_400)?,
+            None => DEFAULT_SERVICE_TTL,
+        };
+        let when_all_down = match s
+            .when_all_down
+            .as_ref()
+            .map(|w| (w.get_ref().as_str(), w.span()))
+        {
+            None | Some(("fail-open", _)) => AllDown::FailOpen,
+            Some(("nodata", _)) => AllDown::NoData,
+            Some(("servfail", _)) => AllDown::ServFail,
+            Some((other, span)) => {
+                self.err(
+                    src,
+                    span,
+                    format!("when-all-down {other:?} is not one of fail-open, nodata, servfail"),
+                );
+                return None;
+            }
+        };
+        Some(Service {
+            id: id.to_string(),
+            name,
+            tiers,
+            ttl,
+            when_all_down,
+        })
+    }
+
+    /// Rejects duplicate service names and names that the zone already uses.
+    fn cross_check_services(
+        &mut self,
+        services: Vec<(Service, ConfigError)>,
+        zone: Option<&ZoneConfig>,
+    ) -> Vec<Service> {
+        let zone_names: HashSet<LowerName> = zone
+            .map(|z| z.records.iter().map(|r| LowerName::new(&r.name)).collect())
+            .unwrap_or_default();
+        let mut by_name: HashMap<LowerName, String> = HashMap::new();
+        let mut ids = HashSet::new();
+        let mut out = Vec::new();
+        for (service, place) in services {
+            let at = |message: String| ConfigError {
+                message,
+                ..place.clone()
+            };
+            let lower = LowerName::new(&service.name);
+            if !ids.insert(service.id.clone()) {
+                self.errors
+                    .push(at(format!("service {} is defined twice", service.id)));
+                continue;
+            }
+            if let Some(other) = by_name.get(&lower) {
+                self.errors.push(at(format!(
+                    "service {} has the same name {} as service {other}",
+                    service.id, service.name
+                )));
+                continue;
+            }
+            if zone_names.contains(&lower) {
+                self.errors.push(at(format!(
+                    "service {} name {} collides with a record in the zone file or NS glue",
+                    service.id, service.name
+                )));
+                continue;
+            }
+            by_name.insert(lower, service.id.clone());
+            out.push(service);
+        }
+        out
+    }
+
+    fn service_name(&mut self, src: &Source<'_>, n: &Spanned<String>, apex: &Name) -> Option<Name> {
+        let text = n.get_ref().as_str();
+        let apex_text = apex.to_ascii().to_ascii_lowercase();
+        let lower = text.to_ascii_lowercase();
+        let absolute = lower.ends_with('.')
+            || lower == apex_text.trim_end_matches('.')
+            || lower.ends_with(&format!(".{}", apex_text.trim_end_matches('.')));
+        let parsed = if absolute {
+            Name::from_ascii(text).map(|mut n| {
+                n.set_fqdn(true);
+                n
+            })
+        } else {
+            Name::from_ascii(text).and_then(|n| n.append_domain(apex))
+        };
+        parsed
+            .map_err(|e| self.err(src, n.span(), format!("{text:?} is not a DNS name: {e}")))
+            .ok()
+    }
+
+    fn absolute_name(&mut self, src: &Source<'_>, n: &Spanned<String>) -> Option<Name> {
+        match Name::from_ascii(n.get_ref()) {
+            Ok(mut name) if !n.get_ref().is_empty() => {
+                name.set_fqdn(true);
+                Some(name)
+            }
+            Ok(_) => {
+                self.err(src, n.span(), "a name cannot be empty");
+                None
+            }
+            Err(e) => {
+                self.err(
+                    src,
+                    n.span(),
+                    format!("{:?} is not a DNS name: {e}", n.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn ip(&mut self, src: &Source<'_>, s: &Spanned<String>) -> Option<IpAddr> {
+        IpAddr::from_str(s.get_ref())
+            .map_err(|_| {
+                self.err(
+                    src,
+                    s.span(),
+                    format!("{:?} is not an IPv4 or IPv6 address", s.get_ref()),
+                )
+            })
+            .ok()
+    }
+
+    fn socket_addr(&mut self, src: &Source<'_>, s: &Spanned<String>) -> Option<SocketAddr> {
+        SocketAddr::from_str(s.get_ref())
+            .map_err(|_| {
+                self.err(
+                    src,
+                    s.span(),
+                    format!(
+                        "{:?} is not an address with a port (like 127.0.0.1:53 or [::1]:53)",
+                        s.get_ref()
+                    ),
+                )
+            })
+            .ok()
+    }
+
+    fn duration(
+        &mut self,
+        src: &Source<'_>,
+        s: &Spanned<String>,
+        what: &str,
+        min: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        let d = match humantime::parse_duration(s.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    src,
+                    s.span(),
+                    format!(
+                        "{what} {:?} is not a duration like \"500ms\" or \"2s\": {e}",
+                        s.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        if d < min || d > max {
+            self.err(
+                src,
+                s.span(),
+                format!(
+                    "{what} {} is out of range ({}..={})",
+                    s.get_ref(),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    fn ttl_in_range(
+        &mut self,
+        src: &Source<'_>,
+        v: &Spanned<u32>,
+        what: &str,
+        min: u32,
+        max: u32,
+    ) -> Option<u32> {
+        let value = *v.get_ref();
+        if value < min || value > max {
+            self.err(
+                src,
+                v.span(),
+                format!("{what} {value} is out of range ({min}..={max})"),
+            );
+            return None;
+        }
+        Some(value)
+    }
+
+    fn count(
+        &mut self,
+        src: &Source<'_>,
+        v: Option<&Spanned<u32>>,
+        what: &str,
+        default: u32,
+    ) -> Option<u32> {
+        match v {
+            Some(v) => self.ttl_in_range(src, v, what, 1, 100),
+            None => Some(default),
+        }
+    }
+}
+
+/// Ids become metric labels and file names: keep them plain.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !id.starts_with('-')
+}

@@ -1,0 +1,204 @@
+//! The on-disk format: serde structs for `inferdns.toml` and the policy files.
+//!
+//! Everything here is exactly what a user writes, with spans kept for the
+//! values that later checks may complain about. Nothing here is validated
+//! beyond its TOML type; `super::check` turns these into the runtime model.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The main configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MainFile {
+    pub server: ServerSection,
+    pub zone: ZoneSection,
+    /// Regions by id (`[regions.us-east]`).
+    #[serde(default)]
+    pub regions: BTreeMap<String, Spanned<RegionSection>>,
+    /// Services written inline (`[services.chat]`), besides those in `policy-dir`.
+    #[serde(default)]
+    pub services: BTreeMap<String, Spanned<ServiceSection>>,
+    /// Directory of policy files, one service per `*.toml`, relative to this file.
+    pub policy_dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerSection {
+    /// DNS listen addresses; UDP and TCP are both bound on each.
+    #[serde(default = "default_dns_listen")]
+    pub dns_listen: Vec<Spanned<String>>,
+    /// Admin HTTP API address.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: Spanned<String>,
+    /// Longest wait for the first probe round before the listeners open.
+    #[serde(default = "default_startup_grace")]
+    pub startup_grace: Spanned<String>,
+    /// Idle TCP connections are closed after this long.
+    #[serde(default = "default_tcp_idle_timeout")]
+    pub tcp_idle_timeout: Spanned<String>,
+    /// Largest UDP response we send, whatever the client advertises (RFC 6891).
+    #[serde(default = "default_max_udp_payload")]
+    pub max_udp_payload: Spanned<u16>,
+}
+
+/// `127.0.0.1:53` and `[::1]:53`: loopback until the operator says otherwise.
+fn default_dns_listen() -> Vec<Spanned<String>> {
+    vec![
+        Spanned::new(0..0, "127.0.0.1:53".to_string()),
+        Spanned::new(0..0, "[::1]:53".to_string()),
+    ]
+}
+
+/// The admin API stays on loopback by default.
+fn default_admin_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:9153".to_string())
+}
+
+/// Long enough for a first probe with the default timeout, short enough for systemd.
+fn default_startup_grace() -> Spanned<String> {
+    Spanned::new(0..0, "3s".to_string())
+}
+
+/// Resolvers reuse TCP connections briefly; 10 s is what most servers use.
+fn default_tcp_idle_timeout() -> Spanned<String> {
+    Spanned::new(0..0, "10s".to_string())
+}
+
+/// The DNS flag day 2020 value that avoids IP fragmentation.
+fn default_max_udp_payload() -> Spanned<u16> {
+    Spanned::new(0..0, 1232)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ZoneSection {
+    /// The delegated apex, e.g. `inference.example.com`.
+    pub apex: Spanned<String>,
+    /// RFC 1035 zone file with the static records, relative to the config file.
+    pub file: Option<Spanned<String>>,
+    pub soa: SoaSection,
+    /// Name servers of the zone (the NS RRset at the apex).
+    pub ns: Vec<NsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SoaSection {
+    /// MNAME: the primary name server.
+    pub primary: Spanned<String>,
+    /// RNAME: the responsible mailbox written as a name (`hostmaster.example.com`).
+    pub contact: Spanned<String>,
+    #[serde(default = "default_serial")]
+    pub serial: u32,
+    #[serde(default = "default_refresh")]
+    pub refresh: Spanned<u32>,
+    #[serde(default = "default_retry")]
+    pub retry: Spanned<u32>,
+    #[serde(default = "default_expire")]
+    pub expire: Spanned<u32>,
+    /// Negative-caching TTL (RFC 2308).
+    #[serde(default = "default_minimum")]
+    pub minimum: Spanned<u32>,
+    /// TTL of the SOA and NS records themselves.
+    #[serde(default = "default_apex_ttl")]
+    pub ttl: Spanned<u32>,
+}
+
+/// Nothing transfers this zone (no AXFR), so the serial only needs to exist.
+fn default_serial() -> u32 {
+    1
+}
+/// One hour, the common refresh.
+fn default_refresh() -> Spanned<u32> {
+    Spanned::new(0..0, 3600)
+}
+/// Ten minutes.
+fn default_retry() -> Spanned<u32> {
+    Spanned::new(0..0, 600)
+}
+/// One week.
+fn default_expire() -> Spanned<u32> {
+    Spanned::new(0..0, 604_800)
+}
+/// Short negative caching: a service name added by reload should appear quickly.
+fn default_minimum() -> Spanned<u32> {
+    Spanned::new(0..0, 30)
+}
+/// One hour for SOA and NS.
+fn default_apex_ttl() -> Spanned<u32> {
+    Spanned::new(0..0, 3600)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NsSection {
+    pub name: Spanned<String>,
+    /// Glue addresses, required when the name is inside the zone.
+    #[serde(default)]
+    pub addresses: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RegionSection {
+    pub endpoints: Vec<Spanned<EndpointSection>>,
+    #[serde(default)]
+    pub probe: ProbeSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EndpointSection {
+    /// IPv4 or IPv6 address that goes into A/AAAA answers and is probed.
+    pub address: Option<Spanned<String>>,
+    /// A name answered as CNAME (a provider or gateway) instead of an address.
+    pub cname: Option<Spanned<String>>,
+    /// Address to probe for a `cname` endpoint (we never resolve names through DNS).
+    pub probe_address: Option<Spanned<String>>,
+    /// Probe port for this endpoint, overriding the region's probe port.
+    pub port: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ProbeSection {
+    /// `http` or `https`.
+    pub scheme: Option<Spanned<String>>,
+    /// Default: 80 for http, 443 for https.
+    pub port: Option<Spanned<u16>>,
+    /// Default `/health`.
+    pub path: Option<Spanned<String>>,
+    /// Exact status expected; default any 2xx.
+    pub expect_status: Option<Spanned<u16>>,
+    /// Default 500ms.
+    pub interval: Option<Spanned<String>>,
+    /// Default 800ms.
+    pub timeout: Option<Spanned<String>>,
+    /// Consecutive successes to mark a down endpoint up. Default 2.
+    pub rise: Option<Spanned<u32>>,
+    /// Consecutive failures to mark an up endpoint down. Default 2.
+    pub fall: Option<Spanned<u32>>,
+    /// Host header to send (default: the address, or the CNAME target).
+    pub host: Option<Spanned<String>>,
+    /// TLS server name (SNI and certificate name) for https.
+    pub tls_server_name: Option<Spanned<String>>,
+}
+
+/// One service: inline in the main file or a whole policy file.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Name relative to the apex (`chat`) or absolute (`chat.inference.example.com.`).
+    /// Default: the service id (the policy file's stem).
+    pub name: Option<Spanned<String>>,
+    /// Failover tiers, best first: `[["us-east"], ["us-west", "eu-west"]]`.
+    pub tiers: Spanned<Vec<Vec<Spanned<String>>>>,
+    /// TTL of the answers. Default 30.
+    pub ttl: Option<Spanned<u32>>,
+    /// What to answer when no endpoint of any tier is fit.
+    pub when_all_down: Option<Spanned<String>>,
+}

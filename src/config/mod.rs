@@ -1,0 +1,221 @@
+//! Configuration: file formats (serde) turned into a checked runtime config.
+//!
+//! Owns: reading `inferdns.toml`, the policy directory and the zone file, and
+//! every check that can be made without touching the network. Loading is
+//! parse → check → compile; every problem is reported at once as
+//! `file:line:col: message`. Must not open sockets or start tasks.
+
+mod check;
+pub mod file;
+mod zonefile;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hickory_proto::rr::{Name, Record};
+
+pub use check::{
+    DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_SERVICE_TTL, DEFAULT_TIMEOUT, load,
+};
+
+/// The checked runtime configuration: everything the daemon needs, no spans.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub zone: ZoneConfig,
+    pub regions: Vec<Region>,
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub dns_listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub startup_grace: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub max_udp_payload: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct ZoneConfig {
+    /// Fully qualified apex.
+    pub apex: Name,
+    pub soa: Soa,
+    /// NS names of the apex, in config order.
+    pub ns: Vec<Name>,
+    /// Static records: the zone file plus the glue of in-zone name servers.
+    pub records: Vec<Record>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Soa {
+    pub primary: Name,
+    pub contact: Name,
+    pub serial: u32,
+    pub refresh: u32,
+    pub retry: u32,
+    pub expire: u32,
+    pub minimum: u32,
+    pub ttl: u32,
+}
+
+/// A place that can serve inference.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub id: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What an endpoint contributes to an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Address(IpAddr),
+    Cname(Name),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Address(ip) => ip.fmt(f),
+            Target::Cname(name) => name.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub target: Target,
+    pub probe: ProbeSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// How one endpoint is probed. The probe always connects to `addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub addr: SocketAddr,
+    pub scheme: Scheme,
+    pub path: String,
+    /// Exact status wanted; `None` accepts any 2xx.
+    pub expect_status: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub host: Option<String>,
+    pub tls_server_name: Option<String>,
+}
+
+/// What a service answers when none of its endpoints is fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Answer as if every endpoint were fit (the first tier).
+    FailOpen,
+    /// NOERROR with no records.
+    NoData,
+    /// SERVFAIL.
+    ServFail,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub id: String,
+    /// Fully qualified name under the apex.
+    pub name: Name,
+    /// Region indexes into `Config::regions`, best tier first.
+    pub tiers: Vec<Vec<usize>>,
+    pub ttl: u32,
+    pub when_all_down: AllDown,
+}
+
+/// One problem found while loading, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A source text with its path, able to turn byte offsets into line:col.
+pub(crate) struct Source<'a> {
+    pub path: &'a Path,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        (line, col)
+    }
+
+    pub fn error(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, col) = self.position(span.start);
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based_lines_and_columns() {
+        let text = "a = 1\nbb = \"é2\"\n";
+        let src = Source {
+            path: Path::new("x.toml"),
+            text,
+        };
+        assert_eq!(src.position(0), (1, 1));
+        assert_eq!(src.position(6), (2, 1));
+        // After the two-byte 'é' the column counts characters, not bytes.
+        let after = text.find('2').unwrap();
+        assert_eq!(src.position(after), (2, 8));
+        assert_eq!(src.position(10_000), (3, 1));
+    }
+}

@@ -1,0 +1,305 @@
+//! `inferdns demo`: the embedded default for a first-time user, and the
+//! simulated regions that the integration tests use too.
+//!
+//! Starts two simulated regions on loopback (`us-east` at 127.0.0.11 is the
+//! primary, `us-west` at 127.0.0.12 the secondary), writes the built-in
+//! config (the repository's example policy and zone file) to a scratch
+//! directory, loads it with the real loader and starts the real server.
+//! Then it kills the primary, restores it, hangs it, restores it again, and
+//! measures each time from the fault to the first changed answer by
+//! querying the server over UDP.
+
+pub mod client;
+pub mod region;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hickory_proto::rr::RecordType;
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::app::{self, Overrides};
+use crate::config::{self, DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT};
+use crate::error::AppError;
+pub use region::{Fault, Load, SimRegion};
+
+/// The model the simulated regions serve.
+pub const MODEL: &str = "llama-3.1-8b-instruct";
+/// The demo's service name.
+pub const SERVICE: &str = "chat.inference.example.com.";
+const PRIMARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+const SECONDARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 12);
+/// Longest wait for an answer to change before the demo gives up.
+const STEP_DEADLINE: Duration = Duration::from_secs(20);
+/// How often the demo asks the server while waiting for a change.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+const ZONE_FILE: &str = include_str!("../../zones/inference.example.com.zone");
+const CHAT_POLICY: &str = include_str!("../../policies/chat.toml");
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub json: bool,
+    pub dns_listen: SocketAddr,
+    pub hold: Option<Duration>,
+}
+
+/// The built-in main config, with the simulated regions' probe ports.
+pub fn demo_config(dns_listen: SocketAddr, primary_port: u16, secondary_port: u16) -> String {
+    format!(
+        r#"# Written by `inferdns demo`.
+policy-dir = "policies"
+
+[server]
+dns-listen = ["{dns_listen}"]
+admin-listen = "127.0.0.1:0"
+
+[zone]
+apex = "inference.example.com"
+file = "inference.example.com.zone"
+soa = {{ primary = "ns1.inference.example.com", contact = "hostmaster.inference.example.com", serial = 2026112301 }}
+ns = [{{ name = "ns1.inference.example.com", addresses = ["127.0.0.1"] }}]
+
+[regions.us-east]
+endpoints = [{{ address = "{PRIMARY_IP}", port = {primary_port} }}]
+
+[regions.us-west]
+endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary_port} }}]
+"#
+    )
+}
+
+/// Writes the demo's config, policy and zone file into `dir`.
+pub fn write_demo_files(dir: &std::path::Path, main: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("policies"))?;
+    std::fs::write(dir.join("policies/chat.toml"), CHAT_POLICY)?;
+    std::fs::write(dir.join("inference.example.com.zone"), ZONE_FILE)?;
+    let path = dir.join("inferdns.toml");
+    std::fs::write(&path, main)?;
+    Ok(path)
+}
+
+struct Printer {
+    json: bool,
+    start: Instant,
+}
+
+impl Printer {
+    fn event(&self, mut event: Value, human: String) {
+        if self.json {
+            event["t_s"] = json!(round3(self.start.elapsed().as_secs_f64()));
+            println!("{event}");
+        } else {
+            println!("[{:6.2}s] {human}", self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Runs the demo; returns once done (and after `hold`).
+pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
+    let primary = SimRegion::start(SocketAddr::new(IpAddr::V4(PRIMARY_IP), 0), MODEL).await?;
+    let secondary = SimRegion::start(SocketAddr::new(IpAddr::V4(SECONDARY_IP), 0), MODEL).await?;
+    let dir = std::env::temp_dir().join(format!("inferdns-demo-{}", std::process::id()));
+    let path = write_demo_files(
+        &dir,
+        &demo_config(
+            opts.dns_listen,
+            primary.addr().port(),
+            secondary.addr().port(),
+        ),
+    )?;
+    let loaded = config::load(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    let running = app::start(loaded?, Overrides::default()).await?;
+    let dns = running.dns[0];
+    let p = Printer {
+        json: opts.json,
+        start: Instant::now(),
+    };
+    let bound = DEFAULT_INTERVAL * DEFAULT_FALL + DEFAULT_TIMEOUT + Duration::from_secs(1);
+
+    p.event(
+        json!({
+            "event": "started", "dns": dns.to_string(), "admin": running.admin.to_string(),
+            "service": SERVICE, "primary": primary.addr().to_string(), "secondary": secondary.addr().to_string(),
+            "probe": { "interval_s": DEFAULT_INTERVAL.as_secs_f64(), "timeout_s": DEFAULT_TIMEOUT.as_secs_f64(),
+                       "rise": DEFAULT_RISE, "fall": DEFAULT_FALL },
+        }),
+        format!(
+            "inferdns serving inference.example.com on {dns} (admin http://{}); regions us-east {} (primary), us-west {} (secondary); probes every {:?}, timeout {:?}, rise {DEFAULT_RISE}, fall {DEFAULT_FALL}",
+            running.admin,
+            primary.addr(),
+            secondary.addr(),
+            DEFAULT_INTERVAL,
+            DEFAULT_TIMEOUT
+        ),
+    );
+    let primary_answer = vec![PRIMARY_IP.to_string()];
+    let secondary_answer = vec![SECONDARY_IP.to_string()];
+    wait_for(&p, dns, &primary_answer, Instant::now(), "initial answer").await?;
+
+    let failover = step(
+        &p,
+        dns,
+        &primary,
+        Fault::Down,
+        &secondary_answer,
+        "failover",
+    )
+    .await?;
+    let failback = step(&p, dns, &primary, Fault::None, &primary_answer, "failback").await?;
+    let hung = step(
+        &p,
+        dns,
+        &primary,
+        Fault::Hung,
+        &secondary_answer,
+        "hung_failover",
+    )
+    .await?;
+    let hung_back = step(
+        &p,
+        dns,
+        &primary,
+        Fault::None,
+        &primary_answer,
+        "hung_failback",
+    )
+    .await?;
+
+    let within = failover <= bound.as_secs_f64() && hung <= bound.as_secs_f64();
+    let port = dns.port();
+    let host = dns.ip();
+    let tries = [
+        format!("dig @{host} -p {port} chat.inference.example.com A +norec"),
+        format!("dig @{host} -p {port} chat.inference.example.com A +tcp +norec"),
+        format!("dig @{host} -p {port} inference.example.com SOA +norec"),
+        format!("dig @{host} -p {port} www.inference.example.com AAAA +norec"),
+        format!("dig @{host} -p {port} nope.inference.example.com A +norec   # NXDOMAIN with SOA"),
+        format!("dig @{host} -p {port} example.org A +norec                  # REFUSED"),
+        format!("curl -s http://{}/v1/status", running.admin),
+    ];
+    if opts.json {
+        println!(
+            "{}",
+            json!({
+                "event": "summary",
+                "failover_s": round3(failover),
+                "failback_s": round3(failback),
+                "hung_failover_s": round3(hung),
+                "hung_failback_s": round3(hung_back),
+                "bound_s": round3(bound.as_secs_f64()),
+                "within_bound": within,
+                "dns": dns.to_string(),
+                "try": tries,
+            })
+        );
+    } else {
+        println!();
+        println!("failover (primary killed):   {failover:.2} s");
+        println!("failback (primary restored): {failback:.2} s");
+        println!("failover (primary hung):     {hung:.2} s");
+        println!("failback (hang cleared):     {hung_back:.2} s");
+        println!(
+            "bound interval x fall + timeout + 1 s = {:.2} s: {}",
+            bound.as_secs_f64(),
+            if within { "within" } else { "EXCEEDED" }
+        );
+        println!();
+        println!("Try:");
+        for t in &tries {
+            println!("  {t}");
+        }
+    }
+    if let Some(hold) = opts.hold {
+        if !opts.json {
+            println!("\nHolding for {} s (Ctrl-C to stop).", hold.as_secs());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    running.shutdown();
+    running.wait().await
+}
+
+/// Applies `fault` at a random moment within one probe interval and
+/// returns the seconds until the answer became `expect`.
+async fn step(
+    p: &Printer,
+    dns: SocketAddr,
+    region: &SimRegion,
+    fault: Fault,
+    expect: &[String],
+    what: &str,
+) -> Result<f64, AppError> {
+    let settle =
+        Duration::from_millis(500) + DEFAULT_INTERVAL.mul_f64(rand::rng().random_range(0.0..1.0));
+    tokio::time::sleep(settle).await;
+    let at = Instant::now();
+    region.set_fault(fault);
+    let human = match fault {
+        Fault::None => format!("restored us-east {}", region.addr()),
+        Fault::Down => format!("killed us-east {} (connection refused)", region.addr()),
+        Fault::Hung => format!("hung us-east {} (accepts, never answers)", region.addr()),
+        other => format!("fault {} on us-east", other.name()),
+    };
+    p.event(
+        json!({"event": "fault", "region": "us-east", "fault": fault.name()}),
+        human,
+    );
+    wait_for(p, dns, expect, at, what).await
+}
+
+/// Polls the service over UDP until it answers `expect`.
+async fn wait_for(
+    p: &Printer,
+    dns: SocketAddr,
+    expect: &[String],
+    since: Instant,
+    what: &str,
+) -> Result<f64, AppError> {
+    let ask = client::Ask {
+        timeout: Duration::from_millis(500),
+        ..client::Ask::new(SERVICE, RecordType::A)
+    };
+    // Answers with no address, or no answer at all: there should be none.
+    let mut empty_or_failed = 0u32;
+    loop {
+        let polled = Instant::now();
+        match client::query_udp(dns, &ask).await {
+            Ok(m) => {
+                let got = client::answer_strings(&m);
+                if got == expect {
+                    let seconds = polled.duration_since(since).as_secs_f64();
+                    p.event(
+                        json!({"event": what, "answer": got, "seconds": round3(seconds), "empty_or_failed": empty_or_failed}),
+                        format!("{SERVICE} A -> {}   ({what} after {seconds:.2} s)", got.join(" ")),
+                    );
+                    return Ok(seconds);
+                }
+                if got.is_empty() {
+                    empty_or_failed += 1;
+                }
+            }
+            Err(e) => {
+                empty_or_failed += 1;
+                tracing::debug!(error = %e, "Demo query failed.");
+            }
+        }
+        if since.elapsed() > STEP_DEADLINE {
+            return Err(AppError::Demo(format!(
+                "{what}: the answer did not become {expect:?} within {STEP_DEADLINE:?}"
+            )));
+        }
+        tokio::time::sleep_until(polled + POLL_EVERY).await;
+    }
+}

@@ -1,0 +1,366 @@
+//! A simulated inference region: a real HTTP/1.1 server on loopback that
+//! speaks the OpenAI-compatible surface (`/health`, `/v1/models`,
+//! `/v1/chat/completions`) and vLLM-style `/metrics`, with switchable faults.
+//!
+//! Written on plain tokio sockets so that faults are exact: `Down` closes
+//! the listening socket (connection refused), `Hung` accepts and never
+//! answers, `Slow` delays every answer.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What the region does wrong, if anything.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    None,
+    /// Nothing listens: connection refused.
+    Down,
+    /// Accepts connections, reads the request, never answers.
+    Hung,
+    /// Answers everything after this delay.
+    Slow(Duration),
+    /// 429 with `Retry-After` on every route.
+    RateLimited,
+    /// 503 (model loading / overloaded) on every route.
+    Unavailable,
+    /// `/health` is 200 but `/v1/models` no longer lists the model.
+    ModelMissing,
+    /// Completions return 200 with empty content.
+    EmptyCompletion,
+}
+
+impl Fault {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::None => "none",
+            Fault::Down => "down",
+            Fault::Hung => "hung",
+            Fault::Slow(_) => "slow",
+            Fault::RateLimited => "429",
+            Fault::Unavailable => "503",
+            Fault::ModelMissing => "model-missing",
+            Fault::EmptyCompletion => "empty-completion",
+        }
+    }
+}
+
+/// Load figures served on `/metrics` in vLLM V1 names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    pub running: u32,
+    pub waiting: u32,
+    /// 0..1
+    pub kv_cache: f64,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Self {
+            running: 1,
+            waiting: 0,
+            kv_cache: 0.25,
+        }
+    }
+}
+
+struct Shared {
+    model: String,
+    load: Mutex<Load>,
+}
+
+/// A running simulated region. Dropping it stops it.
+pub struct SimRegion {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    fault: watch::Sender<Fault>,
+    cancel: CancellationToken,
+}
+
+impl SimRegion {
+    /// Starts a region serving `model` on `addr` (port 0 picks a free port).
+    pub async fn start(addr: SocketAddr, model: &str) -> std::io::Result<SimRegion> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            model: model.to_string(),
+            load: Mutex::new(Load::default()),
+        });
+        let (fault, fault_rx) = watch::channel(Fault::None);
+        let cancel = CancellationToken::new();
+        tokio::spawn(supervise(
+            addr,
+            Some(listener),
+            shared.clone(),
+            fault_rx,
+            cancel.clone(),
+        ));
+        Ok(SimRegion {
+            addr,
+            shared,
+            fault,
+            cancel,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Switches the fault; `Fault::None` restores normal service.
+    pub fn set_fault(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+
+    pub fn fault(&self) -> Fault {
+        *self.fault.borrow()
+    }
+
+    pub fn set_load(&self, load: Load) {
+        *self.shared.load.lock().expect("load lock poisoned") = load;
+    }
+}
+
+impl Drop for SimRegion {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Owns the listener: closes it while `Down`, binds it again afterwards.
+/// Every connection task is cancelled when the fault changes, so a `Hung`
+/// connection does not outlive its fault and `Down` leaves nothing open.
+async fn supervise(
+    addr: SocketAddr,
+    mut listener: Option<TcpListener>,
+    shared: Arc<Shared>,
+    mut fault_rx: watch::Receiver<Fault>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let fault = *fault_rx.borrow_and_update();
+        let epoch = cancel.child_token();
+        if fault == Fault::Down {
+            listener = None;
+        } else if listener.is_none() {
+            listener = rebind(addr, &cancel).await;
+            if listener.is_none() {
+                return;
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = fault_rx.changed() => {
+                epoch.cancel();
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = accept_loop(listener.as_ref(), shared.clone(), fault, epoch.clone()) => {}
+        }
+    }
+}
+
+async fn rebind(addr: SocketAddr, cancel: &CancellationToken) -> Option<TcpListener> {
+    for _ in 0..100 {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Some(l),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    tracing::warn!(%addr, "Simulated region could not bind its address again.");
+    None
+}
+
+async fn accept_loop(
+    listener: Option<&TcpListener>,
+    shared: Arc<Shared>,
+    fault: Fault,
+    epoch: CancellationToken,
+) {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let epoch = epoch.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = epoch.cancelled() => {}
+                _ = serve_connection(stream, shared, fault) => {}
+            }
+        });
+    }
+}
+
+/// The head of one request: method, path and body length.
+struct RequestHead {
+    method: String,
+    path: String,
+    content_length: usize,
+}
+
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RequestHead>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split_whitespace();
+    let method = first.next().unwrap_or_default().to_string();
+    let path = first.next().unwrap_or_default().to_string();
+    let content_length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0usize)
+        .min(MAX_BODY);
+    // Read (and ignore) the body so the client sees a clean exchange.
+    let mut have = buf.len() - (head_end + 4);
+    while have < content_length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        have += n;
+    }
+    Ok(Some(RequestHead {
+        method,
+        path,
+        content_length,
+    }))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    fault: Fault,
+) -> std::io::Result<()> {
+    let Some(request) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let _ = request.content_length;
+    match fault {
+        Fault::Hung => return std::future::pending().await,
+        Fault::Slow(delay) => tokio::time::sleep(delay).await,
+        _ => {}
+    }
+    let (status, content_type, body, extra) = route(&request, &shared, fault);
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn route(
+    request: &RequestHead,
+    shared: &Shared,
+    fault: Fault,
+) -> (&'static str, &'static str, String, &'static str) {
+    const JSON: &str = "application/json";
+    match fault {
+        Fault::RateLimited => {
+            return (
+                "429 Too Many Requests",
+                JSON,
+                r#"{"error":{"message":"rate limited","type":"rate_limit_error"}}"#.into(),
+                "retry-after: 5\r\n",
+            );
+        }
+        Fault::Unavailable => {
+            return (
+                "503 Service Unavailable",
+                JSON,
+                r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#
+                    .into(),
+                "",
+            );
+        }
+        _ => {}
+    }
+    let model = &shared.model;
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/health") => ("200 OK", JSON, r#"{"status":"ok"}"#.into(), ""),
+        ("GET", "/v1/models") => {
+            let listed = if fault == Fault::ModelMissing {
+                "some-other-model"
+            } else {
+                model.as_str()
+            };
+            let body = serde_json::json!({
+                "object": "list",
+                "data": [{ "id": listed, "object": "model", "created": 0, "owned_by": "inferdns-sim" }],
+            });
+            ("200 OK", JSON, body.to_string(), "")
+        }
+        ("POST", "/v1/chat/completions") => {
+            let content = if fault == Fault::EmptyCompletion {
+                ""
+            } else {
+                "Hi"
+            };
+            let body = serde_json::json!({
+                "id": "chatcmpl-sim",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": { "role": "assistant", "content": content },
+                    "finish_reason": "length",
+                }],
+                "usage": { "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6 },
+            });
+            ("200 OK", JSON, body.to_string(), "")
+        }
+        ("GET", "/metrics") => {
+            let load = *shared.load.lock().expect("load lock poisoned");
+            let body = format!(
+                "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+# TYPE vllm:num_requests_running gauge\n\
+vllm:num_requests_running{{engine=\"0\",model_name=\"{model}\"}} {}\n\
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+# TYPE vllm:num_requests_waiting gauge\n\
+vllm:num_requests_waiting{{engine=\"0\",model_name=\"{model}\"}} {}\n\
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+# TYPE vllm:kv_cache_usage_perc gauge\n\
+vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{model}\"}} {}\n",
+                load.running, load.waiting, load.kv_cache
+            );
+            ("200 OK", "text/plain; version=0.0.4", body, "")
+        }
+        _ => ("404 Not Found", JSON, r#"{"error":"not found"}"#.into(), ""),
+    }
+}

@@ -1,0 +1,169 @@
+//! The only file that knows hickory-server's handler and server types.
+//!
+//! Turns a hickory `Request` into a call of [`super::answer::answer`] on the
+//! current snapshot and writes the response: header flags, EDNS(0) (payload
+//! size, BADVERS), REFUSED outside the zone, FORMERR for malformed queries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, Record, RecordType};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use super::answer::answer;
+use crate::model::Snapshot;
+
+/// Answers every query from the snapshot loaded at its start.
+pub struct Handler {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    max_udp_payload: u16,
+}
+
+impl Handler {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, max_udp_payload: u16) -> Self {
+        Self {
+            snapshot,
+            max_udp_payload,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        // RFC 6891: an OPT in the response only if the query had one.
+        let response_edns = request.edns.as_ref().map(|query_edns| {
+            let mut edns = Edns::new();
+            let payload = match request.protocol() {
+                Protocol::Udp => query_edns.max_payload().clamp(512, self.max_udp_payload),
+                _ => self.max_udp_payload,
+            };
+            edns.set_max_payload(payload);
+            edns.set_version(0);
+            edns
+        });
+
+        if let (Some(query_edns), Some(edns)) = (&request.edns, &response_edns)
+            && query_edns.version() > 0
+        {
+            let mut edns = edns.clone();
+            edns.set_rcode_high(ResponseCode::BADVERS.high());
+            let response = MessageResponseBuilder::new(&request.queries, Some(&edns))
+                .error_msg(&request.metadata, ResponseCode::BADVERS);
+            return send(&mut response_handle, response, request).await;
+        }
+        let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
+
+        if request.metadata.message_type != MessageType::Query {
+            // hickory drops responses before we see them; be safe anyway.
+            let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            return send(&mut response_handle, response, request).await;
+        }
+        if request.metadata.op_code != OpCode::Query {
+            let response = builder.error_msg(&request.metadata, ResponseCode::NotImp);
+            return send(&mut response_handle, response, request).await;
+        }
+        // Exactly one question, or FORMERR.
+        let Ok(info) = request.request_info() else {
+            let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            return send(&mut response_handle, response, request).await;
+        };
+        let qname = info.query.name();
+        let qtype = info.query.query_type();
+        let snapshot = self.snapshot.load_full();
+        let in_zone = info.query.query_class() == DNSClass::IN && snapshot.zone.apex.zone_of(qname);
+        let transfer = matches!(qtype, RecordType::AXFR | RecordType::IXFR);
+        if !in_zone || transfer {
+            let response = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return send(&mut response_handle, response, request).await;
+        }
+
+        let result = answer(&snapshot, qname, qtype);
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.response_code = result.rcode;
+        let response = builder.build(
+            metadata,
+            result.answers.iter().map(|r| &**r),
+            std::iter::empty::<&Record>(),
+            result.authority.iter().copied(),
+            result.additionals.iter().copied(),
+        );
+        send(&mut response_handle, response, request).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    handle: &mut R,
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    request: &Request,
+) -> ResponseInfo {
+    match handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "Failed to send a DNS response.");
+            let mut metadata = Metadata::response_from_request(&request.metadata);
+            metadata.response_code = ResponseCode::ServFail;
+            Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            }
+            .into()
+        }
+    }
+}
+
+/// The DNS listeners: UDP sockets and TCP listeners served by one handler.
+pub struct DnsServer {
+    server: Server<Handler>,
+}
+
+impl DnsServer {
+    pub fn new(
+        handler: Handler,
+        udp: Vec<UdpSocket>,
+        tcp: Vec<TcpListener>,
+        tcp_idle_timeout: Duration,
+    ) -> Self {
+        let mut server = Server::new(handler);
+        for socket in udp {
+            server.register_socket(socket);
+        }
+        for listener in tcp {
+            // 64 queued responses per connection, as hickory's own daemon uses.
+            server.register_listener(listener, tcp_idle_timeout, 64);
+        }
+        Self { server }
+    }
+
+    /// Serves until `cancel` fires, then stops accepting and finishes.
+    pub async fn run(mut self, cancel: CancellationToken) -> std::io::Result<()> {
+        tokio::select! {
+            result = self.server.block_until_done() => {
+                result.map_err(std::io::Error::other)
+            }
+            () = cancel.cancelled() => {
+                self.server.shutdown_gracefully().await.map_err(std::io::Error::other)
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Health: probes and their rise/fall state machine.
+//!
+//! Owns: one task per endpoint that probes on its own schedule (with jitter
+//! and a timeout, so a hung backend delays nothing else) and reports every
+//! result to the publisher. Must not build snapshots or touch DNS; the
+//! publisher owns the state machines and decides what answers change.
+
+pub mod probe;
+pub mod state;
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+pub use probe::{HttpProbe, Probe, ProbeError, ProbeOutcome};
+pub use state::{HealthState, Status};
+
+/// One probe result for the endpoint with this global index.
+#[derive(Debug, Clone)]
+pub struct ProbeReport {
+    pub endpoint: usize,
+    pub outcome: ProbeOutcome,
+}
+
+/// How often and how long one endpoint is probed.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Up to 10% either way, so endpoints probed at the same interval drift
+/// apart instead of probing in lock-step.
+pub fn jittered(interval: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.9..=1.1);
+    interval.mul_f64(factor)
+}
+
+/// Probes one endpoint until `cancel` fires. The first probe runs at once;
+/// each next one starts an interval (with jitter) after the previous one
+/// started, or at once when the previous one took longer than that.
+pub async fn probe_loop<P, M>(
+    endpoint: usize,
+    probe: P,
+    schedule: Schedule,
+    tx: mpsc::Sender<M>,
+    cancel: CancellationToken,
+) where
+    P: Probe,
+    M: From<ProbeReport> + Send + 'static,
+{
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = sleep_until(next) => {}
+        }
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return,
+            outcome = probe::run_once(&probe, schedule.timeout) => outcome,
+        };
+        if tx
+            .send(ProbeReport { endpoint, outcome }.into())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        next = started + jittered(schedule.interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A backend whose behaviour the test sets: answers, refuses, or never answers.
+    #[derive(Clone)]
+    struct Backend(Arc<AtomicU32>);
+    const OK: u32 = 0;
+    const REFUSE: u32 = 1;
+    const HANG: u32 = 2;
+
+    impl Probe for Backend {
+        async fn check(&self) -> Result<(), ProbeError> {
+            match self.0.load(Ordering::SeqCst) {
+                OK => Ok(()),
+                REFUSE => Err(ProbeError::Refused),
+                _ => std::future::pending().await,
+            }
+        }
+    }
+
+    fn schedule() -> Schedule {
+        Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_start_at_once_and_repeat_at_the_interval_with_jitter() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let cancel = CancellationToken::new();
+        let backend = Backend(Arc::new(AtomicU32::new(OK)));
+        let t0 = Instant::now();
+        tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
+        let mut times = Vec::new();
+        for _ in 0..6 {
+            let report = rx.recv().await.unwrap();
+            assert_eq!(report.outcome.result, Ok(()));
+            times.push(t0.elapsed());
+        }
+        cancel.cancel();
+        assert_eq!(times[0], Duration::ZERO);
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(450) && gap <= Duration::from_millis(550),
+                "gap {gap:?} outside 500ms ± 10%"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_backend_times_out_without_delaying_another_endpoint() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(64);
+        let cancel = CancellationToken::new();
+        let hung = Backend(Arc::new(AtomicU32::new(HANG)));
+        let fine = Backend(Arc::new(AtomicU32::new(OK)));
+        let t0 = Instant::now();
+        tokio::spawn(probe_loop(0, hung, schedule(), tx.clone(), cancel.clone()));
+        tokio::spawn(probe_loop(1, fine, schedule(), tx, cancel.clone()));
+        let mut hung_reports = Vec::new();
+        let mut fine_reports = 0;
+        while hung_reports.len() < 3 {
+            let report = rx.recv().await.unwrap();
+            if report.endpoint == 0 {
+                assert_eq!(report.outcome.result, Err(ProbeError::Timeout));
+                assert_eq!(report.outcome.elapsed, Duration::from_millis(800));
+                hung_reports.push(t0.elapsed());
+            } else {
+                fine_reports += 1;
+            }
+        }
+        cancel.cancel();
+        // The hung probe takes longer than the interval, so probes run back to back.
+        assert_eq!(
+            hung_reports,
+            vec![
+                Duration::from_millis(800),
+                Duration::from_millis(1600),
+                Duration::from_millis(2400)
+            ]
+        );
+        // Meanwhile the healthy endpoint kept its own schedule (~every 500 ms).
+        assert!(
+            fine_reports >= 5,
+            "only {fine_reports} probes of the healthy endpoint"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_the_loop() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(4);
+        let cancel = CancellationToken::new();
+        let backend = Backend(Arc::new(AtomicU32::new(REFUSE)));
+        let task = tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
+        assert_eq!(
+            rx.recv().await.unwrap().outcome.result,
+            Err(ProbeError::Refused)
+        );
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(rx.recv().await.is_none(), "sender dropped after cancel");
+    }
+}

@@ -1,0 +1,32 @@
+//! inferdns: an authoritative DNS server for one delegated zone whose
+//! answers follow the live health of inference endpoints.
+//!
+//! Modules by role:
+//!
+//! - Entry: [`cli`] (commands), [`app`] (startup order, shutdown),
+//!   [`error`] (top-level errors and exit codes), [`log`].
+//! - Configuration: [`config`] parses `inferdns.toml`, the policy files and
+//!   the zone file, checks them (every error as file:line:col) and compiles
+//!   the runtime [`config::Config`]. No sockets.
+//! - Model: [`model`] holds the immutable [`model::Snapshot`] the query path
+//!   reads, and the pure functions that build it.
+//! - Query path: [`dns`] answers one question from one snapshot (hickory glue
+//!   lives in one file there). Never imports config, health or admin.
+//! - Signals: [`health`] probes endpoints on their own schedules and reports
+//!   results; [`publish`] is the one writer that turns results into the next
+//!   snapshot and swaps it in.
+//! - Operations: [`admin`] serves `/healthz`, `/readyz`, `/v1/status`.
+//! - [`demo`]: simulated inference regions and the `inferdns demo` story;
+//!   the integration tests use the same regions.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod dns;
+pub mod error;
+pub mod health;
+pub mod log;
+pub mod model;
+pub mod publish;
