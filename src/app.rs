@@ -1,9 +1,11 @@
 //! Startup order and shutdown of the daemon.
 //!
-//! 1. bind every socket (fail fast on a taken port), 2. start the publisher
-//! and one probe task per endpoint, 3. wait for the first probe round (or
-//! the startup grace), 4. serve DNS and the admin API. Shutdown cancels
-//! everything and waits for the listeners to finish.
+//! 1. Bind every socket (fail fast on a taken port).
+//! 2. Start the publisher and one probe task per endpoint.
+//! 3. Wait for the first probe round (or the startup grace).
+//! 4. Serve DNS and the admin API.
+//!
+//! Shutdown cancels everything and waits for the listeners to finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -302,11 +302,12 @@ impl Checker {
             if section.endpoints.is_empty() {
                 self.err(src, region.span(), format!("region {id} has no endpoints"));
             }
+            let template = self.probe(src, &section.probe);
             let mut seen = HashSet::new();
             let mut endpoints = Vec::new();
             for ep in &section.endpoints {
                 if let Some(endpoint) =
-                    self.endpoint(src, id, ep.get_ref(), ep.span(), &section.probe)
+                    self.endpoint(src, id, ep.get_ref(), ep.span(), template.as_ref())
                 {
                     if !seen.insert(endpoint.target.clone()) {
                         self.err(
@@ -333,7 +334,7 @@ impl Checker {
         region: &str,
         ep: &EndpointSection,
         span: Range<usize>,
-        probe: &ProbeSection,
+        template: Option<&ProbeSpec>,
     ) -> Option<Endpoint> {
         let (target, probe_ip) = match (&ep.address, &ep.cname) {
             (Some(address), None) => {
@@ -373,18 +374,20 @@ impl Checker {
                 return None;
             }
         };
-        let probe = self.probe(src, probe, ep.port.as_ref(), probe_ip, &target)?;
+        let mut probe = template?.clone();
+        let port = ep.port.as_ref().map_or(probe.addr.port(), |p| *p.get_ref());
+        probe.addr = SocketAddr::new(probe_ip, port);
+        if probe.host.is_none()
+            && let Target::Cname(name) = &target
+        {
+            probe.host = Some(name.to_ascii().trim_end_matches('.').to_string());
+        }
         Some(Endpoint { target, probe })
     }
 
-    fn probe(
-        &mut self,
-        src: &Source<'_>,
-        p: &ProbeSection,
-        port_override: Option<&Spanned<u16>>,
-        ip: IpAddr,
-        target: &Target,
-    ) -> Option<ProbeSpec> {
+    /// The region's probe settings; each endpoint fills in its own address
+    /// (and port, if it overrides the region's).
+    fn probe(&mut self, src: &Source<'_>, p: &ProbeSection) -> Option<ProbeSpec> {
         let scheme = match p.scheme.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
             None | Some(("http", _)) => Scheme::Http,
             Some(("https", _)) => Scheme::Https,
@@ -401,9 +404,7 @@ impl Checker {
             Scheme::Http => 80,
             Scheme::Https => 443,
         };
-        let port = port_override
-            .or(p.port.as_ref())
-            .map_or(default_port, |p| *p.get_ref());
+        let port = p.port.as_ref().map_or(default_port, |p| *p.get_ref());
         let path = p
             .path
             .as_ref()
@@ -432,8 +433,8 @@ impl Checker {
                 "probe interval",
                 Duration::from_millis(100),
                 Duration::from_secs(3600),
-            )?,
-            None => DEFAULT_INTERVAL,
+            ),
+            None => Some(DEFAULT_INTERVAL),
         };
         let timeout = match &p.timeout {
             Some(t) => self.duration(
@@ -442,8 +443,8 @@ impl Checker {
                 "probe timeout",
                 Duration::from_millis(50),
                 Duration::from_secs(60),
-            )?,
-            None => DEFAULT_TIMEOUT,
+            ),
+            None => Some(DEFAULT_TIMEOUT),
         };
         let rise = self.count(src, p.rise.as_ref(), "rise", DEFAULT_RISE);
         let fall = self.count(src, p.fall.as_ref(), "fall", DEFAULT_FALL);
@@ -466,24 +467,16 @@ impl Checker {
         {
             self.err(src, sni.span(), "tls-server-name needs scheme = \"https\"");
         }
-        let host = p
-            .host
-            .as_ref()
-            .map(|h| h.get_ref().clone())
-            .or_else(|| match target {
-                Target::Cname(name) => Some(name.to_ascii().trim_end_matches('.').to_string()),
-                Target::Address(_) => None,
-            });
         Some(ProbeSpec {
-            addr: SocketAddr::new(ip, port),
+            addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
             scheme,
             path,
             expect_status: p.expect_status.as_ref().map(|s| *s.get_ref()),
-            interval,
-            timeout,
+            interval: interval?,
+            timeout: timeout?,
             rise: rise?,
             fall: fall?,
-            host,
+            host: p.host.as_ref().map(|h| h.get_ref().clone()),
             tls_server_name: p.tls_server_name.as_ref().map(|s| s.get_ref().clone()),
         })
     }
@@ -620,8 +613,11 @@ impl Checker {
             }
             tiers.push(regions);
         }
+        // Errors below still yield a service, so that the collision checks run too.
         let ttl = match &s.ttl {
-            Some(ttl) => self.ttl_in_range(src, ttl, "ttl", 1, 86_400)?,
+            Some(ttl) => self
+                .ttl_in_range(src, ttl, "ttl", 1, 86_400)
+                .unwrap_or(DEFAULT_SERVICE_TTL),
             None => DEFAULT_SERVICE_TTL,
         };
         let when_all_down = match s
@@ -638,7 +634,7 @@ impl Checker {
                     span,
                     format!("when-all-down {other:?} is not one of fail-open, nodata, servfail"),
                 );
-                return None;
+                AllDown::FailOpen
             }
         };
         Some(Service {

@@ -47,7 +47,12 @@ fn lookup<'a>(snap: &'a Snapshot, name: &LowerName) -> Found<'a> {
     let mut ancestor = name.base_name();
     while zone.apex.zone_of(&ancestor) {
         if zone.names.contains_key(&ancestor) {
-            let wildcard = LowerName::new(&Name::from(ancestor).into_wildcard());
+            let Ok(wildcard) = Name::from_labels([&b"*"[..]])
+                .and_then(|star| star.append_domain(&Name::from(ancestor)))
+            else {
+                return Found::Nothing;
+            };
+            let wildcard = LowerName::new(&wildcard);
             return match zone.names.get(&wildcard) {
                 Some(node) => Found::Wildcard(node),
                 None => Found::Nothing,

@@ -1,0 +1,138 @@
+//! Shared test harness: config files in a scratch directory, the real
+//! loader, the real server on 127.0.0.1:0, simulated regions on loopback.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
+use inferdns::app::{self, Overrides, Running};
+use inferdns::config;
+use inferdns::demo::client::{self, Ask};
+
+pub const APEX: &str = "inference.example.com";
+
+/// Zone file used by most tests.
+pub const ZONE: &str = r#"$ORIGIN inference.example.com.
+$TTL 300
+www             IN A     192.0.2.80
+                IN AAAA  2001:db8::80
+                IN TXT   "web"
+docs            IN CNAME www
+loop1           IN CNAME loop2
+loop2           IN CNAME loop1
+outside         IN CNAME api.example.net.
+*.wild          IN A     192.0.2.99
+_chat._tcp      IN SRV   0 0 443 chat
+"#;
+
+/// Test config files in a temporary directory.
+pub struct Files {
+    pub dir: tempfile::TempDir,
+}
+
+impl Files {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("a temp dir"),
+        }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// The `[server]` and `[zone]` sections with the test zone file.
+pub fn base_config(extra: &str) -> String {
+    format!(
+        r#"[server]
+dns-listen = ["127.0.0.1:0"]
+admin-listen = "127.0.0.1:0"
+startup-grace = "3s"
+
+[zone]
+apex = "{APEX}"
+file = "zone.db"
+[zone.soa]
+primary = "ns1.{APEX}"
+contact = "hostmaster.{APEX}"
+serial = 7
+minimum = 60
+ttl = 3600
+
+[[zone.ns]]
+name = "ns1.{APEX}"
+addresses = ["192.0.2.53", "2001:db8::53"]
+
+[[zone.ns]]
+name = "ns.example.net"
+
+{extra}
+"#
+    )
+}
+
+/// Fast probes for tests that watch failover happen.
+pub const FAST_PROBE: &str =
+    r#"probe = { path = "/health", interval = "100ms", timeout = "200ms", rise = 2, fall = 2 }"#;
+
+/// A started server with its scratch files.
+pub struct Server {
+    pub running: Running,
+    pub files: Files,
+}
+
+impl Server {
+    pub async fn start(main: &str) -> Server {
+        Self::start_with_zone(main, ZONE).await
+    }
+
+    pub async fn start_with_zone(main: &str, zone: &str) -> Server {
+        let files = Files::new();
+        files.write("zone.db", zone);
+        let path = files.write("inferdns.toml", main);
+        let config = config::load(&path).unwrap_or_else(|e| panic!("config should load:\n{e}"));
+        let running = app::start(config, Overrides::default())
+            .await
+            .expect("server starts");
+        Server { running, files }
+    }
+
+    pub fn dns(&self) -> SocketAddr {
+        self.running.dns[0]
+    }
+
+    pub async fn udp(&self, name: &str, qtype: RecordType) -> Message {
+        client::query_udp(self.dns(), &Ask::new(name, qtype))
+            .await
+            .expect("UDP answer")
+    }
+
+    pub async fn tcp(&self, name: &str, qtype: RecordType) -> Message {
+        client::query_tcp(self.dns(), &Ask::new(name, qtype))
+            .await
+            .expect("TCP answer")
+    }
+
+    /// Polls until the service answers `expect` (sorted strings) or panics after `limit`.
+    pub async fn wait_answer(&self, name: &str, expect: &[&str], limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            let m = self.udp(name, RecordType::A).await;
+            last = client::answer_strings(&m);
+            if last == expect {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("{name} still answers {last:?}, expected {expect:?}");
+    }
+}

@@ -1,0 +1,329 @@
+//! Configuration errors: each is reported as file:line:col with a clear
+//! message, all at once; good configs (including the shipped example) load.
+
+mod common;
+
+use common::{Files, ZONE, base_config};
+use inferdns::config::{self, AllDown, ConfigError, Target};
+
+fn load_errors(main: &str, zone: &str, policies: &[(&str, &str)]) -> (Files, Vec<ConfigError>) {
+    let files = Files::new();
+    files.write("zone.db", zone);
+    for (name, text) in policies {
+        files.write(&format!("policies/{name}"), text);
+    }
+    let path = files.write("inferdns.toml", main);
+    let errors = match config::load(&path) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0,
+    };
+    (files, errors)
+}
+
+/// Asserts one error at `file:line:col` whose message contains `needle`.
+fn has(errors: &[ConfigError], file: &str, line: usize, col: usize, needle: &str) {
+    let found = errors.iter().any(|e| {
+        e.file.file_name().and_then(|f| f.to_str()) == Some(file)
+            && (e.line, e.col) == (line, col)
+            && e.message.contains(needle)
+    });
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        found,
+        "no {file}:{line}:{col} error containing {needle:?} in:\n{}",
+        shown.join("\n")
+    );
+}
+
+/// Line and column (1-based) of the first occurrence of `needle` in `text`.
+fn pos(text: &str, needle: &str) -> (usize, usize) {
+    let at = text
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} not in the config"));
+    let line = text[..at].matches('\n').count() + 1;
+    let col = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+const REGIONS: &str = r#"
+[regions.us-east]
+endpoints = [{ address = "192.0.2.1", port = 8000 }]
+[regions.us-west]
+endpoints = [{ address = "192.0.2.2" }, { cname = "gw.provider.example.net", probe-address = "198.51.100.7", port = 443 }]
+probe = { scheme = "https", tls-server-name = "gw.provider.example.net", interval = "1s", timeout = "750ms", rise = 3, fall = 4 }
+"#;
+
+#[test]
+fn a_good_config_compiles_to_the_runtime_model() {
+    let main = base_config(&format!(
+        "policy-dir = \"policies\"\n{REGIONS}\n[services.chat]\ntiers = [[\"us-east\"], [\"us-west\"]]\nttl = 15\nwhen-all-down = \"servfail\"\n"
+    ))
+    // policy-dir must be a top-level key: move it above [server].
+    .replace("policy-dir = \"policies\"\n", "");
+    let main = format!("policy-dir = \"policies\"\n{main}");
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    files.write(
+        "policies/batch.toml",
+        "name = \"batch.eu\"\ntiers = [[\"us-west\"]]\n",
+    );
+    let config = config::load(&files.write("inferdns.toml", &main)).unwrap();
+    assert_eq!(config.regions.len(), 2);
+    let west = &config.regions[1];
+    assert_eq!(
+        west.endpoints[1].target,
+        Target::Cname("gw.provider.example.net.".parse().unwrap())
+    );
+    let probe = &west.endpoints[1].probe;
+    assert_eq!(probe.addr, "198.51.100.7:443".parse().unwrap());
+    assert_eq!((probe.rise, probe.fall), (3, 4));
+    assert_eq!(probe.interval, std::time::Duration::from_secs(1));
+    assert_eq!(probe.host.as_deref(), Some("gw.provider.example.net"));
+    assert_eq!(
+        west.endpoints[0].probe.addr.port(),
+        443,
+        "https defaults to 443"
+    );
+    assert_eq!(config.regions[0].endpoints[0].probe.path, "/health");
+    let names: Vec<String> = config.services.iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "chat.inference.example.com.",
+            "batch.eu.inference.example.com."
+        ]
+    );
+    assert_eq!(config.services[0].when_all_down, AllDown::ServFail);
+    assert_eq!(config.services[0].tiers, vec![vec![0], vec![1]]);
+    assert_eq!(config.services[1].ttl, 30);
+    // Zone file records plus the glue of ns1 (one A, one AAAA).
+    assert!(config.zone.records.len() > 8);
+}
+
+#[test]
+fn the_shipped_example_config_checks() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("inferdns.toml");
+    let config = config::load(&path).unwrap_or_else(|e| panic!("inferdns.toml:\n{e}"));
+    assert!(!config.services.is_empty());
+}
+
+#[test]
+fn toml_syntax_and_unknown_keys_point_at_the_spot() {
+    let main = base_config(REGIONS).replace(
+        "startup-grace = \"3s\"",
+        "startup-grace = \"3s\"\nlisten-dns = 1",
+    );
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let (line, _) = pos(&main, "listen-dns");
+    assert_eq!(errors.len(), 1);
+    has(
+        &errors,
+        "inferdns.toml",
+        line,
+        1,
+        "unknown field `listen-dns`",
+    );
+
+    let broken = base_config("[regions.x\n");
+    let (_f, errors) = load_errors(&broken, ZONE, &[]);
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].line > 1 && errors[0].file.ends_with("inferdns.toml"),
+        "{:?}",
+        errors[0]
+    );
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let extra = r#"
+[regions.us-east]
+endpoints = [{ address = "192.0.2.300" }, { address = "192.0.2.1", cname = "x.example.net" }]
+probe = { interval = "10ms", timeout = "soon", fall = 0, path = "health" }
+
+[regions.us-west]
+endpoints = [{ address = "192.0.2.2" }, { address = "192.0.2.2" }, { cname = "gw.example.net" }]
+probe = { tls-server-name = "gw.example.net" }
+
+[services.chat]
+tiers = [["us-east"], ["eu-west"], ["us-east"]]
+ttl = 999999
+
+[services.www]
+tiers = [["us-west"]]
+
+[services.other]
+name = "chat"
+tiers = [["us-west"]]
+when-all-down = "maybe"
+
+[services.far]
+name = "far.example.org."
+tiers = [["us-west"]]
+"#;
+    let main = base_config(extra);
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let f = "inferdns.toml";
+    let at = |needle: &str| pos(&main, needle);
+    let (l, c) = at("\"192.0.2.300\"");
+    has(&errors, f, l, c, "not an IPv4 or IPv6 address");
+    let (l, c) = at("\"x.example.net\"");
+    has(&errors, f, l, c, "either address or cname");
+    let (l, c) = at("\"10ms\"");
+    has(&errors, f, l, c, "probe interval 10ms is out of range");
+    let (l, c) = at("\"soon\"");
+    has(&errors, f, l, c, "not a duration");
+    let (l, c) = at("fall = 0");
+    has(&errors, f, l, c + 7, "fall 0 is out of range");
+    let (l, c) = at("\"health\"");
+    has(&errors, f, l, c, "must start with '/'");
+    let (l, _) = at("{ address = \"192.0.2.2\" }, { address = \"192.0.2.2\" }");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.line == l && e.message.contains("lists endpoint 192.0.2.2 twice"))
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.line == l && e.message.contains("needs probe-address"))
+    );
+    let (l, c) = at("tls-server-name = \"gw");
+    has(
+        &errors,
+        f,
+        l,
+        c + 18,
+        "tls-server-name needs scheme = \"https\"",
+    );
+    let (l, c) = at("\"eu-west\"");
+    has(&errors, f, l, c, "unknown region \"eu-west\"");
+    let (l, c) = at("\"us-east\"]]");
+    has(&errors, f, l, c, "region us-east appears twice");
+    let (l, c) = at("999999");
+    has(&errors, f, l, c, "ttl 999999 is out of range");
+    let (l, c) = at("\"maybe\"");
+    has(&errors, f, l, c, "not one of fail-open, nodata, servfail");
+    let (l, c) = at("\"far.example.org.\"");
+    has(&errors, f, l, c, "must be below the apex");
+    // www is a zone-file name; `other` reuses chat's name (reported at its table header).
+    assert!(errors.iter().any(|e| {
+        e.message
+            .contains("service www name www.inference.example.com. collides")
+    }));
+    let other_line = at("[services.other]").0;
+    assert!(
+        errors.iter().any(|e| e.line == other_line
+            && e.message
+                .contains("same name chat.inference.example.com. as service chat")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.len() >= 15,
+        "all problems at once, got {}",
+        errors.len()
+    );
+}
+
+#[test]
+fn zone_and_ns_errors_name_their_file() {
+    let zone =
+        "$ORIGIN inference.example.com.\n$TTL 300\nwww IN A 192.0.2.80\nns1 IN A 192.0.2.53\n";
+    let (_f, errors) = load_errors(&base_config(""), zone, &[]);
+    has(
+        &errors,
+        "zone.db",
+        4,
+        1,
+        "has addresses in [[zone.ns]] already",
+    );
+
+    let bad_zone = "$TTL 300\nwww IN A 192.0.2.80\nweb IN AAAA 192.0.2.1\n";
+    let (_f, errors) = load_errors(&base_config(""), bad_zone, &[]);
+    has(&errors, "zone.db", 3, 1, "zone file does not parse");
+
+    let main = base_config("").replace(
+        "name = \"ns.example.net\"",
+        "name = \"ns.example.net\"\naddresses = [\"192.0.2.9\"]",
+    );
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let (l, c) = pos(&main, "\"192.0.2.9\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "outside the zone; glue addresses are only for names inside it",
+    );
+
+    let main = base_config("").replace("addresses = [\"192.0.2.53\", \"2001:db8::53\"]\n", "");
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let (l, c) = pos(&main, "name = \"ns1.");
+    has(&errors, "inferdns.toml", l, c + 7, "needs glue");
+
+    let main = base_config("").replace("file = \"zone.db\"", "file = \"missing.db\"");
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    has(
+        &errors,
+        "inferdns.toml",
+        pos(&main, "\"missing.db\"").0,
+        pos(&main, "\"missing.db\"").1,
+        "cannot read",
+    );
+
+    let main = base_config("").replace("minimum = 60", "minimum = 100000");
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    has(
+        &errors,
+        "inferdns.toml",
+        pos(&main, "100000").0,
+        pos(&main, "100000").1,
+        "zone.soa.minimum 100000 is out of range",
+    );
+}
+
+#[test]
+fn policy_file_errors_name_the_policy_file() {
+    let main = format!("policy-dir = \"policies\"\n{}", base_config(REGIONS));
+    let (_f, errors) = load_errors(
+        &main,
+        ZONE,
+        &[
+            ("good.toml", "tiers = [[\"us-east\"]]\n"),
+            (
+                "typo.toml",
+                "tiers = [[\"us-east\"]]\nttl = 30\nwhen_all_down = \"nodata\"\n",
+            ),
+            (
+                "refs.toml",
+                "# comment\ntiers = [[\"us-east\", \"mars\"]]\n",
+            ),
+            ("Bad_Name.toml", "tiers = [[\"us-east\"]]\n"),
+        ],
+    );
+    has(&errors, "typo.toml", 3, 1, "unknown field `when_all_down`");
+    has(&errors, "refs.toml", 2, 22, "unknown region \"mars\"");
+    has(&errors, "Bad_Name.toml", 1, 1, "service id \"Bad_Name\"");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+
+    let main = format!("policy-dir = \"nowhere\"\n{}", base_config(REGIONS));
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    has(
+        &errors,
+        "inferdns.toml",
+        1,
+        14,
+        "cannot read policy directory",
+    );
+}
+
+#[test]
+fn listen_addresses_must_have_ports() {
+    let main = base_config("").replace(
+        "admin-listen = \"127.0.0.1:0\"",
+        "admin-listen = \"localhost\"",
+    );
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let (l, c) = pos(&main, "\"localhost\"");
+    has(&errors, "inferdns.toml", l, c, "not an address with a port");
+}
