@@ -237,3 +237,186 @@ fn build(
         endpoints,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The whole signal path on tokio's paused clock: probe loops with
+    //! scripted backends → publisher → snapshot, read as the query path does.
+
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::health::testing::Scripted;
+    use crate::health::{Schedule, probe_loop};
+    use crate::model::Decision;
+
+    const MAIN: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+[regions.secondary]
+endpoints = [{ address = "192.0.2.2" }]
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+"#;
+
+    fn config() -> Arc<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, MAIN).unwrap();
+        Arc::new(crate::config::load(&path).unwrap())
+    }
+
+    fn answer(snapshot: &ArcSwap<Snapshot>) -> Vec<String> {
+        snapshot.load().service_views[0].answer.clone()
+    }
+
+    /// Waits (in virtual time) until the service answers `want`; returns when.
+    async fn until(snapshot: &ArcSwap<Snapshot>, want: &str) -> Instant {
+        loop {
+            if answer(snapshot) == [want] {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failover_and_failback_follow_fall_and_rise() {
+        let config = config();
+        let (publisher, snapshot, mut first) = Publisher::new(config.clone());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let primary = Scripted::new(Scripted::OK);
+        let secondary = Scripted::new(Scripted::OK);
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        tokio::spawn(probe_loop(
+            0,
+            primary.clone(),
+            schedule,
+            tx.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(probe_loop(
+            1,
+            secondary.clone(),
+            schedule,
+            tx.clone(),
+            cancel.clone(),
+        ));
+
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::Tier { tier: 0 }
+        );
+
+        // Killed: fall = 2 consecutive refusals, probes every 500ms ± 10%.
+        tokio::time::sleep(Duration::from_millis(1234)).await;
+        let fault = Instant::now();
+        primary.set(Scripted::REFUSE);
+        let moved = until(&snapshot, "192.0.2.2").await - fault;
+        assert!(
+            moved > Duration::from_millis(450) && moved <= Duration::from_millis(1100),
+            "failover after {moved:?}, expected between one and two intervals"
+        );
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::Tier { tier: 1 }
+        );
+        let down = &snapshot.load().endpoints[0];
+        assert_eq!(down.status, Status::Down);
+        assert_eq!(down.last_error.as_deref(), Some("connection refused"));
+
+        // Restored: rise = 2 consecutive successes.
+        tokio::time::sleep(Duration::from_millis(777)).await;
+        let fixed = Instant::now();
+        primary.set(Scripted::OK);
+        let back = until(&snapshot, "192.0.2.1").await - fixed;
+        assert!(
+            back > Duration::from_millis(450) && back <= Duration::from_millis(1100),
+            "failback after {back:?}"
+        );
+
+        // Hung: each probe takes the whole 800ms timeout, two are needed.
+        tokio::time::sleep(Duration::from_millis(321)).await;
+        let hung = Instant::now();
+        primary.set(Scripted::HANG);
+        let moved = until(&snapshot, "192.0.2.2").await - hung;
+        assert!(
+            moved >= Duration::from_millis(1600) && moved <= Duration::from_millis(2150),
+            "hung failover after {moved:?}, expected 2 timeouts plus at most one interval"
+        );
+        assert_eq!(
+            snapshot.load().endpoints[0].last_error.as_deref(),
+            Some("timed out")
+        );
+        cancel.cancel();
+    }
+
+    fn report(endpoint: usize, ok: bool) -> Msg {
+        Msg::Probe(ProbeReport {
+            endpoint,
+            outcome: crate::health::ProbeOutcome {
+                result: if ok { Ok(()) } else { Err(ProbeError::Refused) },
+                elapsed: Duration::from_millis(1),
+            },
+        })
+    }
+
+    #[test]
+    fn a_single_lost_probe_does_not_move_the_answer() {
+        let (mut publisher, snapshot, first) = Publisher::new(config());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        assert!(*first.borrow(), "every endpoint has reported once");
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // Alternating failures never reach fall = 2 in a row.
+        for _ in 0..10 {
+            let changed = publisher.apply(report(0, false));
+            publisher.apply(report(0, true));
+            if changed {
+                publisher.publish();
+            }
+            assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        }
+        // The error is shown in status even though the answer never moved.
+        assert_eq!(snapshot.load().endpoints[0].status, Status::Up);
+        assert_eq!(
+            snapshot.load().endpoints[0].last_error.as_deref(),
+            Some("connection refused")
+        );
+        // Two in a row do.
+        publisher.apply(report(0, false));
+        assert!(publisher.apply(report(0, false)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_endpoints_are_never_fit() {
+        let (publisher, snapshot, first) = Publisher::new(config());
+        // Before any probe: every endpoint unknown, the all-down rule applies.
+        assert_eq!(snapshot.load().generation, 1);
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::FailOpen
+        );
+        assert!(!*first.borrow());
+        drop(publisher);
+    }
+}

@@ -74,28 +74,47 @@ pub async fn probe_loop<P, M>(
     }
 }
 
+/// A probe whose backend a test switches between answering, refusing and
+/// hanging, for paused-clock tests of the schedule and the state machine.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A backend whose behaviour the test sets: answers, refuses, or never answers.
-    #[derive(Clone)]
-    struct Backend(Arc<AtomicU32>);
-    const OK: u32 = 0;
-    const REFUSE: u32 = 1;
-    const HANG: u32 = 2;
+    use super::{Probe, ProbeError};
 
-    impl Probe for Backend {
+    #[derive(Clone, Default)]
+    pub struct Scripted(Arc<AtomicU32>);
+
+    impl Scripted {
+        pub const OK: u32 = 0;
+        pub const REFUSE: u32 = 1;
+        pub const HANG: u32 = 2;
+
+        pub fn new(mode: u32) -> Self {
+            Self(Arc::new(AtomicU32::new(mode)))
+        }
+
+        pub fn set(&self, mode: u32) {
+            self.0.store(mode, Ordering::SeqCst);
+        }
+    }
+
+    impl Probe for Scripted {
         async fn check(&self) -> Result<(), ProbeError> {
             match self.0.load(Ordering::SeqCst) {
-                OK => Ok(()),
-                REFUSE => Err(ProbeError::Refused),
+                Self::OK => Ok(()),
+                Self::REFUSE => Err(ProbeError::Refused),
                 _ => std::future::pending().await,
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Scripted;
+    use super::*;
 
     fn schedule() -> Schedule {
         Schedule {
@@ -108,7 +127,7 @@ mod tests {
     async fn probes_start_at_once_and_repeat_at_the_interval_with_jitter() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
         let cancel = CancellationToken::new();
-        let backend = Backend(Arc::new(AtomicU32::new(OK)));
+        let backend = Scripted::new(Scripted::OK);
         let t0 = Instant::now();
         tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
         let mut times = Vec::new();
@@ -132,8 +151,8 @@ mod tests {
     async fn a_hung_backend_times_out_without_delaying_another_endpoint() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(64);
         let cancel = CancellationToken::new();
-        let hung = Backend(Arc::new(AtomicU32::new(HANG)));
-        let fine = Backend(Arc::new(AtomicU32::new(OK)));
+        let hung = Scripted::new(Scripted::HANG);
+        let fine = Scripted::new(Scripted::OK);
         let t0 = Instant::now();
         tokio::spawn(probe_loop(0, hung, schedule(), tx.clone(), cancel.clone()));
         tokio::spawn(probe_loop(1, fine, schedule(), tx, cancel.clone()));
@@ -170,7 +189,7 @@ mod tests {
     async fn cancel_stops_the_loop() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(4);
         let cancel = CancellationToken::new();
-        let backend = Backend(Arc::new(AtomicU32::new(REFUSE)));
+        let backend = Scripted::new(Scripted::REFUSE);
         let task = tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
         assert_eq!(
             rx.recv().await.unwrap().outcome.result,

@@ -68,7 +68,7 @@ pub struct HttpProbe {
 }
 
 /// reqwest is built without a default crypto provider; install ring once.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // An error means another provider is already installed: fine either way.

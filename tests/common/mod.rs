@@ -136,3 +136,11 @@ impl Server {
         panic!("{name} still answers {last:?}, expected {expect:?}");
     }
 }
+
+/// GET over plain HTTP; returns status and body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    inferdns::health::probe::install_crypto_provider();
+    let response = reqwest::get(url).await.expect("HTTP answer");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("HTTP body"))
+}

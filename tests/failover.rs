@@ -1,0 +1,165 @@
+//! Failover and failback with simulated regions over real sockets. Timing
+//! bounds are asserted on the paused clock in `publish::tests`; here the
+//! deadlines are generous and only the outcome is checked.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FAST_PROBE, Server, base_config};
+use hickory_proto::rr::RecordType;
+use inferdns::demo::client::answer_strings;
+use inferdns::demo::{Fault, MODEL, SimRegion};
+
+const LIMIT: Duration = Duration::from_secs(10);
+const CHAT: &str = "chat.inference.example.com.";
+
+struct Setup {
+    server: Server,
+    primary: SimRegion,
+    _secondary: SimRegion,
+}
+
+/// `primary` (127.0.0.31) then `secondary` (127.0.0.32); `before` runs on the
+/// primary before the server starts.
+async fn setup(before: Fault) -> Setup {
+    let primary = SimRegion::start("127.0.0.31:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let secondary = SimRegion::start("127.0.0.32:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    primary.set_fault(before);
+    let extra = format!(
+        r#"
+[regions.primary]
+endpoints = [{{ address = "127.0.0.31", port = {p} }}]
+{FAST_PROBE}
+
+[regions.secondary]
+endpoints = [{{ address = "127.0.0.32", port = {s} }}]
+{FAST_PROBE}
+
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+"#,
+        p = primary.addr().port(),
+        s = secondary.addr().port()
+    );
+    let server = Server::start(&base_config(&extra)).await;
+    Setup {
+        server,
+        primary,
+        _secondary: secondary,
+    }
+}
+
+#[tokio::test]
+async fn killed_primary_fails_over_and_back() {
+    let s = setup(Fault::None).await;
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+    s.primary.set_fault(Fault::Down);
+    s.server.wait_answer(CHAT, &["127.0.0.32"], LIMIT).await;
+    s.primary.set_fault(Fault::None);
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+}
+
+#[tokio::test]
+async fn hung_primary_fails_over_and_back() {
+    let s = setup(Fault::None).await;
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+    s.primary.set_fault(Fault::Hung);
+    s.server.wait_answer(CHAT, &["127.0.0.32"], LIMIT).await;
+    s.primary.set_fault(Fault::None);
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+}
+
+#[tokio::test]
+async fn error_statuses_take_the_primary_out() {
+    for fault in [Fault::Unavailable, Fault::RateLimited] {
+        let s = setup(Fault::None).await;
+        s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+        s.primary.set_fault(fault);
+        s.server.wait_answer(CHAT, &["127.0.0.32"], LIMIT).await;
+    }
+}
+
+#[tokio::test]
+async fn the_first_answer_already_reflects_the_probes() {
+    for fault in [Fault::Down, Fault::Hung] {
+        let s = setup(fault).await;
+        // No waiting: the very first query after start.
+        let m = s.server.udp(CHAT, RecordType::A).await;
+        assert_eq!(
+            answer_strings(&m),
+            ["127.0.0.32"],
+            "dead primary ({fault:?}) never answered as alive"
+        );
+    }
+}
+
+#[tokio::test]
+async fn only_fit_endpoints_of_the_winning_tier_are_answered() {
+    let a = SimRegion::start("127.0.0.33:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let b = SimRegion::start("127.0.0.34:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let extra = format!(
+        r#"
+[regions.pool]
+endpoints = [{{ address = "127.0.0.33", port = {} }}, {{ address = "127.0.0.34", port = {} }}]
+{FAST_PROBE}
+
+[services.chat]
+tiers = [["pool"]]
+when-all-down = "nodata"
+"#,
+        a.addr().port(),
+        b.addr().port()
+    );
+    let server = Server::start(&base_config(&extra)).await;
+    server
+        .wait_answer(CHAT, &["127.0.0.33", "127.0.0.34"], LIMIT)
+        .await;
+    b.set_fault(Fault::Down);
+    server.wait_answer(CHAT, &["127.0.0.33"], LIMIT).await;
+    a.set_fault(Fault::Hung);
+    // Nothing fit: this service says NODATA.
+    server.wait_answer(CHAT, &[], LIMIT).await;
+    b.set_fault(Fault::None);
+    server.wait_answer(CHAT, &["127.0.0.34"], LIMIT).await;
+}
+
+#[tokio::test]
+async fn status_shows_each_endpoint_and_its_last_error() {
+    let s = setup(Fault::None).await;
+    s.primary.set_fault(Fault::Down);
+    s.server.wait_answer(CHAT, &["127.0.0.32"], LIMIT).await;
+    let url = format!("http://{}/v1/status", s.server.running.admin);
+    let (_, body) = common::http_get(&url).await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let endpoints = status["endpoints"].as_array().unwrap();
+    let primary = endpoints
+        .iter()
+        .find(|e| e["target"] == "127.0.0.31")
+        .unwrap();
+    assert_eq!(primary["status"], "down");
+    assert_eq!(primary["last_error"], "connection refused");
+    assert_eq!(primary["region"], "primary");
+    let secondary = endpoints
+        .iter()
+        .find(|e| e["target"] == "127.0.0.32")
+        .unwrap();
+    assert_eq!(secondary["status"], "up");
+    let chat = &status["services"][0];
+    assert_eq!(chat["decision"]["state"], "tier");
+    assert_eq!(chat["decision"]["tier"], 1);
+    assert_eq!(chat["answer"][0], "127.0.0.32");
+    assert!(status["snapshot"]["generation"].as_u64().unwrap() > 1);
+    for (path, code) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let url = format!("http://{}{path}", s.server.running.admin);
+        assert_eq!(common::http_get(&url).await.0, code, "{path}");
+    }
+}
