@@ -1,1 +1,161 @@
-fn main() {}
+//! The per-query answer path, without sockets:
+//! - `answer/*`: the pure lookup over a snapshot (what the query path adds
+//!   on top of hickory's decode and encode);
+//! - `query/*`: a whole query as the server handles it: decode the wire
+//!   bytes, one snapshot load, answer, encode the response.
+//!
+//! Run: `cargo bench --bench answer`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::rr::{LowerName, Name, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use inferdns::dns::Handler;
+use inferdns::dns::answer::answer;
+use inferdns::health::{ProbeOutcome, ProbeReport};
+use inferdns::publish::{Msg, Publisher};
+
+const MAIN: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+file = "zone.db"
+soa = { primary = "ns1.inference.example.com", contact = "hostmaster.example.com" }
+ns = [{ name = "ns1.inference.example.com", addresses = ["192.0.2.53"] }]
+[regions.us-east]
+endpoints = [{ address = "192.0.2.10" }, { address = "192.0.2.11" }, { address = "2001:db8::10" }]
+[regions.us-west]
+endpoints = [{ address = "198.51.100.20" }]
+[services.chat]
+tiers = [["us-east"], ["us-west"]]
+"#;
+
+const ZONE: &str =
+    "$ORIGIN inference.example.com.\n$TTL 300\nwww IN A 192.0.2.80\ndocs IN CNAME www\n";
+
+/// A capture that encodes the response the way the UDP path does.
+#[derive(Clone, Default)]
+struct Encode(Arc<Mutex<Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Encode {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut buf = self.0.lock().expect("not poisoned");
+        buf.clear();
+        let mut encoder = BinEncoder::new(&mut buf);
+        encoder.set_max_size(1232);
+        Ok(response.destructive_emit(&mut encoder)?)
+    }
+}
+
+/// Drives a future that never waits (the handler with `Encode` does not).
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("the answer path awaited something"),
+    }
+}
+
+fn query(name: &str, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    m.set_edns(edns);
+    m.to_vec().unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("zone.db"), ZONE).unwrap();
+    std::fs::write(dir.path().join("inferdns.toml"), MAIN).unwrap();
+    let config = inferdns::config::load(&dir.path().join("inferdns.toml")).unwrap();
+    let (mut publisher, snapshot, _) = Publisher::new(Arc::new(config));
+    for endpoint in 0..4 {
+        publisher.apply(Msg::Probe(ProbeReport {
+            endpoint,
+            outcome: ProbeOutcome {
+                result: Ok(()),
+                elapsed: Duration::from_millis(1),
+            },
+        }));
+    }
+    publisher.publish();
+
+    let mut group = c.benchmark_group("answer");
+    for (label, name, qtype) in [
+        ("service_a", "chat.inference.example.com.", RecordType::A),
+        ("static_a", "www.inference.example.com.", RecordType::A),
+        ("cname_chain", "docs.inference.example.com.", RecordType::A),
+        ("nxdomain", "nope.inference.example.com.", RecordType::A),
+    ] {
+        let qname = LowerName::from(Name::from_ascii(name).unwrap());
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let snap = snapshot.load();
+                let a = answer(&snap, black_box(&qname), black_box(qtype));
+                black_box(a.answers.len());
+            })
+        });
+    }
+    group.finish();
+
+    let handler = Handler::new(snapshot.clone(), 1232);
+    let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    let mut group = c.benchmark_group("query");
+    for (label, name, qtype) in [
+        ("service_a", "chat.inference.example.com.", RecordType::A),
+        ("static_a", "www.inference.example.com.", RecordType::A),
+        ("nxdomain", "nope.inference.example.com.", RecordType::A),
+    ] {
+        let bytes = query(name, qtype);
+        let out = Encode::default();
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let request =
+                    Request::from_bytes(black_box(bytes.clone()), src, Protocol::Udp).unwrap();
+                ready(handler.handle_request::<_, TokioTime>(&request, out.clone()));
+            })
+        });
+        // The response is real: decode it once.
+        let request = Request::from_bytes(bytes.clone(), src, Protocol::Udp).unwrap();
+        ready(handler.handle_request::<_, TokioTime>(&request, out.clone()));
+        let reply = Message::from_vec(&out.0.lock().unwrap()).unwrap();
+        assert!(reply.metadata.authoritative, "{label}");
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = bench
+}
+criterion_main!(benches);

@@ -163,3 +163,44 @@ async fn status_shows_each_endpoint_and_its_last_error() {
         assert_eq!(common::http_get(&url).await.0, code, "{path}");
     }
 }
+
+#[tokio::test]
+async fn probes_send_the_configured_host_header_and_our_user_agent() {
+    let region = SimRegion::start("127.0.0.35:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let extra = format!(
+        r#"
+[regions.r]
+endpoints = [{{ address = "127.0.0.35", port = {} }}]
+probe = {{ path = "/health", host = "vllm.internal.example", interval = "100ms" }}
+
+[services.chat]
+tiers = [["r"]]
+"#,
+        region.addr().port()
+    );
+    let _server = Server::start(&base_config(&extra)).await;
+    assert_eq!(
+        region.last_header("host").as_deref(),
+        Some("vllm.internal.example")
+    );
+    let agent = region.last_header("user-agent").unwrap();
+    assert!(agent.starts_with("inferdns/"), "{agent}");
+    // A wrong expected status takes the endpoint out even though /health is 200.
+    let extra = format!(
+        r#"
+[regions.r]
+endpoints = [{{ address = "127.0.0.35", port = {} }}]
+probe = {{ expect-status = 204 }}
+
+[services.chat]
+tiers = [["r"]]
+when-all-down = "nodata"
+"#,
+        region.addr().port()
+    );
+    let server = Server::start(&base_config(&extra)).await;
+    let m = server.udp(CHAT, RecordType::A).await;
+    assert!(answer_strings(&m).is_empty());
+}

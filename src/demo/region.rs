@@ -72,6 +72,8 @@ impl Default for Load {
 struct Shared {
     model: String,
     load: Mutex<Load>,
+    /// Headers of the last request seen, lowercased names.
+    last_headers: Mutex<Vec<(String, String)>>,
 }
 
 /// A running simulated region. Dropping it stops it.
@@ -90,6 +92,7 @@ impl SimRegion {
         let shared = Arc::new(Shared {
             model: model.to_string(),
             load: Mutex::new(Load::default()),
+            last_headers: Mutex::new(Vec::new()),
         });
         let (fault, fault_rx) = watch::channel(Fault::None);
         let cancel = CancellationToken::new();
@@ -119,6 +122,19 @@ impl SimRegion {
 
     pub fn fault(&self) -> Fault {
         *self.fault.borrow()
+    }
+
+    /// A header of the last request this region saw (name in any case).
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        let headers = self
+            .shared
+            .last_headers
+            .lock()
+            .expect("headers lock poisoned");
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
     }
 
     pub fn set_load(&self, load: Load) {
@@ -208,7 +224,7 @@ async fn accept_loop(
 struct RequestHead {
     method: String,
     path: String,
-    content_length: usize,
+    headers: Vec<(String, String)>,
 }
 
 const MAX_HEAD: usize = 16 * 1024;
@@ -235,10 +251,14 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RequestH
     let mut first = lines.next().unwrap_or_default().split_whitespace();
     let method = first.next().unwrap_or_default().to_string();
     let path = first.next().unwrap_or_default().to_string();
-    let content_length = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let content_length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0usize)
         .min(MAX_BODY);
     // Read (and ignore) the body so the client sees a clean exchange.
@@ -253,7 +273,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RequestH
     Ok(Some(RequestHead {
         method,
         path,
-        content_length,
+        headers,
     }))
 }
 
@@ -269,7 +289,7 @@ async fn serve_connection(
     let Some(request) = read_request(&mut stream).await? else {
         return Ok(());
     };
-    let _ = request.content_length;
+    *shared.last_headers.lock().expect("headers lock poisoned") = request.headers.clone();
     match fault {
         Fault::Hung => return std::future::pending().await,
         Fault::Slow(delay) => tokio::time::sleep(delay).await,

@@ -165,18 +165,17 @@ fn classify(e: reqwest::Error) -> ProbeError {
         }
         source = err.source();
     }
-    ProbeError::Transport(error_chain(&e))
+    ProbeError::Transport(root_cause(&e))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// The innermost error's text: the URL is shown beside the error anyway, and
+/// reqwest's outer layers only repeat "error sending request".
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut inner = e;
+    while let Some(source) = inner.source() {
+        inner = source;
     }
-    text
+    inner.to_string()
 }
 
 /// Runs one probe under `timeout` and measures it.
