@@ -99,7 +99,11 @@ fn bench(c: &mut Criterion) {
     std::fs::write(dir.path().join("zone.db"), ZONE).unwrap();
     std::fs::write(dir.path().join("inferdns.toml"), MAIN).unwrap();
     let config = inferdns::config::load(&dir.path().join("inferdns.toml")).unwrap();
-    let (mut publisher, snapshot, _) = Publisher::new(Arc::new(config));
+    let (mut publisher, snapshot, _) = Publisher::new(
+        Arc::new(config),
+        vec![0, 1, 2, 3],
+        inferdns::metrics::Metrics::new(),
+    );
     for endpoint in 0..4 {
         publisher.apply(Msg::Probe(ProbeReport {
             endpoint,
@@ -111,6 +115,10 @@ fn bench(c: &mut Criterion) {
     }
     publisher.publish();
 
+    let client = inferdns::dns::answer::Client {
+        addr: Some("127.0.0.1".parse().unwrap()),
+        ecs: None,
+    };
     let mut group = c.benchmark_group("answer");
     for (label, name, qtype) in [
         ("service_a", "chat.inference.example.com.", RecordType::A),
@@ -122,7 +130,7 @@ fn bench(c: &mut Criterion) {
         group.bench_function(label, |b| {
             b.iter(|| {
                 let snap = snapshot.load();
-                let a = answer(&snap, black_box(&qname), black_box(qtype));
+                let a = answer(&snap, black_box(&qname), black_box(qtype), &client);
                 black_box(a.answers.len());
             })
         });

@@ -8,28 +8,59 @@
 //! Shutdown cancels everything and waits for the listeners to finish.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{self, Config, Secret};
 use crate::dns::{DnsServer, Handler};
 use crate::error::AppError;
-use crate::health::{self, HttpProbe, Schedule};
-use crate::model::EndpointIndex;
+use crate::health::ProbeSet;
+use crate::metrics::Metrics;
 use crate::publish::{Msg, Publisher};
 
-/// Command-line overrides of the config's listen addresses (port 0 allowed).
+/// How to start: command-line overrides of the config's listen addresses
+/// (port 0 allowed), and the file that reloads read again.
 #[derive(Debug, Clone, Default)]
-pub struct Overrides {
+pub struct StartOptions {
     pub dns_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// Reloads (SIGHUP, `POST /v1/reload`) read this file; none: reload is refused.
+    pub config_path: Option<PathBuf>,
+}
+
+/// The outcome of a reload: the generation that serves the new config, or
+/// every problem found (the old config keeps serving).
+pub type ReloadResult = Result<u64, Vec<String>>;
+
+/// Handles the admin API uses to change things.
+#[derive(Clone)]
+pub struct Control {
+    pub publisher: mpsc::Sender<Msg>,
+    pub reload: mpsc::Sender<oneshot::Sender<ReloadResult>>,
+    /// Bearer token of the mutating admin routes (replaced on reload).
+    pub admin_token: Arc<ArcSwap<Option<Secret>>>,
+}
+
+impl Control {
+    /// Asks for a reload and waits for its result.
+    pub async fn reload(&self) -> ReloadResult {
+        let (tx, rx) = oneshot::channel();
+        self.reload
+            .send(tx)
+            .await
+            .map_err(|_| vec!["the server is shutting down".to_string()])?;
+        rx.await
+            .map_err(|_| vec!["the server is shutting down".to_string()])?
+    }
 }
 
 /// A started server.
@@ -37,6 +68,7 @@ pub struct Running {
     /// Where DNS is served (UDP and TCP share each address).
     pub dns: Vec<SocketAddr>,
     pub admin: SocketAddr,
+    pub control: Control,
     cancel: CancellationToken,
     tasks: JoinSet<std::io::Result<()>>,
 }
@@ -84,15 +116,14 @@ impl Drop for Running {
 }
 
 /// Starts the server for `config` and returns once DNS is being served.
-pub async fn start(mut config: Config, overrides: Overrides) -> Result<Running, AppError> {
-    if let Some(addr) = overrides.dns_listen {
+pub async fn start(mut config: Config, options: StartOptions) -> Result<Running, AppError> {
+    if let Some(addr) = options.dns_listen {
         config.server.dns_listen = vec![addr];
     }
-    if let Some(addr) = overrides.admin_listen {
+    if let Some(addr) = options.admin_listen {
         config.server.admin_listen = addr;
     }
-    let config = Arc::new(config);
-    let server = &config.server;
+    let server = config.server.clone();
 
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
@@ -112,8 +143,13 @@ pub async fn start(mut config: Config, overrides: Overrides) -> Result<Running, 
 
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let (publisher, snapshot, mut first_round) = Publisher::new(config.clone());
+    let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(1024);
+    let mut probes = ProbeSet::new(cancel.clone());
+    let ids = probes.sync(&config, &tx)?;
+    let admin_token = Arc::new(ArcSwap::from_pointee(server.admin_token.clone()));
+    let (publisher, snapshot, mut first_round) =
+        Publisher::new(Arc::new(config), ids, metrics.clone());
     {
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -121,28 +157,21 @@ pub async fn start(mut config: Config, overrides: Overrides) -> Result<Running, 
             Ok(())
         });
     }
-
-    let index = EndpointIndex::new(&config);
-    for (r, region) in config.regions.iter().enumerate() {
-        for (e, endpoint) in region.endpoints.iter().enumerate() {
-            let probe = HttpProbe::new(&endpoint.probe).map_err(|source| AppError::Probe {
-                endpoint: format!("{} in region {}", endpoint.target, region.id),
-                source,
-            })?;
-            let schedule = Schedule {
-                interval: endpoint.probe.interval,
-                timeout: endpoint.probe.timeout,
-            };
-            tokio::spawn(health::probe_loop(
-                index.global(r, e),
-                probe,
-                schedule,
-                tx.clone(),
-                cancel.child_token(),
-            ));
-        }
-    }
-    drop(tx);
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let reloader = Reloader {
+        path: options.config_path.clone(),
+        probes,
+        publisher: tx.clone(),
+        metrics: metrics.clone(),
+        admin_token: admin_token.clone(),
+        listen: (server.dns_listen.clone(), server.admin_listen),
+    };
+    tasks.spawn(reloader.run(reload_rx, cancel.clone()));
+    let control = Control {
+        publisher: tx,
+        reload: reload_tx,
+        admin_token,
+    };
 
     // Never answer before the probes have spoken (bounded by the grace period).
     let waited =
@@ -165,6 +194,8 @@ pub async fn start(mut config: Config, overrides: Overrides) -> Result<Running, 
     let admin_state = AdminState {
         snapshot,
         ready: ready.clone(),
+        metrics,
+        control: control.clone(),
     };
     tasks.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
     ready.store(true, Ordering::Release);
@@ -172,9 +203,93 @@ pub async fn start(mut config: Config, overrides: Overrides) -> Result<Running, 
     Ok(Running {
         dns: dns_addrs,
         admin: admin_addr,
+        control,
         cancel,
         tasks,
     })
+}
+
+/// Performs reloads one at a time: read and check the config files, start
+/// and stop probes, hand the new config to the publisher.
+struct Reloader {
+    path: Option<PathBuf>,
+    probes: ProbeSet,
+    publisher: mpsc::Sender<Msg>,
+    metrics: Arc<Metrics>,
+    admin_token: Arc<ArcSwap<Option<Secret>>>,
+    /// The addresses bound at start; a reload cannot move them.
+    listen: (Vec<SocketAddr>, SocketAddr),
+}
+
+impl Reloader {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<oneshot::Sender<ReloadResult>>,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        loop {
+            let reply = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                reply = requests.recv() => match reply {
+                    Some(reply) => reply,
+                    None => return Ok(()),
+                },
+            };
+            let result = self.reload().await;
+            let label = if result.is_ok() { "success" } else { "failure" };
+            self.metrics.reloads.with_label_values(&[label]).inc();
+            let _ = reply.send(result);
+        }
+    }
+
+    async fn reload(&mut self) -> ReloadResult {
+        let Some(path) = &self.path else {
+            return Err(vec![
+                "started without a config file: nothing to reload".into(),
+            ]);
+        };
+        // Reading and checking happen here, off the publisher and the query path.
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || config::load(&path))
+                .await
+                .map_err(|e| vec![format!("reload task failed: {e}")])?
+        };
+        let mut config = match loaded {
+            Ok(config) => config,
+            Err(errors) => {
+                let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+                for e in &errors {
+                    tracing::error!(error = %e, "Reload refused; the running configuration stays.");
+                }
+                return Err(errors);
+            }
+        };
+        if config.server.dns_listen != self.listen.0 || config.server.admin_listen != self.listen.1
+        {
+            tracing::warn!("Listen addresses change only on restart; keeping the ones in use.");
+        }
+        config.server.dns_listen = self.listen.0.clone();
+        config.server.admin_listen = self.listen.1;
+        let ids = self.probes.sync(&config, &self.publisher).map_err(|e| {
+            tracing::error!(error = %e, "Reload refused; the running configuration stays.");
+            vec![e.to_string()]
+        })?;
+        self.admin_token
+            .store(Arc::new(config.server.admin_token.clone()));
+        let (done, generation) = oneshot::channel();
+        let msg = Msg::Reload {
+            config: Arc::new(config),
+            ids,
+            done,
+        };
+        if self.publisher.send(msg).await.is_err() {
+            return Err(vec!["the server is shutting down".into()]);
+        }
+        generation
+            .await
+            .map_err(|_| vec!["the server is shutting down".to_string()])
+    }
 }
 
 /// Binds UDP and TCP on the same address; with port 0, on the same free port.
@@ -224,9 +339,9 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// `inferdns run`: load, start, print the listening line, serve until
-/// SIGTERM or SIGINT.
-pub async fn run(config: Config, overrides: Overrides) -> Result<(), AppError> {
-    let running = start(config, overrides).await?;
+/// SIGTERM or SIGINT; SIGHUP reloads.
+pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
+    let running = start(config, options).await?;
     println!("{}", running.listening_line());
     tracing::info!(dns = ?running.dns, admin = %running.admin, "Serving.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -236,7 +351,14 @@ pub async fn run(config: Config, overrides: Overrides) -> Result<(), AppError> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received; reloading is not supported yet, restart to apply a new config.");
+                tracing::info!("SIGHUP received; reloading.");
+                let control = running.control.clone();
+                // A reload must not hold up SIGTERM.
+                tokio::spawn(async move {
+                    if let Ok(generation) = control.reload().await {
+                        tracing::info!(generation, "Reload applied.");
+                    }
+                });
             }
         }
     }

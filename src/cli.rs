@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::{self, Overrides};
+use crate::app::{self, StartOptions};
 use crate::config;
 use crate::demo::{self, DemoOptions};
 use crate::error::AppError;
@@ -19,6 +19,9 @@ use crate::error::AppError;
     about = "Authoritative DNS for AI inference endpoints"
 )]
 pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: crate::log::Format,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -41,6 +44,21 @@ pub enum Command {
     Check {
         #[arg(long, default_value = "/etc/inferdns/inferdns.toml")]
         config: PathBuf,
+    },
+    /// Ask a running daemon why a service answers what it answers.
+    Explain {
+        /// The service name, e.g. chat.inference.example.com.
+        #[arg(long)]
+        name: String,
+        /// The client (resolver) address to explain the answer for.
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// An EDNS Client Subnet to explain the answer for, e.g. 203.0.113.0/24.
+        #[arg(long)]
+        ecs: Option<String>,
+        /// The daemon's admin API address.
+        #[arg(long, default_value = "127.0.0.1:9153")]
+        admin: SocketAddr,
     },
     /// Start simulated regions and the server on loopback and show failover and failback.
     Demo {
@@ -90,16 +108,20 @@ pub fn main(cli: Cli) -> ExitCode {
             dns_listen,
             admin_listen,
         } => block_on(async move {
-            let config = config::load(&config)?;
-            app::run(
-                config,
-                Overrides {
-                    dns_listen,
-                    admin_listen,
-                },
-            )
-            .await
+            let loaded = config::load(&config)?;
+            let options = StartOptions {
+                dns_listen,
+                admin_listen,
+                config_path: Some(config),
+            };
+            app::run(loaded, options).await
         }),
+        Command::Explain {
+            name,
+            client,
+            ecs,
+            admin,
+        } => block_on(explain(name, client, ecs, admin)),
         Command::Demo {
             json,
             dns_listen,
@@ -110,6 +132,47 @@ pub fn main(cli: Cli) -> ExitCode {
             hold: hold.map(Duration::from_secs),
         })),
     }
+}
+
+/// `inferdns explain`: GET /v1/explain on the running daemon, print the lines.
+async fn explain(
+    name: String,
+    client: Option<std::net::IpAddr>,
+    ecs: Option<String>,
+    admin: SocketAddr,
+) -> Result<(), AppError> {
+    crate::health::probe::install_crypto_provider();
+    let mut query = vec![("name", name)];
+    query.extend(client.map(|c| ("client", c.to_string())));
+    query.extend(ecs.map(|e| ("ecs", e)));
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| AppError::Explain(e.to_string()))?;
+    let mut url = reqwest::Url::parse(&format!("http://{admin}/v1/explain"))
+        .map_err(|e| AppError::Explain(e.to_string()))?;
+    url.query_pairs_mut().extend_pairs(&query);
+    let response =
+        http.get(url).send().await.map_err(|e| {
+            AppError::Explain(format!("cannot reach the admin API at {admin}: {e}"))
+        })?;
+    let status = response.status();
+    let body: serde_json::Value = serde_json::from_str(
+        &response
+            .text()
+            .await
+            .map_err(|e| AppError::Explain(e.to_string()))?,
+    )
+    .map_err(|e| AppError::Explain(format!("the admin API did not answer JSON: {e}")))?;
+    if !status.is_success() {
+        let reason = body["error"].as_str().unwrap_or("unknown error");
+        return Err(AppError::Explain(format!("{status}: {reason}")));
+    }
+    for line in body["lines"].as_array().into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or_default());
+    }
+    Ok(())
 }
 
 fn block_on(future: impl std::future::Future<Output = Result<(), AppError>>) -> ExitCode {

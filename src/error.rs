@@ -23,6 +23,8 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("demo: {0}")]
     Demo(String),
+    #[error("explain: {0}")]
+    Explain(String),
 }
 
 impl AppError {

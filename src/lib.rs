@@ -15,7 +15,8 @@
 //! - Signals: [`health`] probes endpoints on their own schedules and reports
 //!   results; [`publish`] is the one writer that turns results into the next
 //!   snapshot and swaps it in.
-//! - Operations: [`admin`] serves `/healthz`, `/readyz`, `/v1/status`.
+//! - Operations: [`admin`] serves health, status, metrics, explain, drain,
+//!   reload and the log level; [`metrics`] holds the Prometheus families.
 //! - [`demo`]: simulated inference regions and the `inferdns demo` story;
 //!   the integration tests use the same regions.
 
@@ -28,5 +29,6 @@ pub mod dns;
 pub mod error;
 pub mod health;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod publish;

@@ -1,26 +1,44 @@
 //! The publisher: the one task that builds snapshots and swaps them in.
 //!
-//! Owns: the health state machine of every endpoint, the generation
-//! counter, and the `ArcSwap` the query path reads. Probes (and later
-//! reports, overrides and reloads) send it messages; it applies them in
-//! order, rebuilds what changed and publishes a whole new snapshot, so
-//! config, health and answers are always seen together.
+//! Owns: the health state machine of every endpoint, operator overrides
+//! (drained regions), the config in force, the generation counter, and the
+//! `ArcSwap` the query path reads. Probes, reloads and admin requests send
+//! it messages; it applies them in order, rebuilds what changed and
+//! publishes a whole new snapshot, so config, health and answers are always
+//! seen together.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::health::{HealthState, ProbeError, ProbeReport, Status};
-use crate::model::{self, EndpointIndex, EndpointView, Snapshot, Zone};
+use crate::metrics::{Metrics, QueryTable};
+use crate::model::{self, EndpointIndex, EndpointInput, EndpointView, Snapshot, Zone};
 
 /// Everything the publisher can be told.
 #[derive(Debug)]
 pub enum Msg {
     Probe(ProbeReport),
+    /// A checked new config; `ids[i]` is the probe id of global endpoint `i`.
+    /// `done` gets the generation that first serves it.
+    Reload {
+        config: Arc<Config>,
+        ids: Vec<u64>,
+        done: oneshot::Sender<u64>,
+    },
+    /// Drain (or undrain) a region by id; `done` gets the generation, or an
+    /// error for an unknown region.
+    Drain {
+        region: String,
+        drained: bool,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 impl From<ProbeReport> for Msg {
@@ -43,31 +61,25 @@ struct EndpointHealth {
     state: HealthState,
     last_error: Option<ProbeError>,
     since: Option<SystemTime>,
-    probed: bool,
 }
 
-pub struct Publisher {
+/// Everything derived from one config.
+struct Loaded {
     config: Arc<Config>,
     index: EndpointIndex,
     zone: Arc<Zone>,
-    /// Per global endpoint index.
-    health: Vec<EndpointHealth>,
-    /// Per global endpoint index.
     info: Vec<EndpointInfo>,
-    generation: u64,
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    /// Endpoints that have not reported a first result yet.
-    pending_first: usize,
-    first_round: watch::Sender<bool>,
+    /// Probe id per global endpoint index, and back.
+    ids: Vec<u64>,
+    by_id: HashMap<u64, usize>,
+    queries: Arc<QueryTable>,
+    explain_acl: Arc<Vec<ipnet::IpNet>>,
 }
 
-impl Publisher {
-    /// Builds generation 1 (every endpoint unknown) and returns the handle
-    /// the query path reads and a flag that turns true once every endpoint
-    /// has been probed once.
-    pub fn new(config: Arc<Config>) -> (Self, Arc<ArcSwap<Snapshot>>, watch::Receiver<bool>) {
+impl Loaded {
+    fn new(config: Arc<Config>, ids: Vec<u64>, metrics: &Metrics) -> Loaded {
         let index = EndpointIndex::new(&config);
-        let zone = Arc::new(Zone::compile(&config));
+        assert_eq!(ids.len(), index.len(), "one probe id per endpoint");
         let mut info = Vec::with_capacity(index.len());
         for region in &config.regions {
             for endpoint in &region.endpoints {
@@ -85,21 +97,67 @@ impl Publisher {
                 });
             }
         }
-        let (first_round, first_round_rx) = watch::channel(index.is_empty());
-        let health = vec![EndpointHealth::default(); index.len()];
-        let first = build(&config, &index, &zone, &health, &info, 1);
+        let service_ids: Vec<String> = config.services.iter().map(|s| s.id.clone()).collect();
+        Loaded {
+            zone: Arc::new(Zone::compile(&config)),
+            by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
+            queries: Arc::new(metrics.query_table(&service_ids)),
+            explain_acl: Arc::new(config.server.explain_acl.clone()),
+            ids,
+            info,
+            index,
+            config,
+        }
+    }
+}
+
+/// A reload whose new endpoints have not all been probed yet.
+struct Deferred {
+    deadline: Instant,
+    done: Vec<oneshot::Sender<u64>>,
+}
+
+pub struct Publisher {
+    metrics: Arc<Metrics>,
+    loaded: Loaded,
+    /// Per global endpoint index.
+    health: Vec<EndpointHealth>,
+    drained: BTreeSet<String>,
+    generation: u64,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Probe ids that have not reported since they were started.
+    pending_first: HashSet<u64>,
+    first_round: watch::Sender<bool>,
+    deferred: Option<Deferred>,
+}
+
+impl Publisher {
+    /// Builds generation 1 (every endpoint unknown) and returns the handle
+    /// the query path reads and a flag that turns true once every endpoint
+    /// has been probed once.
+    pub fn new(
+        config: Arc<Config>,
+        ids: Vec<u64>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, Arc<ArcSwap<Snapshot>>, watch::Receiver<bool>) {
+        let loaded = Loaded::new(config, ids, &metrics);
+        let (first_round, first_round_rx) = watch::channel(loaded.ids.is_empty());
+        let health = vec![EndpointHealth::default(); loaded.ids.len()];
+        let drained = BTreeSet::new();
+        let first = build(&loaded, &health, &drained, 1, &metrics);
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let publisher = Self {
-            pending_first: index.len(),
+            pending_first: loaded.ids.iter().copied().collect(),
+            metrics,
+            loaded,
             health,
-            config,
-            index,
-            zone,
-            info,
+            drained,
             generation: 1,
             snapshot: snapshot.clone(),
             first_round,
+            deferred: None,
         };
+        publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
     }
 
@@ -107,62 +165,187 @@ impl Publisher {
     pub fn apply(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Probe(report) => self.apply_probe(report),
+            Msg::Reload { config, ids, done } => {
+                self.apply_reload(config, ids, done);
+                true
+            }
+            Msg::Drain {
+                region,
+                drained,
+                done,
+            } => {
+                if !self.loaded.config.regions.iter().any(|r| r.id == region) {
+                    let _ = done.send(Err(format!("unknown region {region:?}")));
+                    return false;
+                }
+                let changed = if drained {
+                    self.drained.insert(region.clone())
+                } else {
+                    self.drained.remove(&region)
+                };
+                if changed {
+                    tracing::info!(region = %region, drained, "Region drain changed by an operator.");
+                    self.metrics
+                        .region_drained
+                        .with_label_values(&[region.as_str()])
+                        .set(i64::from(drained));
+                    self.publish();
+                }
+                let _ = done.send(Ok(self.generation));
+                false
+            }
         }
     }
 
     fn apply_probe(&mut self, report: ProbeReport) -> bool {
-        let Some(h) = self.health.get_mut(report.endpoint) else {
+        let Some(&i) = self.loaded.by_id.get(&report.endpoint) else {
+            // The last report of an endpoint that a reload removed.
             return false;
         };
-        let info = &self.info[report.endpoint];
-        let (region, target) = (&info.region, &info.target);
+        let info = &self.loaded.info[i];
+        let h = &mut self.health[i];
         let ok = report.outcome.result.is_ok();
+        let result_label = match &report.outcome.result {
+            Ok(()) => "ok",
+            Err(ProbeError::Refused) => "refused",
+            Err(ProbeError::Timeout) => "timeout",
+            Err(ProbeError::Status(_)) => "status",
+            Err(ProbeError::Tls(_)) => "tls",
+            Err(ProbeError::Transport(_)) => "transport",
+        };
+        self.metrics
+            .probes
+            .with_label_values(&[info.region.as_str(), result_label])
+            .inc();
+        self.metrics
+            .probe_seconds
+            .with_label_values(&[info.region.as_str()])
+            .observe(report.outcome.elapsed.as_secs_f64());
         let mut changed = false;
-        if !h.probed {
-            h.probed = true;
-            self.pending_first -= 1;
-            if self.pending_first == 0 {
-                self.first_round.send_replace(true);
-            }
+        if self.pending_first.remove(&report.endpoint) && self.pending_first.is_empty() {
+            self.first_round.send_replace(true);
+            changed = true;
         }
         if let Some(status) = h.state.observe(ok, info.rise, info.fall) {
             h.since = Some(SystemTime::now());
             changed = true;
-            match (&report.outcome.result, status) {
-                (Err(e), _) => tracing::info!(
-                    region = %region, endpoint = %target, status = "down", reason = %e,
+            self.metrics
+                .endpoint_up
+                .with_label_values(&[info.region.as_str(), info.target.as_str()])
+                .set(i64::from(status == Status::Up));
+            match &report.outcome.result {
+                Err(e) => tracing::info!(
+                    region = %info.region, endpoint = %info.target, status = "down", reason = %e,
                     "Endpoint is down."
                 ),
-                (Ok(()), _) => tracing::info!(
-                    region = %region, endpoint = %target, status = "up",
+                Ok(()) => tracing::info!(
+                    region = %info.region, endpoint = %info.target, status = "up",
                     "Endpoint is up."
                 ),
             }
         }
-        let error = report.outcome.result.err();
-        if error.is_some() && h.last_error != error {
+        if let Err(e) = report.outcome.result
+            && h.last_error.as_ref() != Some(&e)
+        {
+            h.last_error = Some(e);
             changed = true;
-        }
-        if error.is_some() {
-            h.last_error = error;
         }
         changed
     }
 
-    /// Builds and swaps in a new snapshot, logging services whose answer moved.
+    fn apply_reload(&mut self, config: Arc<Config>, ids: Vec<u64>, done: oneshot::Sender<u64>) {
+        let next = Loaded::new(config, ids, &self.metrics);
+        // Endpoints that did not change keep their state (matched by probe id).
+        let mut health = Vec::with_capacity(next.ids.len());
+        for id in &next.ids {
+            match self.loaded.by_id.get(id) {
+                Some(&old) => health.push(self.health[old].clone()),
+                None => {
+                    self.pending_first.insert(*id);
+                    health.push(EndpointHealth::default());
+                }
+            }
+        }
+        for (i, id) in self.loaded.ids.iter().enumerate() {
+            if !next.by_id.contains_key(id) {
+                let info = &self.loaded.info[i];
+                let _ = self
+                    .metrics
+                    .endpoint_up
+                    .remove_label_values(&[info.region.as_str(), info.target.as_str()]);
+                self.pending_first.remove(id);
+            }
+        }
+        let (old_services, new_services) = (
+            self.loaded.config.services.len(),
+            next.config.services.len(),
+        );
+        tracing::info!(
+            endpoints_kept = health
+                .iter()
+                .filter(|h| h.state.status != Status::Unknown)
+                .count(),
+            endpoints = next.ids.len(),
+            services_before = old_services,
+            services = new_services,
+            "Configuration reloaded."
+        );
+        self.loaded = next;
+        self.health = health;
+        let deadline = Instant::now() + self.loaded.config.server.startup_grace;
+        let deferred = self.deferred.get_or_insert(Deferred {
+            deadline,
+            done: Vec::new(),
+        });
+        deferred.deadline = deadline;
+        deferred.done.push(done);
+    }
+
+    /// Publishes a deferred reload once its new endpoints have all reported
+    /// (or its deadline passed).
+    fn settle(&mut self, force: bool) {
+        let new_pending = self
+            .pending_first
+            .iter()
+            .any(|id| self.loaded.by_id.contains_key(id));
+        if self.deferred.is_some() && (force || !new_pending || self.first_round_pending()) {
+            let deferred = self.deferred.take().expect("checked above");
+            self.publish_now();
+            for done in deferred.done {
+                let _ = done.send(self.generation);
+            }
+        }
+    }
+
+    /// Still in the first round after start: reloads do not wait for it.
+    fn first_round_pending(&self) -> bool {
+        !*self.first_round.borrow()
+    }
+
+    /// Builds and swaps in a new snapshot, unless a reload is waiting for
+    /// its first probes (then the old config keeps serving until it settles).
     pub fn publish(&mut self) {
+        if self.deferred.is_some() {
+            self.settle(false);
+            return;
+        }
+        self.publish_now();
+    }
+
+    fn publish_now(&mut self) {
+        let started = std::time::Instant::now();
         self.generation += 1;
         let next = build(
-            &self.config,
-            &self.index,
-            &self.zone,
+            &self.loaded,
             &self.health,
-            &self.info,
+            &self.drained,
             self.generation,
+            &self.metrics,
         );
         let previous = self.snapshot.load();
-        for (old, new) in previous.service_views.iter().zip(&next.service_views) {
-            if old.decision != new.decision || old.answer != new.answer {
+        for new in &next.service_views {
+            let old = previous.service_views.iter().find(|v| v.id == new.id);
+            if old.is_none_or(|old| old.decision != new.decision || old.answer != new.answer) {
                 tracing::info!(
                     service = %new.id,
                     decision = ?new.decision,
@@ -172,14 +355,24 @@ impl Publisher {
             }
         }
         self.snapshot.store(Arc::new(next));
+        self.metrics.snapshot_generation.set(self.generation as i64);
+        self.metrics
+            .snapshot_build_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Runs until the channel closes or `cancel` fires. Messages that arrive
     /// together are applied together and published once.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
         loop {
+            let deadline = self.deferred.as_ref().map(|d| d.deadline);
             let msg = tokio::select! {
                 () = cancel.cancelled() => return,
+                () = sleep_until_some(deadline) => {
+                    tracing::warn!("Reloaded endpoints did not all answer their first probe in time; serving the new config anyway.");
+                    self.settle(true);
+                    continue;
+                }
                 msg = rx.recv() => match msg {
                     Some(msg) => msg,
                     None => return,
@@ -196,45 +389,73 @@ impl Publisher {
     }
 }
 
-/// Builds a snapshot from config and health.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Builds a snapshot from the loaded config, health and overrides.
 fn build(
-    config: &Config,
-    index: &EndpointIndex,
-    zone: &Arc<Zone>,
+    loaded: &Loaded,
     health: &[EndpointHealth],
-    info: &[EndpointInfo],
+    drained: &BTreeSet<String>,
     generation: u64,
+    metrics: &Metrics,
 ) -> Snapshot {
-    let status: Vec<Status> = health.iter().map(|h| h.state.status).collect();
+    let config = &loaded.config;
+    let errors: Vec<Option<String>> = health
+        .iter()
+        .map(|h| h.last_error.as_ref().map(ToString::to_string))
+        .collect();
+    let inputs: Vec<EndpointInput<'_>> = health
+        .iter()
+        .zip(&loaded.info)
+        .zip(&errors)
+        .map(|((h, info), error)| EndpointInput {
+            status: h.state.status,
+            last_error: error.as_deref(),
+            drained: drained.contains(&info.region),
+        })
+        .collect();
+    let counter = |service: &str, region: &str| Some(metrics.answer_counter(service, region));
     let mut services = Vec::with_capacity(config.services.len());
     let mut service_views = Vec::with_capacity(config.services.len());
     for i in 0..config.services.len() {
-        let (answer, view) = model::service_answer(config, index, i, &status);
+        let (answer, view) = model::service_answer(config, &loaded.index, i, &inputs, &counter);
         services.push(answer);
         service_views.push(view);
     }
     let endpoints = health
         .iter()
-        .zip(info)
-        .map(|(h, info)| EndpointView {
+        .zip(&loaded.info)
+        .zip(errors)
+        .map(|((h, info), last_error)| EndpointView {
             region: info.region.clone(),
             target: info.target.clone(),
             probe: info.probe.clone(),
             status: h.state.status,
-            last_error: h.last_error.as_ref().map(ToString::to_string),
+            drained: drained.contains(&info.region),
+            last_error,
             since_unix_s: h
                 .since
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
         })
         .collect();
+    let nsid = &config.server.nsid;
     Snapshot {
         generation,
         built: SystemTime::now(),
-        zone: zone.clone(),
+        zone: loaded.zone.clone(),
         services,
         service_views,
         endpoints,
+        drained: drained.iter().cloned().collect(),
+        queries: loaded.queries.clone(),
+        nsid: (!nsid.is_empty()).then(|| nsid.as_bytes().to_vec()),
+        explain_acl: loaded.explain_acl.clone(),
     }
 }
 
@@ -291,7 +512,8 @@ tiers = [["primary"], ["secondary"]]
     #[tokio::test(start_paused = true)]
     async fn failover_and_failback_follow_fall_and_rise() {
         let config = config();
-        let (publisher, snapshot, mut first) = Publisher::new(config.clone());
+        let (publisher, snapshot, mut first) =
+            Publisher::new(config.clone(), vec![0, 1], Metrics::new());
         let (tx, rx) = mpsc::channel::<Msg>(64);
         let cancel = CancellationToken::new();
         tokio::spawn(publisher.run(rx, cancel.clone()));
@@ -366,7 +588,7 @@ tiers = [["primary"], ["secondary"]]
         cancel.cancel();
     }
 
-    fn report(endpoint: usize, ok: bool) -> Msg {
+    fn report(endpoint: u64, ok: bool) -> Msg {
         Msg::Probe(ProbeReport {
             endpoint,
             outcome: crate::health::ProbeOutcome {
@@ -378,7 +600,7 @@ tiers = [["primary"], ["secondary"]]
 
     #[test]
     fn a_single_lost_probe_does_not_move_the_answer() {
-        let (mut publisher, snapshot, first) = Publisher::new(config());
+        let (mut publisher, snapshot, first) = Publisher::new(config(), vec![0, 1], Metrics::new());
         for endpoint in [0, 1] {
             publisher.apply(report(endpoint, true));
         }
@@ -409,7 +631,7 @@ tiers = [["primary"], ["secondary"]]
 
     #[tokio::test(start_paused = true)]
     async fn unknown_endpoints_are_never_fit() {
-        let (publisher, snapshot, first) = Publisher::new(config());
+        let (publisher, snapshot, first) = Publisher::new(config(), vec![0, 1], Metrics::new());
         // Before any probe: every endpoint unknown, the all-down rule applies.
         assert_eq!(snapshot.load().generation, 1);
         assert_eq!(

@@ -1,8 +1,12 @@
 //! The admin HTTP API (loopback by default).
 //!
-//! Owns: `/healthz`, `/readyz` and `/v1/status`. Reads snapshots; never
-//! writes them (changes go to the publisher as messages). Must not be on the
-//! DNS query path.
+//! Owns: the HTTP routes for health, status, metrics, explain, drain,
+//! reload and the log level. Reads snapshots; changes go to the publisher
+//! or the reloader as messages. Mutating routes need the bearer token;
+//! request bodies are size-limited; errors are JSON with a reason. Must not
+//! be on the DNS query path.
+
+mod explain;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,15 +14,25 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Control;
+use crate::metrics::Metrics;
 use crate::model::Snapshot;
+use crate::publish::Msg;
+
+pub use explain::ExplainQuery;
+
+/// Largest request body accepted by any route.
+pub const MAX_BODY: usize = 16 * 1024;
 
 /// What the admin handlers can see.
 #[derive(Clone)]
@@ -27,37 +41,147 @@ pub struct AdminState {
     /// True once the first snapshot with probe results is published and the
     /// DNS listeners serve.
     pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub control: Control,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let mutating = Router::new()
+        .route("/v1/regions/{id}/drain", post(drain))
+        .route("/v1/regions/{id}/undrain", post(undrain))
+        .route("/v1/reload", post(reload))
+        .route("/v1/log-level", post(log_level))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/explain", get(explain::explain))
+        .merge(mutating)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+/// A JSON error with a reason.
+pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": reason.into() }))).into_response()
+}
+
+async fn require_token(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let token = state.control.admin_token.load();
+    let Some(expected) = token.as_ref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "mutating routes are disabled: set server.admin-token-file in the config",
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), expected.0.as_bytes())) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
+    next.run(request).await
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+fn age_s(snap: &Snapshot) -> f64 {
+    SystemTime::now()
+        .duration_since(snap.built)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let snap = state.snapshot.load_full();
-    let age = SystemTime::now()
-        .duration_since(snap.built)
-        .unwrap_or_default()
-        .as_secs_f64();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "ready": state.ready.load(Ordering::Acquire),
-        "snapshot": { "generation": snap.generation, "age_s": age },
+        "snapshot": { "generation": snap.generation, "age_s": age_s(&snap) },
+        "drained": snap.drained,
         "services": snap.service_views,
         "endpoints": snap.endpoints,
     }))
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let snap = state.snapshot.load();
+    state.metrics.snapshot_age_seconds.set(age_s(&snap));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn set_drain(state: AdminState, region: String, drained: bool) -> Response {
+    let (done, result) = oneshot::channel();
+    let msg = Msg::Drain {
+        region: region.clone(),
+        drained,
+        done,
+    };
+    if state.control.publisher.send(msg).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match result.await {
+        Ok(Ok(generation)) => {
+            Json(json!({ "region": region, "drained": drained, "generation": generation }))
+                .into_response()
+        }
+        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+async fn drain(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    set_drain(state, id, true).await
+}
+
+async fn undrain(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    set_drain(state, id, false).await
+}
+
+async fn reload(State(state): State<AdminState>) -> Response {
+    match state.control.reload().await {
+        Ok(generation) => Json(json!({ "reloaded": true, "generation": generation })).into_response(),
+        Err(errors) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": "the new configuration was refused; the running one stays", "problems": errors })),
+        )
+            .into_response(),
+    }
+}
+
+/// Body: a tracing filter such as `debug` or `info,inferdns=debug`.
+async fn log_level(body: String) -> Response {
+    match crate::log::set_filter(body.trim()) {
+        Ok(()) => Json(json!({ "filter": body.trim() })).into_response(),
+        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+    }
 }
 
 /// Serves the admin API on `listener` until `cancel` fires.

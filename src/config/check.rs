@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use super::file::{EndpointSection, MainFile, ProbeSection, RegionSection, ServiceSection};
 use super::{
-    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, ServerConfig,
-    Service, Soa, Source, Target, ZoneConfig, zonefile,
+    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, Secret,
+    ServerConfig, Service, Soa, Source, Target, ZoneConfig, zonefile,
 };
 
 /// Default probe timing: detects a killed endpoint in about 1 s and a hung
@@ -150,12 +150,66 @@ impl Checker {
                 format!("max-udp-payload {payload} is out of range (512..=4096)"),
             );
         }
+        let nsid = match &s.nsid {
+            Some(n) => {
+                if n.get_ref().len() > 512 {
+                    self.err(src, n.span(), "nsid is longer than 512 bytes");
+                }
+                n.get_ref().clone()
+            }
+            None => host_name(),
+        };
+        let mut explain_acl = Vec::new();
+        for net in &s.explain_acl {
+            match net.get_ref().parse::<ipnet::IpNet>() {
+                Ok(n) => explain_acl.push(n.trunc()),
+                Err(_) => match net.get_ref().parse::<IpAddr>() {
+                    Ok(ip) => explain_acl.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.err(
+                        src,
+                        net.span(),
+                        format!(
+                            "{:?} is not a network like 192.0.2.0/24 or an address",
+                            net.get_ref()
+                        ),
+                    ),
+                },
+            }
+        }
+        let admin_token = match &s.admin_token_file {
+            None => None,
+            Some(file) => {
+                let path = self.base.join(file.get_ref());
+                match std::fs::read_to_string(&path) {
+                    Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_string())),
+                    Ok(_) => {
+                        self.err(
+                            src,
+                            file.span(),
+                            format!("admin token file {} is empty", path.display()),
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.err(
+                            src,
+                            file.span(),
+                            format!("cannot read admin token file {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+        };
         Some(ServerConfig {
             dns_listen,
             admin_listen: admin_listen?,
             startup_grace: grace?,
             tcp_idle_timeout: idle?,
             max_udp_payload: payload,
+            nsid,
+            explain_acl,
+            admin_token,
         })
     }
 
@@ -827,6 +881,13 @@ impl Checker {
             None => Some(default),
         }
     }
+}
+
+/// This machine's host name, the default NSID; empty if unknown.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Ids become metric labels and file names: keep them plain.

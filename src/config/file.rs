@@ -43,6 +43,21 @@ pub struct ServerSection {
     /// Largest UDP response we send, whatever the client advertises (RFC 6891).
     #[serde(default = "default_max_udp_payload")]
     pub max_udp_payload: Spanned<u16>,
+    /// NSID (RFC 5001) this edge answers with when asked; default: the host name.
+    pub nsid: Option<Spanned<String>>,
+    /// Networks that may query `_explain.<service>` TXT records.
+    #[serde(default = "default_explain_acl")]
+    pub explain_acl: Vec<Spanned<String>>,
+    /// File holding the bearer token of the mutating admin routes.
+    pub admin_token_file: Option<Spanned<String>>,
+}
+
+/// Explanations reveal the whole routing state: loopback only by default.
+fn default_explain_acl() -> Vec<Spanned<String>> {
+    vec![
+        Spanned::new(0..0, "127.0.0.0/8".to_string()),
+        Spanned::new(0..0, "::1/128".to_string()),
+    ]
 }
 
 /// `127.0.0.1:53` and `[::1]:53`: loopback until the operator says otherwise.

@@ -36,6 +36,21 @@ pub struct ServerConfig {
     pub startup_grace: Duration,
     pub tcp_idle_timeout: Duration,
     pub max_udp_payload: u16,
+    /// NSID payload, at most 512 bytes; empty means none.
+    pub nsid: String,
+    pub explain_acl: Vec<ipnet::IpNet>,
+    /// Bearer token of the mutating admin routes; `None` disables them.
+    pub admin_token: Option<Secret>,
+}
+
+/// A value that never shows in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -90,14 +105,14 @@ pub struct Endpoint {
     pub probe: ProbeSpec,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     Http,
     Https,
 }
 
 /// How one endpoint is probed. The probe always connects to `addr`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProbeSpec {
     pub addr: SocketAddr,
     pub scheme: Scheme,

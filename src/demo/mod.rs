@@ -21,7 +21,7 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::app::{self, Overrides};
+use crate::app::{self, StartOptions};
 use crate::config::{self, DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT};
 use crate::error::AppError;
 pub use region::{Fault, Load, SimRegion};
@@ -117,7 +117,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     )?;
     let loaded = config::load(&path);
     let _ = std::fs::remove_dir_all(&dir);
-    let running = app::start(loaded?, Overrides::default()).await?;
+    let running = app::start(loaded?, StartOptions::default()).await?;
     let dns = running.dns[0];
     let p = Printer {
         json: opts.json,

@@ -3,10 +3,23 @@
 
 use std::borrow::Cow;
 
+use std::net::IpAddr;
+
 use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::model::{Node, RrSet, Snapshot};
+
+/// The label that asks for an explanation: `_explain.<service>`.
+const EXPLAIN_LABEL: &[u8] = b"_explain";
+
+/// Who is asking: the resolver's address and the EDNS Client Subnet, if any.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Client {
+    pub addr: Option<IpAddr>,
+    pub ecs: Option<ipnet::IpNet>,
+}
 
 /// Longest in-zone CNAME chain we follow before giving up (loops included).
 const MAX_CHAIN: usize = 8;
@@ -20,6 +33,8 @@ pub struct Answer<'a> {
     pub additionals: Vec<&'a Record>,
     /// Index of the service whose answer this is, if any (for metrics).
     pub service: Option<usize>,
+    /// An `_explain` answer, not a routing one.
+    pub explained: bool,
 }
 
 impl<'a> Answer<'a> {
@@ -63,8 +78,96 @@ fn lookup<'a>(snap: &'a Snapshot, name: &LowerName) -> Found<'a> {
     Found::Nothing
 }
 
-/// Answers `qname`/`qtype`, which the caller has checked is inside the zone.
-pub fn answer<'a>(snap: &'a Snapshot, qname: &LowerName, qtype: RecordType) -> Answer<'a> {
+/// The index of the service named `name`, if it is one.
+pub fn service_index(snap: &Snapshot, name: &LowerName) -> Option<usize> {
+    match snap.zone.names.get(name) {
+        Some(Node::Service(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+/// The explanation of a service's current answer for `client`.
+pub fn explain_lines(snap: &Snapshot, service: usize, client: &Client) -> Vec<String> {
+    let who = match (client.ecs, client.addr) {
+        (Some(net), Some(resolver)) => format!("client {net} from ECS (resolver {resolver})"),
+        (Some(net), None) => format!("client {net} from ECS"),
+        (None, Some(resolver)) => format!("client {resolver} from the resolver address (no ECS)"),
+        (None, None) => "client not given".to_string(),
+    };
+    let mut lines = vec![format!(
+        "{who}; location: not used (no GeoIP database configured)"
+    )];
+    lines.extend(snap.services[service].explain.iter().cloned());
+    lines.push(format!("snapshot generation {}", snap.generation));
+    lines
+}
+
+/// `_explain.<service>` for a client inside the ACL: the explanation as TXT.
+/// `None` when the name is not such a question (it is then looked up
+/// normally, and does not exist).
+fn explain<'a>(
+    snap: &'a Snapshot,
+    qname: &LowerName,
+    qtype: RecordType,
+    client: &Client,
+) -> Option<Answer<'a>> {
+    let first = qname.iter().next()?;
+    if !first.eq_ignore_ascii_case(EXPLAIN_LABEL) {
+        return None;
+    }
+    let allowed = client.addr.is_some_and(|ip| {
+        snap.explain_acl
+            .iter()
+            .any(|net| net.contains(&ip.to_canonical()))
+    });
+    if !allowed {
+        return None;
+    }
+    let service = service_index(snap, &qname.base_name())?;
+    let mut out = Answer {
+        service: Some(service),
+        explained: true,
+        ..Answer::default()
+    };
+    if matches!(qtype, RecordType::TXT | RecordType::ANY) {
+        // TXT strings hold at most 255 bytes each.
+        let strings: Vec<String> = explain_lines(snap, service, client)
+            .into_iter()
+            .flat_map(|line| split_255(&line))
+            .collect();
+        // TTL 0: an explanation is true only now.
+        let record = Record::from_rdata(Name::from(qname), 0, RData::TXT(TXT::new(strings)));
+        out.answers.push(Cow::Owned(record));
+    } else {
+        out.no_data(snap);
+    }
+    Some(out)
+}
+
+fn split_255(line: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    for c in line.chars() {
+        if current.len() + c.len_utf8() > 255 {
+            parts.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    parts
+}
+
+/// Answers `qname`/`qtype` for `client`; the caller has checked that the
+/// name is inside the zone.
+pub fn answer<'a>(
+    snap: &'a Snapshot,
+    qname: &LowerName,
+    qtype: RecordType,
+    client: &Client,
+) -> Answer<'a> {
+    if let Some(explained) = explain(snap, qname, qtype, client) {
+        return explained;
+    }
     let mut out = Answer::default();
     let mut name = Cow::Borrowed(qname);
     for _ in 0..MAX_CHAIN {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption, NSIDPayload};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -18,7 +19,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use super::answer::answer;
+use super::answer::{Client, answer};
 use crate::model::Snapshot;
 
 /// Answers every query from the snapshot loaded at its start.
@@ -43,6 +44,12 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        let snapshot = self.snapshot.load_full();
+        let qtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or(RecordType::Unknown(0), |q| q.query_type());
         // RFC 6891: an OPT in the response only if the query had one.
         let response_edns = request.edns.as_ref().map(|query_edns| {
             let mut edns = Edns::new();
@@ -52,8 +59,19 @@ impl RequestHandler for Handler {
             };
             edns.set_max_payload(payload);
             edns.set_version(0);
+            // RFC 5001: our identity, only when asked.
+            if query_edns.option(EdnsCode::NSID).is_some()
+                && let Some(nsid) = &snapshot.nsid
+                && let Ok(payload) = NSIDPayload::new(nsid.clone())
+            {
+                edns.options_mut().insert(EdnsOption::NSID(payload));
+            }
             edns
         });
+        let refuse = |rcode: ResponseCode| {
+            snapshot.queries.count(None, qtype, rcode);
+            rcode
+        };
 
         if let (Some(query_edns), Some(edns)) = (&request.edns, &response_edns)
             && query_edns.version() > 0
@@ -61,36 +79,57 @@ impl RequestHandler for Handler {
             let mut edns = edns.clone();
             edns.set_rcode_high(ResponseCode::BADVERS.high());
             let response = MessageResponseBuilder::new(&request.queries, Some(&edns))
-                .error_msg(&request.metadata, ResponseCode::BADVERS);
+                .error_msg(&request.metadata, refuse(ResponseCode::BADVERS));
             return send(&mut response_handle, response, request).await;
         }
         let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
 
         if request.metadata.message_type != MessageType::Query {
             // hickory drops responses before we see them; be safe anyway.
-            let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
             return send(&mut response_handle, response, request).await;
         }
         if request.metadata.op_code != OpCode::Query {
-            let response = builder.error_msg(&request.metadata, ResponseCode::NotImp);
+            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::NotImp));
             return send(&mut response_handle, response, request).await;
         }
         // Exactly one question, or FORMERR.
         let Ok(info) = request.request_info() else {
-            let response = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
             return send(&mut response_handle, response, request).await;
         };
         let qname = info.query.name();
-        let qtype = info.query.query_type();
-        let snapshot = self.snapshot.load_full();
         let in_zone = info.query.query_class() == DNSClass::IN && snapshot.zone.apex.zone_of(qname);
         let transfer = matches!(qtype, RecordType::AXFR | RecordType::IXFR);
         if !in_zone || transfer {
-            let response = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::Refused));
             return send(&mut response_handle, response, request).await;
         }
 
-        let result = answer(&snapshot, qname, qtype);
+        let client = Client {
+            addr: Some(request.src().ip().to_canonical()),
+            ecs: request
+                .edns
+                .as_ref()
+                .and_then(|e| match e.option(EdnsCode::Subnet) {
+                    Some(EdnsOption::Subnet(subnet)) if subnet.source_prefix() > 0 => {
+                        ipnet::IpNet::new(subnet.addr(), subnet.source_prefix())
+                            .ok()
+                            .map(|n| n.trunc())
+                    }
+                    _ => None,
+                }),
+        };
+        let result = answer(&snapshot, qname, qtype, &client);
+        snapshot.queries.count(result.service, qtype, result.rcode);
+        if let Some(service) = result.service
+            && !result.answers.is_empty()
+            && !result.explained
+        {
+            for counter in &snapshot.services[service].answered {
+                counter.inc();
+            }
+        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.response_code = result.rcode;

@@ -8,6 +8,7 @@
 pub mod probe;
 pub mod state;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rand::Rng;
@@ -15,13 +16,15 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
+use crate::error::AppError;
 pub use probe::{HttpProbe, Probe, ProbeError, ProbeOutcome};
 pub use state::{HealthState, Status};
 
-/// One probe result for the endpoint with this global index.
+/// One probe result for the endpoint with this probe id.
 #[derive(Debug, Clone)]
 pub struct ProbeReport {
-    pub endpoint: usize,
+    pub endpoint: u64,
     pub outcome: ProbeOutcome,
 }
 
@@ -43,7 +46,7 @@ pub fn jittered(interval: Duration) -> Duration {
 /// each next one starts an interval (with jitter) after the previous one
 /// started, or at once when the previous one took longer than that.
 pub async fn probe_loop<P, M>(
-    endpoint: usize,
+    endpoint: u64,
     probe: P,
     schedule: Schedule,
     tx: mpsc::Sender<M>,
@@ -71,6 +74,84 @@ pub async fn probe_loop<P, M>(
             return;
         }
         next = started + jittered(schedule.interval);
+    }
+}
+
+/// What makes two endpoints the same probe: same region, same answer,
+/// same probe settings. Reloads keep the probe (and its state) of an
+/// endpoint whose key did not change.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    region: String,
+    target: crate::config::Target,
+    spec: crate::config::ProbeSpec,
+}
+
+/// The running probe tasks, one per endpoint, by stable id.
+pub struct ProbeSet {
+    running: HashMap<EndpointKey, (u64, CancellationToken)>,
+    next_id: u64,
+    cancel: CancellationToken,
+}
+
+impl ProbeSet {
+    /// Probe tasks are children of `cancel`.
+    pub fn new(cancel: CancellationToken) -> Self {
+        Self {
+            running: HashMap::new(),
+            next_id: 1,
+            cancel,
+        }
+    }
+
+    /// Starts probes for new endpoints, stops those of removed ones, keeps
+    /// the rest; returns the probe id of every endpoint in global order.
+    /// On error nothing has changed.
+    pub fn sync<M>(&mut self, config: &Config, tx: &mpsc::Sender<M>) -> Result<Vec<u64>, AppError>
+    where
+        M: From<ProbeReport> + Send + 'static,
+    {
+        let mut ids = Vec::new();
+        let mut keep = HashMap::new();
+        let mut start = Vec::new();
+        for region in &config.regions {
+            for endpoint in &region.endpoints {
+                let key = EndpointKey {
+                    region: region.id.clone(),
+                    target: endpoint.target.clone(),
+                    spec: endpoint.probe.clone(),
+                };
+                if let Some((id, token)) = self.running.get(&key) {
+                    ids.push(*id);
+                    keep.insert(key, (*id, token.clone()));
+                    continue;
+                }
+                let probe = HttpProbe::new(&endpoint.probe).map_err(|source| AppError::Probe {
+                    endpoint: format!("{} in region {}", endpoint.target, region.id),
+                    source,
+                })?;
+                let id = self.next_id + start.len() as u64;
+                ids.push(id);
+                let schedule = Schedule {
+                    interval: endpoint.probe.interval,
+                    timeout: endpoint.probe.timeout,
+                };
+                start.push((key, id, probe, schedule));
+            }
+        }
+        self.next_id += start.len() as u64;
+        for (key, (_, token)) in &self.running {
+            if !keep.contains_key(key) {
+                token.cancel();
+            }
+        }
+        for (key, id, probe, schedule) in start {
+            let token = self.cancel.child_token();
+            tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+            keep.insert(key, (id, token));
+        }
+        self.running = keep;
+        Ok(ids)
     }
 }
 

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::{AllDown, Config, Target};
 use crate::health::Status;
+use crate::metrics::QueryTable;
 
 /// What exists at one name of the zone.
 #[derive(Debug)]
@@ -54,6 +55,10 @@ pub struct ServiceAnswer {
     pub cname: Option<Record>,
     /// The service's all-down rule says SERVFAIL.
     pub servfail: bool,
+    /// `inferdns_dns_answers_total{service, region}` of the regions answered.
+    pub answered: Vec<prometheus::IntCounter>,
+    /// Lines of the `_explain` TXT answer (without the client line).
+    pub explain: Vec<String>,
 }
 
 /// Why a service answers what it answers (for status and logs).
@@ -85,6 +90,7 @@ pub struct EndpointView {
     pub target: String,
     pub probe: String,
     pub status: Status,
+    pub drained: bool,
     pub last_error: Option<String>,
     /// When the status last changed (seconds since the Unix epoch).
     pub since_unix_s: Option<u64>,
@@ -99,6 +105,14 @@ pub struct Snapshot {
     pub services: Vec<ServiceAnswer>,
     pub service_views: Vec<ServiceView>,
     pub endpoints: Vec<EndpointView>,
+    /// Regions an operator has drained, by id.
+    pub drained: Vec<String>,
+    /// Query counters by (service, qtype, rcode).
+    pub queries: Arc<QueryTable>,
+    /// NSID to send when a query asks for it (RFC 5001).
+    pub nsid: Option<Vec<u8>>,
+    /// Who may ask `_explain.<service>`.
+    pub explain_acl: Arc<Vec<ipnet::IpNet>>,
 }
 
 impl Zone {
@@ -216,38 +230,77 @@ impl EndpointIndex {
     }
 }
 
-/// Chooses the answer of service `index` from the endpoints' statuses.
+/// What the publisher knows about one endpoint, by global index.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointInput<'a> {
+    pub status: Status,
+    pub last_error: Option<&'a str>,
+    /// The endpoint's region is drained by an operator.
+    pub drained: bool,
+}
+
+impl EndpointInput<'_> {
+    fn fit(&self) -> bool {
+        self.status == Status::Up && !self.drained
+    }
+
+    /// Why the endpoint cannot be answered, if it cannot.
+    fn removed_by(&self) -> Option<&'static str> {
+        if self.drained {
+            Some("drained by an operator")
+        } else {
+            match self.status {
+                Status::Up => None,
+                Status::Down => Some("down"),
+                Status::Unknown => Some("not probed yet"),
+            }
+        }
+    }
+}
+
+/// Chooses the answer of service `service` from the endpoints' states.
+/// `answer_counter(region)` gives the metric counted when an answer carries
+/// that region (none in tests and benchmarks).
 pub fn service_answer(
     config: &Config,
     index: &EndpointIndex,
     service: usize,
-    status: &[Status],
+    inputs: &[EndpointInput<'_>],
+    answer_counter: &dyn Fn(&str, &str) -> Option<prometheus::IntCounter>,
 ) -> (ServiceAnswer, ServiceView) {
     let s = &config.services[service];
-    let fit_in = |tier: &Vec<usize>, all: bool| -> Vec<&Target> {
-        let mut out = Vec::new();
-        for &r in tier {
-            for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
-                if all || status[index.global(r, e)] == Status::Up {
-                    out.push(&endpoint.target);
+    // (region, target) of the endpoints of `tier` that pass `keep`.
+    let pick =
+        |tier: &Vec<usize>, keep: &dyn Fn(&EndpointInput<'_>) -> bool| -> Vec<(usize, &Target)> {
+            let mut out = Vec::new();
+            for &r in tier {
+                for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
+                    if keep(&inputs[index.global(r, e)]) {
+                        out.push((r, &endpoint.target));
+                    }
                 }
             }
-        }
-        out
-    };
+            out
+        };
     let mut decision = None;
-    let mut targets = Vec::new();
+    let mut chosen = Vec::new();
     for (t, tier) in s.tiers.iter().enumerate() {
-        let fit = fit_in(tier, false);
+        let fit = pick(tier, &|i| i.fit());
         if !fit.is_empty() {
             decision = Some(Decision::Tier { tier: t });
-            targets = fit;
+            chosen = fit;
             break;
         }
     }
     let decision = decision.unwrap_or_else(|| match s.when_all_down {
         AllDown::FailOpen => {
-            targets = s.tiers.first().map(|t| fit_in(t, true)).unwrap_or_default();
+            // As if every endpoint were fit, but never a drained one.
+            chosen = s
+                .tiers
+                .iter()
+                .map(|tier| pick(tier, &|i| !i.drained))
+                .find(|c| !c.is_empty())
+                .unwrap_or_default();
             Decision::FailOpen
         }
         AllDown::NoData => Decision::NoData,
@@ -258,7 +311,7 @@ pub fn service_answer(
         servfail: decision == Decision::ServFail,
         ..ServiceAnswer::default()
     };
-    for target in &targets {
+    for (_, target) in &chosen {
         match target {
             Target::Address(std::net::IpAddr::V4(v4)) => {
                 answer
@@ -274,14 +327,22 @@ pub fn service_answer(
         }
     }
     // A CNAME stands alone: only when the chosen endpoints have no addresses.
+    let mut answered_regions: Vec<usize> = chosen.iter().map(|(r, _)| *r).collect();
     if answer.a.is_empty() && answer.aaaa.is_empty() {
-        let first_cname = targets.iter().find_map(|t| match t {
-            Target::Cname(name) => Some(name.clone()),
+        let first_cname = chosen.iter().find_map(|(r, t)| match t {
+            Target::Cname(name) => Some((*r, name.clone())),
             Target::Address(_) => None,
         });
+        answered_regions = first_cname.iter().map(|(r, _)| *r).collect();
         answer.cname = first_cname
-            .map(|name| Record::from_rdata(s.name.clone(), s.ttl, RData::CNAME(CNAME(name))));
+            .map(|(_, name)| Record::from_rdata(s.name.clone(), s.ttl, RData::CNAME(CNAME(name))));
     }
+    answered_regions.sort_unstable();
+    answered_regions.dedup();
+    answer.answered = answered_regions
+        .iter()
+        .filter_map(|&r| answer_counter(&s.id, &config.regions[r].id))
+        .collect();
     let shown: Vec<String> = if let Some(c) = &answer.cname {
         vec![c.data.to_string()]
     } else {
@@ -292,6 +353,53 @@ pub fn service_answer(
             .map(|r| r.data.to_string())
             .collect()
     };
+
+    // The explanation: every candidate, the stage that removed it, the choice.
+    let mut explain = vec![format!(
+        "service {} ({}), ttl {}",
+        display_name(&s.name),
+        s.id,
+        s.ttl
+    )];
+    let winning_tier = match decision {
+        Decision::Tier { tier } => Some(tier),
+        _ => None,
+    };
+    for (t, tier) in s.tiers.iter().enumerate() {
+        for &r in tier {
+            for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
+                let input = &inputs[index.global(r, e)];
+                let status = match input.status {
+                    Status::Up => "up",
+                    Status::Down => "down",
+                    Status::Unknown => "unknown",
+                };
+                let error = input
+                    .last_error
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default();
+                let verdict = match (input.removed_by(), winning_tier) {
+                    (Some(why), _) => format!("removed at eligible: {why}"),
+                    (None, Some(w)) if t == w => "kept".to_string(),
+                    (None, Some(_)) => "not used: a better tier is fit".to_string(),
+                    (None, None) => "kept".to_string(),
+                };
+                explain.push(format!(
+                    "tier {t} region {} endpoint {}: {status}{error} -> {verdict}",
+                    config.regions[r].id, endpoint.target
+                ));
+            }
+        }
+    }
+    let result = match decision {
+        Decision::Tier { tier } => format!("decision: tier {tier} -> {}", shown.join(" ")),
+        Decision::FailOpen => format!("decision: nothing fit, fail-open -> {}", shown.join(" ")),
+        Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
+        Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
+    };
+    explain.push(result);
+    answer.explain = explain;
+
     let view = ServiceView {
         id: s.id.clone(),
         name: s.name.to_string(),

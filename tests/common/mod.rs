@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
-use inferdns::app::{self, Overrides, Running};
+use inferdns::app::{self, Running, StartOptions};
 use inferdns::config;
 use inferdns::demo::client::{self, Ask};
 
@@ -99,7 +99,7 @@ impl Server {
         files.write("zone.db", zone);
         let path = files.write("inferdns.toml", main);
         let config = config::load(&path).unwrap_or_else(|e| panic!("config should load:\n{e}"));
-        let running = app::start(config, Overrides::default())
+        let running = app::start(config, StartOptions::default())
             .await
             .expect("server starts");
         Server { running, files }

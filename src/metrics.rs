@@ -1,0 +1,255 @@
+//! Prometheus metrics.
+//!
+//! Owns: the registry and every metric family. Labels come from the config
+//! only (service, region, endpoint ids, a fixed set of qtypes and rcodes),
+//! never from client addresses or query names. The query path only
+//! increments counters whose handles were resolved when the snapshot was
+//! built, so it takes no lock.
+
+use std::sync::Arc;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Query types counted by name; everything else is `other`.
+const QTYPES: [RecordType; 7] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::CNAME,
+    RecordType::TXT,
+    RecordType::NS,
+    RecordType::SOA,
+    RecordType::ANY,
+];
+/// Response codes counted by name; everything else is `other`.
+const RCODES: [ResponseCode; 5] = [
+    ResponseCode::NoError,
+    ResponseCode::NXDomain,
+    ResponseCode::ServFail,
+    ResponseCode::Refused,
+    ResponseCode::FormErr,
+];
+const QTYPE_LABELS: usize = QTYPES.len() + 1;
+const RCODE_LABELS: usize = RCODES.len() + 1;
+
+/// The `service` label of queries that are not for a service name.
+pub const NO_SERVICE: &str = "-";
+
+pub struct Metrics {
+    registry: Registry,
+    queries: IntCounterVec,
+    answers: IntCounterVec,
+    pub endpoint_up: IntGaugeVec,
+    pub probes: IntCounterVec,
+    pub probe_seconds: HistogramVec,
+    pub snapshot_generation: IntGauge,
+    pub snapshot_build_seconds: Histogram,
+    pub snapshot_age_seconds: prometheus::Gauge,
+    pub reloads: IntCounterVec,
+    pub region_drained: IntGaugeVec,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique and valid");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let queries = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_dns_queries_total",
+                    "DNS queries answered, by service, query type and response code.",
+                ),
+                &["service", "qtype", "rcode"],
+            )
+            .expect("valid metric"),
+        );
+        let answers = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_dns_answers_total",
+                    "Service answers that carried a region's endpoints.",
+                ),
+                &["service", "region"],
+            )
+            .expect("valid metric"),
+        );
+        let endpoint_up = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_endpoint_up",
+                    "1 if the endpoint is up, 0 if down or not probed yet.",
+                ),
+                &["region", "endpoint"],
+            )
+            .expect("valid metric"),
+        );
+        let probes = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_probes_total",
+                    "Probe results by region and result type.",
+                ),
+                &["region", "result"],
+            )
+            .expect("valid metric"),
+        );
+        let probe_seconds = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "inferdns_probe_duration_seconds",
+                    "Time a probe took, failures included.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["region"],
+            )
+            .expect("valid metric"),
+        );
+        let snapshot_generation = register(
+            &r,
+            IntGauge::new(
+                "inferdns_snapshot_generation",
+                "Generation of the snapshot being served.",
+            )
+            .expect("valid metric"),
+        );
+        let snapshot_build_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "inferdns_snapshot_build_seconds",
+                    "Time to build a snapshot.",
+                )
+                .buckets(vec![0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0]),
+            )
+            .expect("valid metric"),
+        );
+        let snapshot_age_seconds = register(
+            &r,
+            prometheus::Gauge::new(
+                "inferdns_snapshot_age_seconds",
+                "Seconds since the served snapshot was built.",
+            )
+            .expect("valid metric"),
+        );
+        let reloads = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new("inferdns_reloads_total", "Configuration reloads by result."),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let region_drained = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_region_drained",
+                    "1 while an operator has drained the region.",
+                ),
+                &["region"],
+            )
+            .expect("valid metric"),
+        );
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("inferdns_build_info", "Build information; always 1."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]).inc_by(0);
+        }
+        Arc::new(Metrics {
+            registry: r,
+            queries,
+            answers,
+            endpoint_up,
+            probes,
+            probe_seconds,
+            snapshot_generation,
+            snapshot_build_seconds,
+            snapshot_age_seconds,
+            reloads,
+            region_drained,
+        })
+    }
+
+    /// Counter handles for every (service, qtype, rcode); row 0 is [`NO_SERVICE`].
+    pub fn query_table(&self, services: &[String]) -> QueryTable {
+        let mut cells = Vec::with_capacity((services.len() + 1) * QTYPE_LABELS * RCODE_LABELS);
+        for service in std::iter::once(NO_SERVICE).chain(services.iter().map(String::as_str)) {
+            for q in 0..QTYPE_LABELS {
+                let qtype = QTYPES
+                    .get(q)
+                    .map_or("other".to_string(), ToString::to_string);
+                for c in 0..RCODE_LABELS {
+                    let rcode = RCODES
+                        .get(c)
+                        .map_or("other".to_string(), |r| r.to_str().to_string());
+                    cells.push(self.queries.with_label_values(&[service, &qtype, &rcode]));
+                }
+            }
+        }
+        QueryTable { cells }
+    }
+
+    /// The counter of answers for `service` that carried `region`.
+    pub fn answer_counter(&self, service: &str, region: &str) -> IntCounter {
+        self.answers.with_label_values(&[service, region])
+    }
+
+    /// Everything in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Pre-resolved query counters, indexed without hashing or locks.
+#[derive(Debug, Clone, Default)]
+pub struct QueryTable {
+    cells: Vec<IntCounter>,
+}
+
+impl QueryTable {
+    /// Counts one query; `service` is the index of the service, if any.
+    pub fn count(&self, service: Option<usize>, qtype: RecordType, rcode: ResponseCode) {
+        let row = service.map_or(0, |s| s + 1);
+        let q = QTYPES
+            .iter()
+            .position(|t| *t == qtype)
+            .unwrap_or(QTYPES.len());
+        let c = RCODES
+            .iter()
+            .position(|r| *r == rcode)
+            .unwrap_or(RCODES.len());
+        if let Some(cell) = self.cells.get((row * QTYPE_LABELS + q) * RCODE_LABELS + c) {
+            cell.inc();
+        }
+    }
+}
