@@ -89,6 +89,18 @@ impl Running {
         self.cancel.cancel();
     }
 
+    /// Resolves when any task ends on its own (before a shutdown was asked):
+    /// the daemon cannot serve correctly without every one of them.
+    pub async fn failed(&mut self) -> AppError {
+        match self.tasks.join_next().await {
+            Some(Ok(Err(e))) => AppError::Io(e),
+            Some(Err(e)) if e.is_panic() => {
+                AppError::Io(std::io::Error::other("a server task panicked"))
+            }
+            _ => AppError::Io(std::io::Error::other("a server task ended unexpectedly")),
+        }
+    }
+
     /// Waits for every task; the first error wins.
     pub async fn wait(mut self) -> Result<(), AppError> {
         let mut result = Ok(());
@@ -341,7 +353,7 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// `inferdns run`: load, start, print the listening line, serve until
 /// SIGTERM or SIGINT; SIGHUP reloads.
 pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
-    let running = start(config, options).await?;
+    let mut running = start(config, options).await?;
     println!("{}", running.listening_line());
     tracing::info!(dns = ?running.dns, admin = %running.admin, "Serving.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -350,6 +362,12 @@ pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> 
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            error = running.failed() => {
+                tracing::error!(error = %error, "A server task stopped; shutting down.");
+                running.shutdown();
+                let _ = running.wait().await;
+                return Err(error);
+            }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received; reloading.");
                 let control = running.control.clone();

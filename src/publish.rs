@@ -128,6 +128,8 @@ pub struct Publisher {
     /// Probe ids that have not reported since they were started.
     pending_first: HashSet<u64>,
     first_round: watch::Sender<bool>,
+    /// Every endpoint has reported once; tell `first_round` after the next publish.
+    first_round_due: bool,
     deferred: Option<Deferred>,
 }
 
@@ -155,6 +157,7 @@ impl Publisher {
             generation: 1,
             snapshot: snapshot.clone(),
             first_round,
+            first_round_due: false,
             deferred: None,
         };
         publisher.metrics.snapshot_generation.set(1);
@@ -222,8 +225,12 @@ impl Publisher {
             .with_label_values(&[info.region.as_str()])
             .observe(report.outcome.elapsed.as_secs_f64());
         let mut changed = false;
-        if self.pending_first.remove(&report.endpoint) && self.pending_first.is_empty() {
-            self.first_round.send_replace(true);
+        if self.pending_first.remove(&report.endpoint)
+            && self.pending_first.is_empty()
+            && !*self.first_round.borrow()
+        {
+            // Said only once the snapshot with these results is stored.
+            self.first_round_due = true;
             changed = true;
         }
         if let Some(status) = h.state.observe(ok, info.rise, info.fall) {
@@ -355,6 +362,9 @@ impl Publisher {
             }
         }
         self.snapshot.store(Arc::new(next));
+        if std::mem::take(&mut self.first_round_due) {
+            self.first_round.send_replace(true);
+        }
         self.metrics.snapshot_generation.set(self.generation as i64);
         self.metrics
             .snapshot_build_seconds
@@ -604,8 +614,9 @@ tiers = [["primary"], ["secondary"]]
         for endpoint in [0, 1] {
             publisher.apply(report(endpoint, true));
         }
-        assert!(*first.borrow(), "every endpoint has reported once");
+        assert!(!*first.borrow(), "not before the snapshot is published");
         publisher.publish();
+        assert!(*first.borrow(), "every endpoint has reported once");
         assert_eq!(answer(&snapshot), ["192.0.2.1"]);
         // Alternating failures never reach fall = 2 in a row.
         for _ in 0..10 {

@@ -327,3 +327,65 @@ fn listen_addresses_must_have_ports() {
     let (l, c) = pos(&main, "\"localhost\"");
     has(&errors, "inferdns.toml", l, c, "not an address with a port");
 }
+
+#[test]
+fn names_that_would_misbehave_are_refused() {
+    let extra = r#"
+[regions.r]
+endpoints = [{ address = "192.0.2.1" }, { cname = "missing.inference.example.com", probe-address = "192.0.2.2" }]
+
+[regions.tls]
+endpoints = [{ address = "192.0.2.3" }]
+probe = { scheme = "https" }
+
+[services.star]
+name = "*.eu"
+tiers = [["r"]]
+
+[services.explained]
+name = "_explain.x"
+tiers = [["r"]]
+"#;
+    let main = base_config(extra).replace(
+        "[[zone.ns]]\nname = \"ns.example.net\"",
+        "[[zone.ns]]\nname = \"ns.example.net\"\n\n[[zone.ns]]\nname = \"ns.example.net\"\n\n[[zone.ns]]\nname = \"ns2\"",
+    );
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let f = "inferdns.toml";
+    let (l, c) = pos(&main, "\"missing.inference");
+    has(
+        &errors,
+        f,
+        l,
+        c,
+        "is inside the zone but no record in the zone file has that name",
+    );
+    let (l, _) = pos(&main, "{ address = \"192.0.2.3\" }");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.line == l && e.message.contains("need tls-server-name")),
+        "{errors:#?}"
+    );
+    let (l, c) = pos(&main, "\"*.eu\"");
+    has(&errors, f, l, c, "cannot have a '*' or '_explain' label");
+    let (l, c) = pos(&main, "\"_explain.x\"");
+    has(&errors, f, l, c, "cannot have a '*' or '_explain' label");
+    assert!(
+        errors.iter().any(|e| e
+            .message
+            .contains("name server ns.example.net. is listed twice")),
+        "{errors:#?}"
+    );
+    let (l, c) = pos(&main, "\"ns2\"");
+    has(&errors, f, l, c, "single label");
+
+    let zone = format!("{ZONE}ns1 IN CNAME www\n");
+    let (_f, errors) = load_errors(&base_config(""), &zone, &[]);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.message.contains("remove its CNAME here")),
+        "{errors:#?}"
+    );
+}

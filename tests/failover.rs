@@ -84,10 +84,19 @@ async fn error_statuses_take_the_primary_out() {
     }
 }
 
-#[tokio::test]
+// Multi-threaded, so the publisher really runs beside `start`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_answer_already_reflects_the_probes() {
     for fault in [Fault::Down, Fault::Hung] {
         let s = setup(fault).await;
+        let status = common::http_get(&format!("http://{}/v1/status", s.server.running.admin))
+            .await
+            .1;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert!(
+            status["snapshot"]["generation"].as_u64().unwrap() > 1,
+            "probe results published before serving"
+        );
         // No waiting: the very first query after start.
         let m = s.server.udp(CHAT, RecordType::A).await;
         assert_eq!(

@@ -38,6 +38,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut checker = Checker {
         errors: Vec::new(),
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        cname_targets: Vec::new(),
     };
     let config = checker.main(&source, &file);
     match config {
@@ -68,6 +69,8 @@ struct Checker {
     errors: Vec<ConfigError>,
     /// Directory of the main file; relative paths start here.
     base: PathBuf,
+    /// CNAME endpoint targets with their places, checked against the zone.
+    cname_targets: Vec<(Name, ConfigError)>,
 }
 
 impl Checker {
@@ -85,6 +88,22 @@ impl Checker {
             .map(|(i, r)| (r.id.as_str(), i))
             .collect();
         let apex = zone.as_ref().map(|z| z.apex.clone());
+        if let Some(z) = &zone {
+            let apex = LowerName::new(&z.apex);
+            let owners: HashSet<LowerName> =
+                z.records.iter().map(|r| LowerName::new(&r.name)).collect();
+            for (target, place) in std::mem::take(&mut self.cname_targets) {
+                let lower = LowerName::new(&target);
+                if apex.zone_of(&lower) && !owners.contains(&lower) {
+                    self.errors.push(ConfigError {
+                        message: format!(
+                            "cname target {target} is inside the zone but no record in the zone file has that name"
+                        ),
+                        ..place
+                    });
+                }
+            }
+        }
 
         let mut services = Vec::new();
         if let Some(apex) = &apex {
@@ -221,8 +240,8 @@ impl Checker {
         }
         let apex_lower = LowerName::new(&apex);
         let soa_s = &z.soa;
-        let primary = self.absolute_name(src, &soa_s.primary);
-        let contact = self.absolute_name(src, &soa_s.contact);
+        let primary = self.full_name(src, &soa_s.primary);
+        let contact = self.full_name(src, &soa_s.contact);
         let ttl_checks = [
             (&soa_s.refresh, "refresh", 1, 2_419_200),
             (&soa_s.retry, "retry", 1, 2_419_200),
@@ -244,10 +263,19 @@ impl Checker {
                 "the zone needs at least one [[zone.ns]]",
             );
         }
+        let mut ns_seen = HashSet::new();
         for entry in &z.ns {
-            let Some(name) = self.absolute_name(src, &entry.name) else {
+            let Some(name) = self.full_name(src, &entry.name) else {
                 continue;
             };
+            if !ns_seen.insert(LowerName::new(&name)) {
+                self.err(
+                    src,
+                    entry.name.span(),
+                    format!("name server {name} is listed twice"),
+                );
+                continue;
+            }
             let inside = apex_lower.zone_of(&LowerName::new(&name));
             if inside && entry.addresses.is_empty() {
                 self.err(
@@ -294,7 +322,8 @@ impl Checker {
                         };
                         for r in &zone_records {
                             let owner = LowerName::new(&r.name);
-                            let is_addr = matches!(r.data, RData::A(_) | RData::AAAA(_));
+                            let is_addr =
+                                matches!(r.data, RData::A(_) | RData::AAAA(_) | RData::CNAME(_));
                             if is_addr && glue_names.contains(&owner) {
                                 let (line, col) = zonefile::owner_position(
                                     &zsrc,
@@ -307,8 +336,9 @@ impl Checker {
                                     line,
                                     col,
                                     message: format!(
-                                        "{} has addresses in [[zone.ns]] already; remove them here",
-                                        r.name
+                                        "{} has addresses in [[zone.ns]] already; remove its {} here",
+                                        r.name,
+                                        r.record_type()
                                     ),
                                 });
                             }
@@ -403,7 +433,9 @@ impl Checker {
                 (Target::Address(ip), ip)
             }
             (None, Some(cname)) => {
-                let name = self.absolute_name(src, cname)?;
+                let name = self.full_name(src, cname)?;
+                self.cname_targets
+                    .push((name.clone(), src.error(cname.span(), "")));
                 let Some(pa) = &ep.probe_address else {
                     self.err(
                         src,
@@ -429,6 +461,20 @@ impl Checker {
             }
         };
         let mut probe = template?.clone();
+        if probe.scheme == Scheme::Https
+            && matches!(target, Target::Address(_))
+            && probe.tls_server_name.is_none()
+            && probe.host.is_none()
+        {
+            self.err(
+                src,
+                span,
+                format!(
+                    "https probes of address endpoints need tls-server-name (the name on the certificate) in region {region}"
+                ),
+            );
+            return None;
+        }
         let port = ep.port.as_ref().map_or(probe.addr.port(), |p| *p.get_ref());
         probe.addr = SocketAddr::new(probe_ip, port);
         if probe.host.is_none()
@@ -618,6 +664,17 @@ impl Checker {
         };
         let apex_lower = LowerName::new(apex);
         let lower = LowerName::new(&name);
+        let at = s.name.as_ref().map_or(span.clone(), |n| n.span());
+        if name
+            .iter()
+            .any(|label| label == b"*" || label.eq_ignore_ascii_case(b"_explain"))
+        {
+            self.err(
+                src,
+                at.clone(),
+                format!("service name {name} cannot have a '*' or '_explain' label"),
+            );
+        }
         if lower == apex_lower || !apex_lower.zone_of(&lower) {
             let at = s.name.as_ref().map_or(span.clone(), |n| n.span());
             self.err(
@@ -761,6 +818,24 @@ impl Checker {
         parsed
             .map_err(|e| self.err(src, n.span(), format!("{text:?} is not a DNS name: {e}")))
             .ok()
+    }
+
+    /// An absolute name of at least two labels: `ns2` alone is a mistake
+    /// (it would mean the top-level domain `ns2.`).
+    fn full_name(&mut self, src: &Source<'_>, n: &Spanned<String>) -> Option<Name> {
+        let name = self.absolute_name(src, n)?;
+        if name.num_labels() < 2 {
+            self.err(
+                src,
+                n.span(),
+                format!(
+                    "{:?} is a single label; write the full name, like ns1.example.com",
+                    n.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(name)
     }
 
     fn absolute_name(&mut self, src: &Source<'_>, n: &Spanned<String>) -> Option<Name> {

@@ -170,6 +170,8 @@ pub fn answer<'a>(
     }
     let mut out = Answer::default();
     let mut name = Cow::Borrowed(qname);
+    // CNAME targets already followed: a loop stops at its first repeat.
+    let mut followed: Vec<LowerName> = Vec::new();
     for _ in 0..MAX_CHAIN {
         let before = out.answers.len();
         let (node, owner) = match lookup(snap, &name) {
@@ -233,7 +235,11 @@ pub fn answer<'a>(
             }
         };
         match next {
-            Some(target) if snap.zone.apex.zone_of(&target) => name = Cow::Owned(target),
+            Some(target) if &target == qname || followed.contains(&target) => return out,
+            Some(target) if snap.zone.apex.zone_of(&target) => {
+                followed.push(target.clone());
+                name = Cow::Owned(target);
+            }
             // Out-of-zone targets are for the resolver to chase.
             Some(_) => return out,
             None => {
