@@ -33,6 +33,8 @@ const RCODES: [ResponseCode; 5] = [
     ResponseCode::Refused,
     ResponseCode::FormErr,
 ];
+/// The `rcode` labels of `RCODES`, in the names dig prints.
+const RCODE_NAMES: [&str; 5] = ["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR"];
 const QTYPE_LABELS: usize = QTYPES.len() + 1;
 const RCODE_LABELS: usize = RCODES.len() + 1;
 
@@ -205,10 +207,8 @@ impl Metrics {
                     .get(q)
                     .map_or("other".to_string(), ToString::to_string);
                 for c in 0..RCODE_LABELS {
-                    let rcode = RCODES
-                        .get(c)
-                        .map_or("other".to_string(), |r| r.to_str().to_string());
-                    cells.push(self.queries.with_label_values(&[service, &qtype, &rcode]));
+                    let rcode = RCODE_NAMES.get(c).copied().unwrap_or("other");
+                    cells.push(self.queries.with_label_values(&[service, &qtype, rcode]));
                 }
             }
         }

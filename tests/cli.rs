@@ -234,3 +234,109 @@ fn demo_json_reports_measured_failover_times() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_explain_asks_the_daemon() {
+    let region = SimRegion::start("127.0.0.42:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let files = Files::new();
+    let zone = files.write("zone.db", ZONE);
+    let main = base_config(&format!(
+        "[regions.r]\nendpoints = [{{ address = \"127.0.0.42\", port = {} }}]\n[services.chat]\ntiers = [[\"r\"]]\n",
+        region.addr().port()
+    ));
+    let path = files.write("inferdns.toml", &main);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let daemon = Daemon(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let mut fields = line
+        .trim()
+        .strip_prefix("inferdns listening ")
+        .unwrap()
+        .split(' ');
+    let dns: SocketAddr = fields
+        .next()
+        .unwrap()
+        .strip_prefix("dns=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let admin = fields
+        .next()
+        .unwrap()
+        .strip_prefix("admin=")
+        .unwrap()
+        .to_string();
+
+    // A new zone-file record appears after SIGHUP.
+    let ask = Ask::new("new.inference.example.com.", RecordType::A);
+    assert!(answer_strings(&client::query_udp(dns, &ask).await.unwrap()).is_empty());
+    std::fs::write(&zone, format!("{ZONE}new IN A 192.0.2.99\n")).unwrap();
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = answer_strings(&client::query_udp(dns, &ask).await.unwrap());
+        if !seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, ["192.0.2.99"], "SIGHUP reloaded the zone file");
+
+    let out = Command::new(BIN)
+        .args([
+            "explain",
+            "--name",
+            "chat.inference.example.com",
+            "--client",
+            "192.0.2.1",
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("client 192.0.2.1 from the resolver address"),
+        "{text}"
+    );
+    assert!(text.contains("decision: tier 0 -> 127.0.0.42"), "{text}");
+    let out = Command::new(BIN)
+        .args([
+            "explain",
+            "--name",
+            "nothing.inference.example.com",
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a service name"));
+}

@@ -144,3 +144,24 @@ pub async fn http_get(url: &str) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("HTTP body"))
 }
+
+/// An HTTP request with an optional bearer token and body; returns status and body.
+pub async fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<String>,
+) -> (u16, String) {
+    inferdns::health::probe::install_crypto_provider();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut request = client.request(method.parse().unwrap(), url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.expect("HTTP answer");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("HTTP body"))
+}
