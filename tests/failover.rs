@@ -166,6 +166,16 @@ async fn status_shows_each_endpoint_and_its_last_error() {
     assert_eq!(chat["decision"]["state"], "tier");
     assert_eq!(chat["decision"]["tier"], 1);
     assert_eq!(chat["answer"][0], "127.0.0.32");
+    assert_eq!(
+        chat["regions"],
+        serde_json::json!([{ "region": "secondary", "share": 1.0 }])
+    );
+    let regions = status["regions"].as_array().unwrap();
+    assert_eq!(
+        regions[0],
+        serde_json::json!({ "id": "primary", "drained": false, "endpoints": 1, "endpoints_up": 0 })
+    );
+    assert_eq!(regions[1]["endpoints_up"], 1);
     assert!(status["snapshot"]["generation"].as_u64().unwrap() > 1);
     for (path, code) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
         let url = format!("http://{}{path}", s.server.running.admin);

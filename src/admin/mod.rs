@@ -114,11 +114,26 @@ fn age_s(snap: &Snapshot) -> f64 {
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let snap = state.snapshot.load_full();
+    // Regions in config order, with their endpoint counts.
+    let mut regions: Vec<serde_json::Value> = Vec::new();
+    for e in &snap.endpoints {
+        let up = u64::from(e.status == crate::health::Status::Up);
+        match regions.iter_mut().find(|r| r["id"] == e.region.as_str()) {
+            Some(r) => {
+                r["endpoints"] = json!(r["endpoints"].as_u64().unwrap_or(0) + 1);
+                r["endpoints_up"] = json!(r["endpoints_up"].as_u64().unwrap_or(0) + up);
+            }
+            None => regions.push(json!({
+                "id": e.region, "drained": e.drained, "endpoints": 1, "endpoints_up": up,
+            })),
+        }
+    }
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "ready": state.ready.load(Ordering::Acquire),
         "snapshot": { "generation": snap.generation, "age_s": age_s(&snap) },
         "drained": snap.drained,
+        "regions": regions,
         "services": snap.service_views,
         "endpoints": snap.endpoints,
     }))

@@ -81,6 +81,14 @@ pub struct ServiceView {
     pub name: String,
     pub decision: Decision,
     pub answer: Vec<String>,
+    /// Region ids in the answer, each with its share of the answered endpoints.
+    pub regions: Vec<RegionShare>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegionShare {
+    pub region: String,
+    pub share: f64,
 }
 
 /// Health of one endpoint as the publisher last saw it.
@@ -400,11 +408,24 @@ pub fn service_answer(
     explain.push(result);
     answer.explain = explain;
 
+    let answered_endpoints = chosen.len().max(1) as f64;
+    let regions = answered_regions
+        .iter()
+        .map(|&r| RegionShare {
+            region: config.regions[r].id.clone(),
+            share: if answer.cname.is_some() {
+                1.0
+            } else {
+                chosen.iter().filter(|(cr, _)| *cr == r).count() as f64 / answered_endpoints
+            },
+        })
+        .collect();
     let view = ServiceView {
         id: s.id.clone(),
         name: s.name.to_string(),
         decision,
         answer: shown,
+        regions,
     };
     (answer, view)
 }
