@@ -27,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod error;
+pub mod geo;
 pub mod health;
 pub mod log;
 pub mod metrics;
