@@ -65,16 +65,30 @@ fn toml_error(source: &Source<'_>, e: &toml::de::Error) -> ConfigError {
     source.error(span, e.message().trim_end().to_string())
 }
 
-struct Checker {
-    errors: Vec<ConfigError>,
+pub(super) struct Checker {
+    pub(super) errors: Vec<ConfigError>,
     /// Directory of the main file; relative paths start here.
-    base: PathBuf,
+    pub(super) base: PathBuf,
     /// CNAME endpoint targets with their places, checked against the zone.
     cname_targets: Vec<(Name, ConfigError)>,
 }
 
+/// What service checks need to know about the rest of the config.
+pub(super) struct Ctx<'a> {
+    pub apex: &'a Name,
+    pub region_ids: &'a HashMap<&'a str, usize>,
+    pub regions: &'a [Region],
+    pub groups: &'a HashMap<String, Vec<crate::geo::Code>>,
+    pub has_geoip: bool,
+}
+
 impl Checker {
-    fn err(&mut self, source: &Source<'_>, span: Range<usize>, message: impl Into<String>) {
+    pub(super) fn err(
+        &mut self,
+        source: &Source<'_>,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) {
         self.errors.push(source.error(span, message));
     }
 
@@ -105,22 +119,25 @@ impl Checker {
             }
         }
 
+        let geo = self.geo_config(src, file);
+        let groups = self.groups(src, &file.groups);
+        let overrides = self.overrides(src, &file.overrides, &regions);
         let mut services = Vec::new();
         if let Some(apex) = &apex {
+            let ctx = Ctx {
+                apex,
+                region_ids: &region_ids,
+                regions: &regions,
+                groups: &groups,
+                has_geoip: geo.as_ref().is_some_and(|g| g.database.is_some()),
+            };
             for (id, section) in &file.services {
-                if let Some(s) = self.service(
-                    src,
-                    id,
-                    section.get_ref(),
-                    section.span(),
-                    apex,
-                    &region_ids,
-                ) {
+                if let Some(s) = self.service(src, id, section.get_ref(), section.span(), &ctx) {
                     services.push((s, src.error(section.span(), "")));
                 }
             }
             if let Some(dir) = &file.policy_dir {
-                self.policy_dir(src, dir, apex, &region_ids, &mut services);
+                self.policy_dir(src, dir, &ctx, &mut services);
             }
         }
         let services = self.cross_check_services(services, zone.as_ref());
@@ -129,6 +146,8 @@ impl Checker {
             zone: zone?,
             regions,
             services,
+            geo: geo?,
+            overrides,
         })
     }
 
@@ -404,9 +423,30 @@ impl Checker {
                     endpoints.push(endpoint);
                 }
             }
+            let location = section
+                .location
+                .as_ref()
+                .and_then(|l| self.location(src, l));
+            let mut jurisdictions = Vec::new();
+            for tag in &section.jurisdictions {
+                if valid_id(tag.get_ref()) {
+                    jurisdictions.push(tag.get_ref().clone());
+                } else {
+                    self.err(
+                        src,
+                        tag.span(),
+                        format!(
+                            "jurisdiction {:?} must be lowercase letters, digits and '-'",
+                            tag.get_ref()
+                        ),
+                    );
+                }
+            }
             out.push(Region {
                 id: id.clone(),
                 endpoints,
+                location,
+                jurisdictions,
             });
         }
         out
@@ -585,8 +625,7 @@ impl Checker {
         &mut self,
         src: &Source<'_>,
         dir: &Spanned<String>,
-        apex: &Name,
-        region_ids: &HashMap<&str, usize>,
+        ctx: &Ctx<'_>,
         services: &mut Vec<(Service, ConfigError)>,
     ) {
         let path = self.base.join(dir.get_ref());
@@ -624,7 +663,7 @@ impl Checker {
                 .unwrap_or_default();
             match toml::from_str::<ServiceSection>(&text) {
                 Ok(section) => {
-                    if let Some(s) = self.service(&psrc, &id, &section, 0..0, apex, region_ids) {
+                    if let Some(s) = self.service(&psrc, &id, &section, 0..0, ctx) {
                         services.push((s, psrc.error(0..0, "")));
                     }
                 }
@@ -639,9 +678,9 @@ impl Checker {
         id: &str,
         s: &ServiceSection,
         span: Range<usize>,
-        apex: &Name,
-        region_ids: &HashMap<&str, usize>,
+        ctx: &Ctx<'_>,
     ) -> Option<Service> {
+        let (apex, region_ids) = (ctx.apex, ctx.region_ids);
         if !valid_id(id) {
             self.err(
                 src,
@@ -748,12 +787,19 @@ impl Checker {
                 AllDown::FailOpen
             }
         };
+        let strategy = self.strategy(src, s, &tiers, ctx);
+        let residency = match &s.residency {
+            Some(r) => self.residency(src, r, &tiers, ctx, span.clone()),
+            None => None,
+        };
         Some(Service {
             id: id.to_string(),
             name,
             tiers,
             ttl,
             when_all_down,
+            strategy,
+            residency,
         })
     }
 
@@ -886,7 +932,7 @@ impl Checker {
             .ok()
     }
 
-    fn duration(
+    pub(super) fn duration(
         &mut self,
         src: &Source<'_>,
         s: &Spanned<String>,
@@ -966,7 +1012,7 @@ fn host_name() -> String {
 }
 
 /// Ids become metric labels and file names: keep them plain.
-fn valid_id(id: &str) -> bool {
+pub(super) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 63
         && id

@@ -23,6 +23,90 @@ pub struct MainFile {
     pub services: BTreeMap<String, Spanned<ServiceSection>>,
     /// Directory of policy files, one service per `*.toml`, relative to this file.
     pub policy_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub geoip: GeoipSection,
+    #[serde(default)]
+    pub ecs: EcsSection,
+    /// Named client groups for residency rules: `nordics = ["NO", "SE"]`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    /// Networks placed at a location or a region before GeoIP is asked.
+    #[serde(default)]
+    pub overrides: Vec<Spanned<OverrideSection>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GeoipSection {
+    /// MaxMind-format database (GeoIP2/GeoLite2/DB-IP City or Country).
+    pub database: Option<Spanned<String>>,
+    /// How often to look for a replaced database file. Default 60s.
+    pub check_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EcsSection {
+    /// Use EDNS Client Subnet (RFC 7871). Default true.
+    pub enabled: Option<bool>,
+    /// Longer IPv4 source prefixes are cut to this (privacy). Default 24.
+    pub max_prefix_v4: Option<Spanned<u8>>,
+    /// Longer IPv6 source prefixes are cut to this. Default 56.
+    pub max_prefix_v6: Option<Spanned<u8>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OverrideSection {
+    pub networks: Vec<Spanned<String>>,
+    /// Place the networks in this region (its location).
+    pub region: Option<Spanned<String>>,
+    /// Or at this location.
+    pub country: Option<Spanned<String>>,
+    pub continent: Option<Spanned<String>>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LocationSection {
+    pub country: Option<Spanned<String>>,
+    pub continent: Option<Spanned<String>>,
+    pub lat: Spanned<f64>,
+    pub lon: Spanned<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResidencySection {
+    /// First match by country (groups expand to countries), then continent.
+    #[serde(default)]
+    pub rules: Vec<Spanned<ResidencyRule>>,
+    /// Clients no rule names: `"any"` (default), `"deny"`, or jurisdictions.
+    pub otherwise: Option<Spanned<Allow>>,
+    /// Clients whose location is unknown: `"any"`, `"deny"` (default), or jurisdictions.
+    pub unknown_location: Option<Spanned<Allow>>,
+    /// Queries without ECS: locate the resolver (`"resolver"`, default) or
+    /// treat the client as unknown (`"unknown"`).
+    pub without_ecs: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResidencyRule {
+    /// Countries (`DE`), continents (`continent:EU`) or groups (`eu`).
+    pub clients: Vec<Spanned<String>>,
+    /// Jurisdiction tags of the regions these clients may be sent to.
+    pub allow: Vec<Spanned<String>>,
+}
+
+/// `"any"`, `"deny"`, or a list of jurisdiction tags.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Allow {
+    Word(String),
+    List(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +247,11 @@ pub struct RegionSection {
     pub endpoints: Vec<Spanned<EndpointSection>>,
     #[serde(default)]
     pub probe: ProbeSection,
+    /// Where the region is (for proximity and network overrides).
+    pub location: Option<LocationSection>,
+    /// Jurisdiction tags residency rules allow: `["eu", "gdpr"]`.
+    #[serde(default)]
+    pub jurisdictions: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,4 +305,11 @@ pub struct ServiceSection {
     pub ttl: Option<Spanned<u32>>,
     /// What to answer when no endpoint of any tier is fit.
     pub when_all_down: Option<Spanned<String>>,
+    /// `failover` (default: the first fit tier) or `proximity` (within the
+    /// first fit tier, the regions with the lowest estimated latency).
+    pub strategy: Option<Spanned<String>>,
+    /// Proximity: regions within this much of the best estimate share. Default 10ms.
+    pub proximity_tolerance: Option<Spanned<String>>,
+    /// Data residency: which clients may be sent to which jurisdictions.
+    pub residency: Option<ResidencySection>,
 }

@@ -7,6 +7,7 @@
 
 mod check;
 pub mod file;
+mod residency;
 mod zonefile;
 
 use std::fmt;
@@ -27,6 +28,74 @@ pub struct Config {
     pub zone: ZoneConfig,
     pub regions: Vec<Region>,
     pub services: Vec<Service>,
+    pub geo: GeoConfig,
+    /// Network overrides, longest prefix first.
+    pub overrides: Vec<Override>,
+}
+
+/// GeoIP and EDNS Client Subnet settings.
+#[derive(Debug, Clone)]
+pub struct GeoConfig {
+    pub database: Option<PathBuf>,
+    pub check_interval: Duration,
+    pub ecs: bool,
+    pub max_prefix_v4: u8,
+    pub max_prefix_v6: u8,
+}
+
+/// A place a client or a region is at.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Place {
+    pub country: Option<crate::geo::Code>,
+    pub continent: Option<crate::geo::Code>,
+    pub coords: Option<(f64, f64)>,
+}
+
+/// Clients in `network` are at `place` (a region's location, for a region pin).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub network: ipnet::IpNet,
+    pub place: Place,
+    /// The region it pins to, for explanations.
+    pub region: Option<String>,
+}
+
+/// How a service chooses among fit regions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// The first tier with a fit endpoint, all of its fit endpoints.
+    Failover,
+    /// Within that tier, the regions with the lowest estimated latency for
+    /// the client (within `tolerance` of the best).
+    Proximity { tolerance: Duration },
+}
+
+/// Where clients of a residency class may be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    Any,
+    Deny,
+    /// Regions carrying at least one of these jurisdiction tags.
+    Only(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResidencyRule {
+    pub countries: Vec<crate::geo::Code>,
+    pub continents: Vec<crate::geo::Code>,
+    pub allow: Allowed,
+    /// The clients as written, for explanations.
+    pub label: String,
+}
+
+/// Residency classes: each rule, then `otherwise`, then `unknown`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Residency {
+    pub rules: Vec<ResidencyRule>,
+    pub otherwise: Allowed,
+    pub unknown: Allowed,
+    /// Without ECS the client's location is unknown (not the resolver's).
+    pub without_ecs_unknown: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +150,8 @@ pub struct Soa {
 pub struct Region {
     pub id: String,
     pub endpoints: Vec<Endpoint>,
+    pub location: Option<Place>,
+    pub jurisdictions: Vec<String>,
 }
 
 /// What an endpoint contributes to an answer.
@@ -147,6 +218,8 @@ pub struct Service {
     pub tiers: Vec<Vec<usize>>,
     pub ttl: u32,
     pub when_all_down: AllDown,
+    pub strategy: Strategy,
+    pub residency: Option<Residency>,
 }
 
 /// One problem found while loading, with its place.
