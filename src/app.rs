@@ -23,6 +23,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{self, Config, Secret};
 use crate::dns::{DnsServer, Handler};
 use crate::error::AppError;
+use crate::geo::{GeoDb, GeoError};
 use crate::health::ProbeSet;
 use crate::metrics::Metrics;
 use crate::publish::{Msg, Publisher};
@@ -160,8 +161,16 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let mut probes = ProbeSet::new(cancel.clone());
     let ids = probes.sync(&config, &tx)?;
     let admin_token = Arc::new(ArcSwap::from_pointee(server.admin_token.clone()));
+    let geo_db = load_geo(&config, &metrics)
+        .await
+        .map_err(|e| AppError::Geo(e.to_string()))?;
+    let geo_watch = config
+        .geo
+        .database
+        .clone()
+        .map(|path| (path, config.geo.check_interval));
     let (publisher, snapshot, mut first_round) =
-        Publisher::new(Arc::new(config), ids, metrics.clone());
+        Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
     {
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -179,6 +188,16 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         listen: (server.dns_listen.clone(), server.admin_listen),
     };
     tasks.spawn(reloader.run(reload_rx, cancel.clone()));
+    if let Some((path, every)) = geo_watch {
+        let watcher = GeoWatcher {
+            path,
+            every,
+            loaded: geo_db.as_ref().and_then(|db| db.modified),
+            publisher: tx.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(watcher.run(cancel.clone()));
+    }
     let control = Control {
         publisher: tx,
         reload: reload_tx,
@@ -283,6 +302,11 @@ impl Reloader {
         }
         config.server.dns_listen = self.listen.0.clone();
         config.server.admin_listen = self.listen.1;
+        // Everything that can fail happens before anything changes.
+        let geo = load_geo(&config, &self.metrics).await.map_err(|e| {
+            tracing::error!(error = %e, "Reload refused; the running configuration stays.");
+            vec![e.to_string()]
+        })?;
         let ids = self.probes.sync(&config, &self.publisher).map_err(|e| {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");
             vec![e.to_string()]
@@ -293,6 +317,7 @@ impl Reloader {
         let msg = Msg::Reload {
             config: Arc::new(config),
             ids,
+            geo,
             done,
         };
         if self.publisher.send(msg).await.is_err() {
@@ -301,6 +326,74 @@ impl Reloader {
         generation
             .await
             .map_err(|_| vec!["the server is shutting down".to_string()])
+    }
+}
+
+/// Loads the config's GeoIP database, if it names one (off the runtime's
+/// worker threads: a City database is tens of megabytes).
+async fn load_geo(config: &Config, metrics: &Metrics) -> Result<Option<Arc<GeoDb>>, GeoError> {
+    let Some(path) = config.geo.database.clone() else {
+        return Ok(None);
+    };
+    let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let label = if loaded.is_ok() { "success" } else { "failure" };
+    metrics.geoip_loads.with_label_values(&[label]).inc();
+    let db = loaded?;
+    tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, "GeoIP database loaded.");
+    Ok(Some(Arc::new(db)))
+}
+
+/// Notices a replaced GeoIP database file (geoipupdate renames a new file
+/// into place) and hands the new database to the publisher; a file that
+/// does not load is refused and the old database keeps serving.
+struct GeoWatcher {
+    path: PathBuf,
+    every: std::time::Duration,
+    loaded: Option<std::time::SystemTime>,
+    publisher: mpsc::Sender<Msg>,
+    metrics: Arc<Metrics>,
+}
+
+impl GeoWatcher {
+    async fn run(mut self, cancel: CancellationToken) -> std::io::Result<()> {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(self.every) => {}
+            }
+            let modified = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok();
+            if modified.is_none() || modified == self.loaded {
+                continue;
+            }
+            // Remember the attempt either way: a bad file is reported once, not every interval.
+            self.loaded = modified;
+            let path = self.path.clone();
+            let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            match loaded {
+                Ok(db) => {
+                    self.metrics
+                        .geoip_loads
+                        .with_label_values(&["success"])
+                        .inc();
+                    if self.publisher.send(Msg::Geo(Arc::new(db))).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .geoip_loads
+                        .with_label_values(&["failure"])
+                        .inc();
+                    tracing::error!(error = %e, "Replaced GeoIP database refused; the previous one keeps serving.");
+                }
+            }
+        }
     }
 }
 

@@ -25,6 +25,8 @@ pub enum AppError {
     Demo(String),
     #[error("explain: {0}")]
     Explain(String),
+    #[error("{0}")]
+    Geo(String),
 }
 
 impl AppError {

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub snapshot_age_seconds: prometheus::Gauge,
     pub reloads: IntCounterVec,
     pub region_drained: IntGaugeVec,
+    residency_refusals: IntCounterVec,
+    pub geoip_loads: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -169,6 +171,31 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let residency_refusals = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_residency_refusals_total",
+                    "Queries answered NODATA because nothing the client may be sent to was fit.",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
+        let geoip_loads = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_geoip_loads_total",
+                    "GeoIP database loads (start, reload, file replaced) by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        for result in ["success", "failure"] {
+            geoip_loads.with_label_values(&[result]).inc_by(0);
+        }
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -195,6 +222,8 @@ impl Metrics {
             snapshot_age_seconds,
             reloads,
             region_drained,
+            residency_refusals,
+            geoip_loads,
         })
     }
 
@@ -227,6 +256,16 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl crate::model::Counters for Metrics {
+    fn answer(&self, service: &str, region: &str) -> Option<IntCounter> {
+        Some(self.answer_counter(service, region))
+    }
+
+    fn refusal(&self, service: &str) -> Option<IntCounter> {
+        Some(self.residency_refusals.with_label_values(&[service]))
     }
 }
 

@@ -17,9 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::geo::GeoDb;
 use crate::health::{HealthState, ProbeError, ProbeReport, Status};
 use crate::metrics::{Metrics, QueryTable};
-use crate::model::{self, EndpointIndex, EndpointInput, EndpointView, Snapshot, Zone};
+use crate::model::{self, EndpointIndex, EndpointInput, EndpointView, GeoView, Snapshot, Zone};
 
 /// Everything the publisher can be told.
 #[derive(Debug)]
@@ -30,8 +31,11 @@ pub enum Msg {
     Reload {
         config: Arc<Config>,
         ids: Vec<u64>,
+        geo: Option<Arc<GeoDb>>,
         done: oneshot::Sender<u64>,
     },
+    /// A GeoIP database (re)loaded because its file was replaced.
+    Geo(Arc<GeoDb>),
     /// Drain (or undrain) a region by id; `done` gets the generation, or an
     /// error for an unknown region.
     Drain {
@@ -61,7 +65,12 @@ struct EndpointHealth {
     state: HealthState,
     last_error: Option<ProbeError>,
     since: Option<SystemTime>,
+    /// Smoothed probe time of successful probes, in ms.
+    latency_ms: Option<f64>,
 }
+
+/// Weight of a new probe time in the smoothed latency.
+const LATENCY_SMOOTHING: f64 = 0.3;
 
 /// Everything derived from one config.
 struct Loaded {
@@ -74,6 +83,9 @@ struct Loaded {
     by_id: HashMap<u64, usize>,
     queries: Arc<QueryTable>,
     explain_acl: Arc<Vec<ipnet::IpNet>>,
+    overrides: Arc<Vec<crate::config::Override>>,
+    /// Region index of each global endpoint.
+    region_of: Vec<usize>,
 }
 
 impl Loaded {
@@ -81,8 +93,10 @@ impl Loaded {
         let index = EndpointIndex::new(&config);
         assert_eq!(ids.len(), index.len(), "one probe id per endpoint");
         let mut info = Vec::with_capacity(index.len());
-        for region in &config.regions {
+        let mut region_of = Vec::with_capacity(index.len());
+        for (r, region) in config.regions.iter().enumerate() {
             for endpoint in &region.endpoints {
+                region_of.push(r);
                 let p = &endpoint.probe;
                 let scheme = match p.scheme {
                     crate::config::Scheme::Http => "http",
@@ -103,6 +117,8 @@ impl Loaded {
             by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             queries: Arc::new(metrics.query_table(&service_ids)),
             explain_acl: Arc::new(config.server.explain_acl.clone()),
+            overrides: Arc::new(config.overrides.clone()),
+            region_of,
             ids,
             info,
             index,
@@ -131,6 +147,9 @@ pub struct Publisher {
     /// Every endpoint has reported once; tell `first_round` after the next publish.
     first_round_due: bool,
     deferred: Option<Deferred>,
+    geo: Option<Arc<GeoDb>>,
+    /// Region latency (ms) in the published snapshot, by region index.
+    published_latency: Vec<f64>,
 }
 
 impl Publisher {
@@ -140,13 +159,23 @@ impl Publisher {
     pub fn new(
         config: Arc<Config>,
         ids: Vec<u64>,
+        geo: Option<Arc<GeoDb>>,
         metrics: Arc<Metrics>,
     ) -> (Self, Arc<ArcSwap<Snapshot>>, watch::Receiver<bool>) {
         let loaded = Loaded::new(config, ids, &metrics);
         let (first_round, first_round_rx) = watch::channel(loaded.ids.is_empty());
         let health = vec![EndpointHealth::default(); loaded.ids.len()];
         let drained = BTreeSet::new();
-        let first = build(&loaded, &health, &drained, 1, &metrics);
+        let published_latency = region_latency(&loaded, &health);
+        let first = build(
+            &loaded,
+            &health,
+            &drained,
+            1,
+            geo.clone(),
+            &published_latency,
+            &metrics,
+        );
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let publisher = Self {
             pending_first: loaded.ids.iter().copied().collect(),
@@ -159,6 +188,8 @@ impl Publisher {
             first_round,
             first_round_due: false,
             deferred: None,
+            geo,
+            published_latency,
         };
         publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
@@ -168,8 +199,19 @@ impl Publisher {
     pub fn apply(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Probe(report) => self.apply_probe(report),
-            Msg::Reload { config, ids, done } => {
+            Msg::Reload {
+                config,
+                ids,
+                geo,
+                done,
+            } => {
+                self.geo = geo;
                 self.apply_reload(config, ids, done);
+                true
+            }
+            Msg::Geo(db) => {
+                tracing::info!(path = %db.path.display(), build_epoch = db.build_epoch, "GeoIP database swapped in.");
+                self.geo = Some(db);
                 true
             }
             Msg::Drain {
@@ -251,11 +293,27 @@ impl Publisher {
                 ),
             }
         }
+        if ok {
+            let sample = report.outcome.elapsed.as_secs_f64() * 1000.0;
+            h.latency_ms = Some(match h.latency_ms {
+                Some(old) => old + LATENCY_SMOOTHING * (sample - old),
+                None => sample,
+            });
+        }
         if let Err(e) = report.outcome.result
             && h.last_error.as_ref() != Some(&e)
         {
             h.last_error = Some(e);
             changed = true;
+        }
+        if ok {
+            // Republish only when the region's latency moved noticeably.
+            let r = self.loaded.region_of[i];
+            let now = region_latency_of(&self.loaded, &self.health, r);
+            let then = self.published_latency.get(r).copied().unwrap_or(0.0);
+            if (now - then).abs() > (0.2 * then).max(2.0) {
+                changed = true;
+            }
         }
         changed
     }
@@ -342,11 +400,14 @@ impl Publisher {
     fn publish_now(&mut self) {
         let started = std::time::Instant::now();
         self.generation += 1;
+        self.published_latency = region_latency(&self.loaded, &self.health);
         let next = build(
             &self.loaded,
             &self.health,
             &self.drained,
             self.generation,
+            self.geo.clone(),
+            &self.published_latency,
             &self.metrics,
         );
         let previous = self.snapshot.load();
@@ -406,12 +467,32 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
+/// Mean smoothed probe time of the up endpoints of region `r`, in ms.
+fn region_latency_of(loaded: &Loaded, health: &[EndpointHealth], r: usize) -> f64 {
+    let (sum, n) = health
+        .iter()
+        .zip(&loaded.region_of)
+        .filter(|(h, region)| **region == r && h.state.status == Status::Up)
+        .filter_map(|(h, _)| h.latency_ms)
+        .fold((0.0, 0), |(s, n), l| (s + l, n + 1));
+    if n == 0 { 0.0 } else { sum / f64::from(n) }
+}
+
+fn region_latency(loaded: &Loaded, health: &[EndpointHealth]) -> Vec<f64> {
+    (0..loaded.config.regions.len())
+        .map(|r| region_latency_of(loaded, health, r))
+        .collect()
+}
+
 /// Builds a snapshot from the loaded config, health and overrides.
+#[allow(clippy::too_many_arguments)]
 fn build(
     loaded: &Loaded,
     health: &[EndpointHealth],
     drained: &BTreeSet<String>,
     generation: u64,
+    geo: Option<Arc<GeoDb>>,
+    latency_ms: &[f64],
     metrics: &Metrics,
 ) -> Snapshot {
     let config = &loaded.config;
@@ -429,11 +510,11 @@ fn build(
             drained: drained.contains(&info.region),
         })
         .collect();
-    let counter = |service: &str, region: &str| Some(metrics.answer_counter(service, region));
     let mut services = Vec::with_capacity(config.services.len());
     let mut service_views = Vec::with_capacity(config.services.len());
     for i in 0..config.services.len() {
-        let (answer, view) = model::service_answer(config, &loaded.index, i, &inputs, &counter);
+        let (answer, view) =
+            model::service_answer(config, &loaded.index, i, &inputs, latency_ms, metrics);
         services.push(answer);
         service_views.push(view);
     }
@@ -466,6 +547,13 @@ fn build(
         queries: loaded.queries.clone(),
         nsid: (!nsid.is_empty()).then(|| nsid.as_bytes().to_vec()),
         explain_acl: loaded.explain_acl.clone(),
+        geo: GeoView {
+            db: geo,
+            overrides: loaded.overrides.clone(),
+            ecs: config.geo.ecs,
+            max_prefix_v4: config.geo.max_prefix_v4,
+            max_prefix_v6: config.geo.max_prefix_v6,
+        },
     }
 }
 
@@ -523,7 +611,7 @@ tiers = [["primary"], ["secondary"]]
     async fn failover_and_failback_follow_fall_and_rise() {
         let config = config();
         let (publisher, snapshot, mut first) =
-            Publisher::new(config.clone(), vec![0, 1], Metrics::new());
+            Publisher::new(config.clone(), vec![0, 1], None, Metrics::new());
         let (tx, rx) = mpsc::channel::<Msg>(64);
         let cancel = CancellationToken::new();
         tokio::spawn(publisher.run(rx, cancel.clone()));
@@ -610,7 +698,8 @@ tiers = [["primary"], ["secondary"]]
 
     #[test]
     fn a_single_lost_probe_does_not_move_the_answer() {
-        let (mut publisher, snapshot, first) = Publisher::new(config(), vec![0, 1], Metrics::new());
+        let (mut publisher, snapshot, first) =
+            Publisher::new(config(), vec![0, 1], None, Metrics::new());
         for endpoint in [0, 1] {
             publisher.apply(report(endpoint, true));
         }
@@ -642,7 +731,8 @@ tiers = [["primary"], ["secondary"]]
 
     #[tokio::test(start_paused = true)]
     async fn unknown_endpoints_are_never_fit() {
-        let (publisher, snapshot, first) = Publisher::new(config(), vec![0, 1], Metrics::new());
+        let (publisher, snapshot, first) =
+            Publisher::new(config(), vec![0, 1], None, Metrics::new());
         // Before any probe: every endpoint unknown, the all-down rule applies.
         assert_eq!(snapshot.load().generation, 1);
         assert_eq!(

@@ -9,7 +9,8 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
-use crate::model::{Node, RrSet, Snapshot};
+use crate::geo::{Code, code_str, distance_km, rtt_ms_for_km};
+use crate::model::{Candidate, Node, RrSet, ServiceAnswer, Snapshot};
 
 /// The label that asks for an explanation: `_explain.<service>`.
 const EXPLAIN_LABEL: &[u8] = b"_explain";
@@ -35,6 +36,13 @@ pub struct Answer<'a> {
     pub service: Option<usize>,
     /// An `_explain` answer, not a routing one.
     pub explained: bool,
+    /// ECS SCOPE PREFIX-LENGTH to echo: the network that decided a
+    /// location-dependent answer; `None` when the answer does not depend on it.
+    pub scope: Option<u8>,
+    /// Answer counters of the regions in the answer.
+    pub answered: Vec<&'a prometheus::IntCounter>,
+    /// Residency left this client nothing (for the refusal counter).
+    pub refused: Option<&'a prometheus::IntCounter>,
 }
 
 impl<'a> Answer<'a> {
@@ -94,10 +102,56 @@ pub fn explain_lines(snap: &Snapshot, service: usize, client: &Client) -> Vec<St
         (None, Some(resolver)) => format!("client {resolver} from the resolver address (no ECS)"),
         (None, None) => "client not given".to_string(),
     };
-    let mut lines = vec![format!(
-        "{who}; location: not used (no GeoIP database configured)"
-    )];
-    lines.extend(snap.services[service].explain.iter().cloned());
+    let s = &snap.services[service];
+    let located = locate(snap, client);
+    let place = match (located.country, located.coords) {
+        (Some(c), Some((lat, lon))) => format!(
+            "located in {}{} at {lat:.2},{lon:.2} by {}, network /{}",
+            code_str(&c),
+            located
+                .continent
+                .map(|k| format!("/{}", code_str(&k)))
+                .unwrap_or_default(),
+            located.by,
+            located.scope
+        ),
+        (Some(c), None) => format!(
+            "located in {} by {}, network /{}",
+            code_str(&c),
+            located.by,
+            located.scope
+        ),
+        (None, _) => format!(
+            "location unknown (decided by {}, network /{})",
+            located.by, located.scope
+        ),
+    };
+    let mut lines = vec![format!("{who}; {place}")];
+    if !s.located {
+        lines.push("the answer does not depend on the client's location".to_string());
+    }
+    let class_index = class_of(s, s.located.then_some(&located));
+    let class = &s.classes[class_index];
+    lines.extend(class.explain.iter().cloned());
+    if let (Some(tolerance), Some(coords)) = (s.tolerance_ms, located.coords)
+        && !class.candidates.is_empty()
+    {
+        let chosen: Vec<&str> = nearest(&class.candidates, coords, tolerance)
+            .map(|c| c.region.as_str())
+            .collect();
+        for c in &class.candidates {
+            let km = distance_km(coords, c.coords);
+            lines.push(format!(
+                "proximity: region {} {:.0} km, estimate {:.1} ms ({:.1} ms distance + {:.1} ms measured) -> {}",
+                c.region,
+                km,
+                rtt_ms_for_km(km) + c.latency_ms,
+                rtt_ms_for_km(km),
+                c.latency_ms,
+                if chosen.contains(&c.region.as_str()) { "chosen" } else { "beyond the tolerance band" }
+            ));
+        }
+    }
     lines.push(format!("snapshot generation {}", snap.generation));
     lines
 }
@@ -188,27 +242,7 @@ pub fn answer<'a>(
             Node::EmptyNonTerminal => None,
             Node::Service(i) => {
                 out.service = Some(*i);
-                let service = &snap.services[*i];
-                if service.servfail {
-                    out.rcode = ResponseCode::ServFail;
-                    out.answers.clear();
-                    return out;
-                }
-                if let Some(cname) = &service.cname {
-                    out.answers.push(Cow::Borrowed(cname));
-                    cname_target(cname).filter(|_| qtype != RecordType::CNAME)
-                } else {
-                    let set = match qtype {
-                        RecordType::A => &service.a[..],
-                        RecordType::AAAA => &service.aaaa[..],
-                        // RFC 8482: one RRset is enough for ANY.
-                        RecordType::ANY if !service.a.is_empty() => &service.a[..],
-                        RecordType::ANY => &service.aaaa[..],
-                        _ => &[],
-                    };
-                    out.answers.extend(set.iter().map(Cow::Borrowed));
-                    None
-                }
+                service_records(snap, *i, qtype, client, &mut out)
             }
             Node::Static(sets) => {
                 let cname = sets.iter().find(|s| s.rtype == RecordType::CNAME);
@@ -253,6 +287,150 @@ pub fn answer<'a>(
     }
     // A chain longer than MAX_CHAIN (or a loop): answer what we have.
     out
+}
+
+/// Where a client is, and how we know.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Located {
+    pub country: Option<Code>,
+    pub continent: Option<Code>,
+    pub coords: Option<(f64, f64)>,
+    /// The prefix of the network that decided (override or GeoIP network).
+    pub scope: u8,
+    pub from_ecs: bool,
+    pub by: &'static str,
+}
+
+/// Locates the client: the ECS subnet if any, else the resolver; network
+/// overrides first, then GeoIP.
+pub fn locate(snap: &Snapshot, client: &Client) -> Located {
+    let (ip, from_ecs, source_prefix) = match (client.ecs, client.addr) {
+        (Some(net), _) => (net.addr(), true, net.prefix_len()),
+        (None, Some(ip)) => (
+            ip.to_canonical(),
+            false,
+            if ip.is_ipv4() { 32 } else { 128 },
+        ),
+        (None, None) => return Located::default(),
+    };
+    let geo = &snap.geo;
+    if let Some(o) = geo.overrides.iter().find(|o| o.network.contains(&ip)) {
+        return Located {
+            country: o.place.country,
+            continent: o.place.continent,
+            coords: o.place.coords,
+            scope: o.network.prefix_len(),
+            from_ecs,
+            by: "a network override",
+        };
+    }
+    let Some(record) = geo.db.as_ref().and_then(|db| db.lookup(ip)) else {
+        return Located {
+            scope: source_prefix,
+            from_ecs,
+            by: "nothing (no GeoIP answer)",
+            ..Located::default()
+        };
+    };
+    // An override inside the GeoIP network makes part of it different:
+    // never claim a scope wider than that override.
+    let network = ipnet::IpNet::new(ip, record.prefix).map(|n| n.trunc()).ok();
+    let narrower = geo
+        .overrides
+        .iter()
+        .filter(|o| network.is_some_and(|n| n.contains(&o.network)))
+        .map(|o| o.network.prefix_len())
+        .max()
+        .unwrap_or(0);
+    Located {
+        country: record.country,
+        continent: record.continent,
+        coords: record.coords,
+        scope: record.prefix.max(narrower),
+        from_ecs,
+        by: "GeoIP",
+    }
+}
+
+/// The residency class of a located client.
+fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
+    match (&service.residency, located) {
+        (Some(index), Some(l)) if !l.from_ecs && index.without_ecs_unknown => index.unknown,
+        (Some(index), Some(l)) => index.class(l.country, l.continent),
+        _ => 0,
+    }
+}
+
+/// Proximity: the candidates within the tolerance of the best estimate.
+fn nearest<'a>(
+    candidates: &'a [Candidate],
+    coords: (f64, f64),
+    tolerance_ms: f64,
+) -> impl Iterator<Item = &'a Candidate> {
+    let estimate = move |c: &Candidate| rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms;
+    let best = candidates
+        .iter()
+        .map(estimate)
+        .fold(f64::INFINITY, f64::min);
+    candidates
+        .iter()
+        .filter(move |c| estimate(c) <= best + tolerance_ms)
+}
+
+/// Puts service `i`'s answer for `client` into `out`; returns a CNAME
+/// target to follow, if any.
+fn service_records<'a>(
+    snap: &'a Snapshot,
+    i: usize,
+    qtype: RecordType,
+    client: &Client,
+    out: &mut Answer<'a>,
+) -> Option<LowerName> {
+    let service = &snap.services[i];
+    let located = service.located.then(|| locate(snap, client));
+    if let Some(l) = &located {
+        out.scope = Some(l.scope);
+    }
+    let class = &service.classes[class_of(service, located.as_ref())];
+    if class.servfail {
+        out.rcode = ResponseCode::ServFail;
+        out.answers.clear();
+        return None;
+    }
+    if class.refused {
+        out.refused = service.refusals.as_ref();
+    }
+    if let Some(cname) = &class.cname {
+        out.answers.push(Cow::Borrowed(cname));
+        out.answered.extend(class.answered.iter());
+        return cname_target(cname).filter(|_| qtype != RecordType::CNAME);
+    }
+    let pick = |a: &'a [Record], aaaa: &'a [Record]| -> &'a [Record] {
+        match qtype {
+            RecordType::A => a,
+            RecordType::AAAA => aaaa,
+            // RFC 8482: one RRset is enough for ANY.
+            RecordType::ANY if !a.is_empty() => a,
+            RecordType::ANY => aaaa,
+            _ => &[],
+        }
+    };
+    match (service.tolerance_ms, located.and_then(|l| l.coords)) {
+        (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
+            for c in nearest(&class.candidates, coords, tolerance) {
+                out.answers
+                    .extend(pick(&c.a, &c.aaaa).iter().map(Cow::Borrowed));
+                out.answered.extend(c.answered.iter());
+            }
+        }
+        // Failover, or a client we cannot place: the whole winning tier.
+        _ => {
+            out.answers
+                .extend(pick(&class.a, &class.aaaa).iter().map(Cow::Borrowed));
+            out.answered.extend(class.answered.iter());
+        }
+    }
+    None
 }
 
 fn push_set<'a>(out: &mut Answer<'a>, set: &'a RrSet, owner: Option<&Name>) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption, NSIDPayload};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption, NSIDPayload};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -51,7 +51,7 @@ impl RequestHandler for Handler {
             .first()
             .map_or(RecordType::Unknown(0), |q| q.query_type());
         // RFC 6891: an OPT in the response only if the query had one.
-        let response_edns = request.edns.as_ref().map(|query_edns| {
+        let mut response_edns = request.edns.as_ref().map(|query_edns| {
             let mut edns = Edns::new();
             let payload = match request.protocol() {
                 Protocol::Udp => query_edns.max_payload().clamp(512, self.max_udp_payload),
@@ -83,6 +83,14 @@ impl RequestHandler for Handler {
             return send(&mut response_handle, response, request).await;
         }
         let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
+        // RFC 7871: read (and check) the client subnet, unless ECS is off.
+        let subnet = match ecs(request, &snapshot) {
+            Ok(subnet) => subnet,
+            Err(()) => {
+                let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
+                return send(&mut response_handle, response, request).await;
+            }
+        };
 
         if request.metadata.message_type != MessageType::Query {
             // hickory drops responses before we see them; be safe anyway.
@@ -108,28 +116,25 @@ impl RequestHandler for Handler {
 
         let client = Client {
             addr: Some(request.src().ip().to_canonical()),
-            ecs: request
-                .edns
-                .as_ref()
-                .and_then(|e| match e.option(EdnsCode::Subnet) {
-                    Some(EdnsOption::Subnet(subnet)) if subnet.source_prefix() > 0 => {
-                        ipnet::IpNet::new(subnet.addr(), subnet.source_prefix())
-                            .ok()
-                            .map(|n| n.trunc())
-                    }
-                    _ => None,
-                }),
+            ecs: subnet.and_then(|(_, used)| used),
         };
         let result = answer(&snapshot, qname, qtype, &client);
         snapshot.queries.count(result.service, qtype, result.rcode);
-        if let Some(service) = result.service
-            && !result.answers.is_empty()
-            && !result.explained
-        {
-            for counter in &snapshot.services[service].answered {
+        if !result.answers.is_empty() && !result.explained {
+            for counter in &result.answered {
                 counter.inc();
             }
         }
+        if let Some(refused) = result.refused {
+            refused.inc();
+        }
+        // Echo the option with the scope of the network that decided, or 0
+        // when the answer does not depend on the client's location.
+        if let (Some((mut echo, _)), Some(edns)) = (subnet, response_edns.as_mut()) {
+            echo.set_scope_prefix(result.scope.unwrap_or(0));
+            edns.options_mut().insert(EdnsOption::Subnet(echo));
+        }
+        let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.response_code = result.rcode;
@@ -142,6 +147,43 @@ impl RequestHandler for Handler {
         );
         send(&mut response_handle, response, request).await
     }
+}
+
+/// The query's ECS option, if ECS is on: the option to echo and the subnet
+/// to locate (source prefix cut to the configured maximum; `None` for a
+/// source prefix of 0, which asks us not to use it). `Err` for a malformed
+/// option: a non-zero SCOPE or address bits beyond the SOURCE PREFIX.
+#[allow(clippy::type_complexity)]
+fn ecs(
+    request: &Request,
+    snapshot: &Snapshot,
+) -> Result<Option<(ClientSubnet, Option<ipnet::IpNet>)>, ()> {
+    if !snapshot.geo.ecs {
+        return Ok(None);
+    }
+    let Some(EdnsOption::Subnet(subnet)) = request
+        .edns
+        .as_ref()
+        .and_then(|e| e.option(EdnsCode::Subnet))
+    else {
+        return Ok(None);
+    };
+    let source = subnet.source_prefix();
+    let net = ipnet::IpNet::new(subnet.addr(), source).map_err(|_| ())?;
+    if subnet.scope_prefix() != 0 || net.trunc().addr() != subnet.addr() {
+        return Err(());
+    }
+    if source == 0 {
+        return Ok(Some((*subnet, None)));
+    }
+    let max = match subnet.addr() {
+        std::net::IpAddr::V4(_) => snapshot.geo.max_prefix_v4,
+        std::net::IpAddr::V6(_) => snapshot.geo.max_prefix_v6,
+    };
+    let used = ipnet::IpNet::new(subnet.addr(), source.min(max))
+        .map(|n| n.trunc())
+        .ok();
+    Ok(Some((*subnet, used)))
 }
 
 async fn send<'a, R: ResponseHandler>(

@@ -9,13 +9,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, SOA};
+use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use serde::Serialize;
 
-use crate::config::{AllDown, Config, Target};
+use crate::config::{Config, Override};
+use crate::geo::GeoDb;
 use crate::health::Status;
 use crate::metrics::QueryTable;
+
+mod service;
+
+pub use service::{
+    Candidate, ClassAnswer, ClassView, Counters, Decision, EndpointInput, RegionShare,
+    ResidencyIndex, ServiceAnswer, ServiceView, service_answer,
+};
 
 /// What exists at one name of the zone.
 #[derive(Debug)]
@@ -45,50 +53,6 @@ pub struct Zone {
     pub glue: Vec<Record>,
     pub names: HashMap<LowerName, Node>,
     pub has_wildcards: bool,
-}
-
-/// The answer a service gives right now.
-#[derive(Debug, Default, Clone)]
-pub struct ServiceAnswer {
-    pub a: Vec<Record>,
-    pub aaaa: Vec<Record>,
-    pub cname: Option<Record>,
-    /// The service's all-down rule says SERVFAIL.
-    pub servfail: bool,
-    /// `inferdns_dns_answers_total{service, region}` of the regions answered.
-    pub answered: Vec<prometheus::IntCounter>,
-    /// Lines of the `_explain` TXT answer (without the client line).
-    pub explain: Vec<String>,
-}
-
-/// Why a service answers what it answers (for status and logs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "state")]
-pub enum Decision {
-    /// Tier `tier` (0 = best) has fit endpoints.
-    Tier { tier: usize },
-    /// Nothing is fit; answering the first tier as if it were.
-    FailOpen,
-    /// Nothing is fit; answering NODATA.
-    NoData,
-    /// Nothing is fit; answering SERVFAIL.
-    ServFail,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceView {
-    pub id: String,
-    pub name: String,
-    pub decision: Decision,
-    pub answer: Vec<String>,
-    /// Region ids in the answer, each with its share of the answered endpoints.
-    pub regions: Vec<RegionShare>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RegionShare {
-    pub region: String,
-    pub share: f64,
 }
 
 /// Health of one endpoint as the publisher last saw it.
@@ -121,6 +85,19 @@ pub struct Snapshot {
     pub nsid: Option<Vec<u8>>,
     /// Who may ask `_explain.<service>`.
     pub explain_acl: Arc<Vec<ipnet::IpNet>>,
+    /// How clients are located.
+    pub geo: GeoView,
+}
+
+/// Everything needed to locate a client.
+#[derive(Debug, Clone, Default)]
+pub struct GeoView {
+    pub db: Option<Arc<GeoDb>>,
+    /// Longest prefix first.
+    pub overrides: Arc<Vec<Override>>,
+    pub ecs: bool,
+    pub max_prefix_v4: u8,
+    pub max_prefix_v6: u8,
 }
 
 impl Zone {
@@ -236,198 +213,6 @@ impl EndpointIndex {
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
-}
-
-/// What the publisher knows about one endpoint, by global index.
-#[derive(Debug, Clone, Copy)]
-pub struct EndpointInput<'a> {
-    pub status: Status,
-    pub last_error: Option<&'a str>,
-    /// The endpoint's region is drained by an operator.
-    pub drained: bool,
-}
-
-impl EndpointInput<'_> {
-    fn fit(&self) -> bool {
-        self.status == Status::Up && !self.drained
-    }
-
-    /// Why the endpoint cannot be answered, if it cannot.
-    fn removed_by(&self) -> Option<&'static str> {
-        if self.drained {
-            Some("drained by an operator")
-        } else {
-            match self.status {
-                Status::Up => None,
-                Status::Down => Some("down"),
-                Status::Unknown => Some("not probed yet"),
-            }
-        }
-    }
-}
-
-/// Chooses the answer of service `service` from the endpoints' states.
-/// `answer_counter(region)` gives the metric counted when an answer carries
-/// that region (none in tests and benchmarks).
-pub fn service_answer(
-    config: &Config,
-    index: &EndpointIndex,
-    service: usize,
-    inputs: &[EndpointInput<'_>],
-    answer_counter: &dyn Fn(&str, &str) -> Option<prometheus::IntCounter>,
-) -> (ServiceAnswer, ServiceView) {
-    let s = &config.services[service];
-    // (region, target) of the endpoints of `tier` that pass `keep`.
-    let pick =
-        |tier: &Vec<usize>, keep: &dyn Fn(&EndpointInput<'_>) -> bool| -> Vec<(usize, &Target)> {
-            let mut out = Vec::new();
-            for &r in tier {
-                for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
-                    if keep(&inputs[index.global(r, e)]) {
-                        out.push((r, &endpoint.target));
-                    }
-                }
-            }
-            out
-        };
-    let mut decision = None;
-    let mut chosen = Vec::new();
-    for (t, tier) in s.tiers.iter().enumerate() {
-        let fit = pick(tier, &|i| i.fit());
-        if !fit.is_empty() {
-            decision = Some(Decision::Tier { tier: t });
-            chosen = fit;
-            break;
-        }
-    }
-    let decision = decision.unwrap_or_else(|| match s.when_all_down {
-        AllDown::FailOpen => {
-            // As if every endpoint were fit, but never a drained one.
-            chosen = s
-                .tiers
-                .iter()
-                .map(|tier| pick(tier, &|i| !i.drained))
-                .find(|c| !c.is_empty())
-                .unwrap_or_default();
-            Decision::FailOpen
-        }
-        AllDown::NoData => Decision::NoData,
-        AllDown::ServFail => Decision::ServFail,
-    });
-
-    let mut answer = ServiceAnswer {
-        servfail: decision == Decision::ServFail,
-        ..ServiceAnswer::default()
-    };
-    for (_, target) in &chosen {
-        match target {
-            Target::Address(std::net::IpAddr::V4(v4)) => {
-                answer
-                    .a
-                    .push(Record::from_rdata(s.name.clone(), s.ttl, RData::A(A(*v4))))
-            }
-            Target::Address(std::net::IpAddr::V6(v6)) => answer.aaaa.push(Record::from_rdata(
-                s.name.clone(),
-                s.ttl,
-                RData::AAAA(AAAA(*v6)),
-            )),
-            Target::Cname(_) => {}
-        }
-    }
-    // A CNAME stands alone: only when the chosen endpoints have no addresses.
-    let mut answered_regions: Vec<usize> = chosen.iter().map(|(r, _)| *r).collect();
-    if answer.a.is_empty() && answer.aaaa.is_empty() {
-        let first_cname = chosen.iter().find_map(|(r, t)| match t {
-            Target::Cname(name) => Some((*r, name.clone())),
-            Target::Address(_) => None,
-        });
-        answered_regions = first_cname.iter().map(|(r, _)| *r).collect();
-        answer.cname = first_cname
-            .map(|(_, name)| Record::from_rdata(s.name.clone(), s.ttl, RData::CNAME(CNAME(name))));
-    }
-    answered_regions.sort_unstable();
-    answered_regions.dedup();
-    answer.answered = answered_regions
-        .iter()
-        .filter_map(|&r| answer_counter(&s.id, &config.regions[r].id))
-        .collect();
-    let shown: Vec<String> = if let Some(c) = &answer.cname {
-        vec![c.data.to_string()]
-    } else {
-        answer
-            .a
-            .iter()
-            .chain(&answer.aaaa)
-            .map(|r| r.data.to_string())
-            .collect()
-    };
-
-    // The explanation: every candidate, the stage that removed it, the choice.
-    let mut explain = vec![format!(
-        "service {} ({}), ttl {}",
-        display_name(&s.name),
-        s.id,
-        s.ttl
-    )];
-    let winning_tier = match decision {
-        Decision::Tier { tier } => Some(tier),
-        _ => None,
-    };
-    for (t, tier) in s.tiers.iter().enumerate() {
-        for &r in tier {
-            for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
-                let input = &inputs[index.global(r, e)];
-                let status = match input.status {
-                    Status::Up => "up",
-                    Status::Down => "down",
-                    Status::Unknown => "unknown",
-                };
-                let error = input
-                    .last_error
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default();
-                let verdict = match (input.removed_by(), winning_tier) {
-                    (Some(why), _) => format!("removed at eligible: {why}"),
-                    (None, Some(w)) if t == w => "kept".to_string(),
-                    (None, Some(_)) => "not used: a better tier is fit".to_string(),
-                    (None, None) => "kept".to_string(),
-                };
-                explain.push(format!(
-                    "tier {t} region {} endpoint {}: {status}{error} -> {verdict}",
-                    config.regions[r].id, endpoint.target
-                ));
-            }
-        }
-    }
-    let result = match decision {
-        Decision::Tier { tier } => format!("decision: tier {tier} -> {}", shown.join(" ")),
-        Decision::FailOpen => format!("decision: nothing fit, fail-open -> {}", shown.join(" ")),
-        Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
-        Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
-    };
-    explain.push(result);
-    answer.explain = explain;
-
-    let answered_endpoints = chosen.len().max(1) as f64;
-    let regions = answered_regions
-        .iter()
-        .map(|&r| RegionShare {
-            region: config.regions[r].id.clone(),
-            share: if answer.cname.is_some() {
-                1.0
-            } else {
-                chosen.iter().filter(|(cr, _)| *cr == r).count() as f64 / answered_endpoints
-            },
-        })
-        .collect();
-    let view = ServiceView {
-        id: s.id.clone(),
-        name: s.name.to_string(),
-        decision,
-        answer: shown,
-        regions,
-    };
-    (answer, view)
 }
 
 /// The name of a record as text without the trailing dot, for logs.

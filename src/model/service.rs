@@ -1,0 +1,482 @@
+//! A service's answers, precomputed per residency class when a snapshot is
+//! built; only the proximity choice among candidate regions is left for the
+//! query.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{RData, Record};
+use serde::Serialize;
+
+use super::{EndpointIndex, display_name};
+use crate::config::{AllDown, Allowed, Config, Residency, Strategy, Target};
+use crate::geo::Code;
+use crate::health::Status;
+
+/// What the publisher knows about one endpoint, by global index.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointInput<'a> {
+    pub status: Status,
+    pub last_error: Option<&'a str>,
+    /// The endpoint's region is drained by an operator.
+    pub drained: bool,
+}
+
+impl EndpointInput<'_> {
+    fn fit(&self) -> bool {
+        self.status == Status::Up && !self.drained
+    }
+
+    /// Why the endpoint cannot be answered, if it cannot.
+    fn removed_by(&self) -> Option<&'static str> {
+        if self.drained {
+            Some("drained by an operator")
+        } else {
+            match self.status {
+                Status::Up => None,
+                Status::Down => Some("down"),
+                Status::Unknown => Some("not probed yet"),
+            }
+        }
+    }
+}
+
+/// Why a class of clients gets what it gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Decision {
+    /// Tier `tier` (0 = best) has fit endpoints.
+    Tier { tier: usize },
+    /// Nothing is fit; answering the first tier as if it were.
+    FailOpen,
+    /// Nothing is fit; answering NODATA.
+    NoData,
+    /// Nothing is fit; answering SERVFAIL.
+    ServFail,
+    /// Nothing these clients may be sent to is fit: NODATA, never elsewhere.
+    ResidencyNoData,
+}
+
+/// A region the proximity strategy may choose for a client.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub region: String,
+    pub coords: (f64, f64),
+    /// What this edge measures for the region (probe time), in ms.
+    pub latency_ms: f64,
+    pub a: Vec<Record>,
+    pub aaaa: Vec<Record>,
+    pub answered: Option<prometheus::IntCounter>,
+}
+
+/// The answer for one residency class (or the only one).
+#[derive(Debug, Default, Clone)]
+pub struct ClassAnswer {
+    pub a: Vec<Record>,
+    pub aaaa: Vec<Record>,
+    pub cname: Option<Record>,
+    /// The service's all-down rule says SERVFAIL.
+    pub servfail: bool,
+    /// Residency left nothing to answer.
+    pub refused: bool,
+    /// `inferdns_dns_answers_total{service, region}` of the regions answered.
+    pub answered: Vec<prometheus::IntCounter>,
+    /// Proximity: the fit regions of the winning tier (two or more).
+    pub candidates: Vec<Candidate>,
+    /// Lines of the `_explain` TXT answer (without the client lines).
+    pub explain: Vec<String>,
+}
+
+/// Which residency class a located client is in.
+#[derive(Debug, Clone, Default)]
+pub struct ResidencyIndex {
+    pub by_country: HashMap<Code, usize>,
+    pub by_continent: HashMap<Code, usize>,
+    pub otherwise: usize,
+    pub unknown: usize,
+    pub without_ecs_unknown: bool,
+}
+
+impl ResidencyIndex {
+    fn new(r: &Residency) -> Self {
+        let mut index = ResidencyIndex {
+            otherwise: r.rules.len(),
+            unknown: r.rules.len() + 1,
+            without_ecs_unknown: r.without_ecs_unknown,
+            ..ResidencyIndex::default()
+        };
+        for (i, rule) in r.rules.iter().enumerate() {
+            for c in &rule.countries {
+                index.by_country.entry(*c).or_insert(i);
+            }
+            for c in &rule.continents {
+                index.by_continent.entry(*c).or_insert(i);
+            }
+        }
+        index
+    }
+
+    /// The class of a client: by country, then continent, else `otherwise`;
+    /// an unknown country is `unknown`.
+    pub fn class(&self, country: Option<Code>, continent: Option<Code>) -> usize {
+        match country {
+            None => self.unknown,
+            Some(c) => self
+                .by_country
+                .get(&c)
+                .or_else(|| continent.and_then(|k| self.by_continent.get(&k)))
+                .copied()
+                .unwrap_or(self.otherwise),
+        }
+    }
+}
+
+/// A service's answers.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceAnswer {
+    /// The answer depends on where the client is (ECS scope is echoed).
+    pub located: bool,
+    pub residency: Option<ResidencyIndex>,
+    /// One per residency class (rules, otherwise, unknown), or just one.
+    pub classes: Vec<ClassAnswer>,
+    /// Proximity band in ms, when the strategy is proximity.
+    pub tolerance_ms: Option<f64>,
+    /// `inferdns_residency_refusals_total{service}`.
+    pub refusals: Option<prometheus::IntCounter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegionShare {
+    pub region: String,
+    pub share: f64,
+}
+
+/// One class of a service, for status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassView {
+    pub clients: String,
+    pub allowed: String,
+    pub decision: Decision,
+    pub answer: Vec<String>,
+    /// Region ids in the answer, each with its share of the answered endpoints.
+    pub regions: Vec<RegionShare>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub id: String,
+    pub name: String,
+    pub strategy: &'static str,
+    /// The answer for clients no residency rule names (or for everyone).
+    pub decision: Decision,
+    pub answer: Vec<String>,
+    pub regions: Vec<RegionShare>,
+    /// Per residency class, when the service has residency rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residency: Option<Vec<ClassView>>,
+}
+
+/// Metric handles a service answer carries; none in tests and benchmarks.
+pub trait Counters {
+    fn answer(&self, service: &str, region: &str) -> Option<prometheus::IntCounter>;
+    fn refusal(&self, service: &str) -> Option<prometheus::IntCounter>;
+}
+
+impl Counters for () {
+    fn answer(&self, _: &str, _: &str) -> Option<prometheus::IntCounter> {
+        None
+    }
+    fn refusal(&self, _: &str) -> Option<prometheus::IntCounter> {
+        None
+    }
+}
+
+/// Builds service `service`'s answers from the endpoints' states and the
+/// regions' measured latency (ms, by region index).
+pub fn service_answer(
+    config: &Config,
+    index: &EndpointIndex,
+    service: usize,
+    inputs: &[EndpointInput<'_>],
+    latency_ms: &[f64],
+    counters: &dyn Counters,
+) -> (ServiceAnswer, ServiceView) {
+    let s = &config.services[service];
+    let classes: Vec<(String, Allowed)> = match &s.residency {
+        None => vec![("all clients".into(), Allowed::Any)],
+        Some(r) => r
+            .rules
+            .iter()
+            .map(|rule| (rule.label.clone(), rule.allow.clone()))
+            .chain([
+                ("clients no rule names".into(), r.otherwise.clone()),
+                ("clients of unknown location".into(), r.unknown.clone()),
+            ])
+            .collect(),
+    };
+    let mut answers = Vec::with_capacity(classes.len());
+    let mut views = Vec::with_capacity(classes.len());
+    for (label, allowed) in &classes {
+        let (answer, view) = class_answer(
+            config, index, service, inputs, latency_ms, counters, label, allowed,
+        );
+        answers.push(answer);
+        views.push(view);
+    }
+    let shown = match &s.residency {
+        Some(r) => views[r.rules.len()].clone(),
+        None => views[0].clone(),
+    };
+    let proximity = match s.strategy {
+        Strategy::Proximity { tolerance } => Some(tolerance.as_secs_f64() * 1000.0),
+        Strategy::Failover => None,
+    };
+    let answer = ServiceAnswer {
+        located: s.residency.is_some() || proximity.is_some(),
+        residency: s.residency.as_ref().map(ResidencyIndex::new),
+        classes: answers,
+        tolerance_ms: proximity,
+        refusals: s.residency.as_ref().and_then(|_| counters.refusal(&s.id)),
+    };
+    let view = ServiceView {
+        id: s.id.clone(),
+        name: s.name.to_string(),
+        strategy: if proximity.is_some() {
+            "proximity"
+        } else {
+            "failover"
+        },
+        decision: shown.decision.clone(),
+        answer: shown.answer.clone(),
+        regions: shown.regions.clone(),
+        residency: s.residency.as_ref().map(|_| views),
+    };
+    (answer, view)
+}
+
+fn allows(allowed: &Allowed, jurisdictions: &[String]) -> bool {
+    match allowed {
+        Allowed::Any => true,
+        Allowed::Deny => false,
+        Allowed::Only(tags) => jurisdictions.iter().any(|j| tags.contains(j)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn class_answer(
+    config: &Config,
+    index: &EndpointIndex,
+    service: usize,
+    inputs: &[EndpointInput<'_>],
+    latency_ms: &[f64],
+    counters: &dyn Counters,
+    label: &str,
+    allowed: &Allowed,
+) -> (ClassAnswer, ClassView) {
+    let s = &config.services[service];
+    let restricted = !matches!(allowed, Allowed::Any);
+    // (region, target) of the endpoints of `tier` that pass `keep`, among allowed regions.
+    let pick =
+        |tier: &Vec<usize>, keep: &dyn Fn(&EndpointInput<'_>) -> bool| -> Vec<(usize, &Target)> {
+            let mut out = Vec::new();
+            for &r in tier {
+                if !allows(allowed, &config.regions[r].jurisdictions) {
+                    continue;
+                }
+                for (e, endpoint) in config.regions[r].endpoints.iter().enumerate() {
+                    if keep(&inputs[index.global(r, e)]) {
+                        out.push((r, &endpoint.target));
+                    }
+                }
+            }
+            out
+        };
+    let mut decision = None;
+    let mut chosen = Vec::new();
+    for (t, tier) in s.tiers.iter().enumerate() {
+        let fit = pick(tier, &|i| i.fit());
+        if !fit.is_empty() {
+            decision = Some(Decision::Tier { tier: t });
+            chosen = fit;
+            break;
+        }
+    }
+    let decision = match decision {
+        Some(d) => d,
+        // Residency always wins over fail-open: never outside the allowed set.
+        None if restricted => Decision::ResidencyNoData,
+        None => match s.when_all_down {
+            AllDown::FailOpen => {
+                // As if every endpoint were fit, but never a drained one.
+                chosen = s
+                    .tiers
+                    .iter()
+                    .map(|tier| pick(tier, &|i| !i.drained))
+                    .find(|c| !c.is_empty())
+                    .unwrap_or_default();
+                Decision::FailOpen
+            }
+            AllDown::NoData => Decision::NoData,
+            AllDown::ServFail => Decision::ServFail,
+        },
+    };
+
+    let mut answer = ClassAnswer {
+        servfail: decision == Decision::ServFail,
+        refused: decision == Decision::ResidencyNoData,
+        ..ClassAnswer::default()
+    };
+    let record = |target: &IpAddr| match target {
+        IpAddr::V4(v4) => Record::from_rdata(s.name.clone(), s.ttl, RData::A(A(*v4))),
+        IpAddr::V6(v6) => Record::from_rdata(s.name.clone(), s.ttl, RData::AAAA(AAAA(*v6))),
+    };
+    for (_, target) in &chosen {
+        if let Target::Address(ip) = target {
+            match ip {
+                IpAddr::V4(_) => answer.a.push(record(ip)),
+                IpAddr::V6(_) => answer.aaaa.push(record(ip)),
+            }
+        }
+    }
+    // A CNAME stands alone: only when the chosen endpoints have no addresses.
+    let mut answered_regions: Vec<usize> = chosen.iter().map(|(r, _)| *r).collect();
+    if answer.a.is_empty() && answer.aaaa.is_empty() {
+        let first_cname = chosen.iter().find_map(|(r, t)| match t {
+            Target::Cname(name) => Some((*r, name.clone())),
+            Target::Address(_) => None,
+        });
+        answered_regions = first_cname.iter().map(|(r, _)| *r).collect();
+        answer.cname = first_cname
+            .map(|(_, name)| Record::from_rdata(s.name.clone(), s.ttl, RData::CNAME(CNAME(name))));
+    }
+    answered_regions.sort_unstable();
+    answered_regions.dedup();
+    answer.answered = answered_regions
+        .iter()
+        .filter_map(|&r| counters.answer(&s.id, &config.regions[r].id))
+        .collect();
+
+    // Proximity: each answered region with its own records, for the query to choose.
+    if matches!(s.strategy, Strategy::Proximity { .. })
+        && answer.cname.is_none()
+        && answered_regions.len() > 1
+    {
+        for &r in &answered_regions {
+            let Some(coords) = config.regions[r].location.and_then(|l| l.coords) else {
+                continue;
+            };
+            let mut candidate = Candidate {
+                region: config.regions[r].id.clone(),
+                coords,
+                latency_ms: latency_ms.get(r).copied().unwrap_or(0.0),
+                a: Vec::new(),
+                aaaa: Vec::new(),
+                answered: counters.answer(&s.id, &config.regions[r].id),
+            };
+            for (cr, target) in &chosen {
+                if let (true, Target::Address(ip)) = (*cr == r, target) {
+                    match ip {
+                        IpAddr::V4(_) => candidate.a.push(record(ip)),
+                        IpAddr::V6(_) => candidate.aaaa.push(record(ip)),
+                    }
+                }
+            }
+            answer.candidates.push(candidate);
+        }
+    }
+
+    let shown: Vec<String> = if let Some(c) = &answer.cname {
+        vec![c.data.to_string()]
+    } else {
+        answer
+            .a
+            .iter()
+            .chain(&answer.aaaa)
+            .map(|r| r.data.to_string())
+            .collect()
+    };
+    let allowed_text = match allowed {
+        Allowed::Any => "any region".to_string(),
+        Allowed::Deny => "no region".to_string(),
+        Allowed::Only(tags) => format!("regions tagged {}", tags.join(" or ")),
+    };
+
+    // The explanation: every candidate, the stage that removed it, the choice.
+    let mut explain = vec![format!(
+        "service {} ({}), ttl {}",
+        display_name(&s.name),
+        s.id,
+        s.ttl
+    )];
+    if s.residency.is_some() {
+        explain.push(format!("residency: {label} -> {allowed_text}"));
+    }
+    let winning_tier = match decision {
+        Decision::Tier { tier } => Some(tier),
+        _ => None,
+    };
+    for (t, tier) in s.tiers.iter().enumerate() {
+        for &r in tier {
+            let region = &config.regions[r];
+            let region_allowed = allows(allowed, &region.jurisdictions);
+            for (e, endpoint) in region.endpoints.iter().enumerate() {
+                let input = &inputs[index.global(r, e)];
+                let status = match input.status {
+                    Status::Up => "up",
+                    Status::Down => "down",
+                    Status::Unknown => "unknown",
+                };
+                // A past error of an endpoint that is up again is history, not a reason.
+                let error = input
+                    .last_error
+                    .filter(|_| input.status != Status::Up)
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                let verdict = match (region_allowed, input.removed_by(), winning_tier) {
+                    (false, _, _) => "removed at residency: jurisdiction not allowed".to_string(),
+                    (true, Some(why), _) => format!("removed at eligible: {why}"),
+                    (true, None, Some(w)) if t == w => "kept".to_string(),
+                    (true, None, Some(_)) => "not used: a better tier is fit".to_string(),
+                    (true, None, None) => "kept".to_string(),
+                };
+                explain.push(format!(
+                    "tier {t} region {} endpoint {}: {status}{error} -> {verdict}",
+                    region.id, endpoint.target
+                ));
+            }
+        }
+    }
+    let result = match decision {
+        Decision::Tier { tier } => format!("decision: tier {tier} -> {}", shown.join(" ")),
+        Decision::FailOpen => format!("decision: nothing fit, fail-open -> {}", shown.join(" ")),
+        Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
+        Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
+        Decision::ResidencyNoData => {
+            "decision: nothing these clients may use is fit -> NODATA (residency)".to_string()
+        }
+    };
+    explain.push(result);
+    answer.explain = explain;
+
+    let answered_endpoints = chosen.len().max(1) as f64;
+    let regions = answered_regions
+        .iter()
+        .map(|&r| RegionShare {
+            region: config.regions[r].id.clone(),
+            share: if answer.cname.is_some() {
+                1.0
+            } else {
+                chosen.iter().filter(|(cr, _)| *cr == r).count() as f64 / answered_endpoints
+            },
+        })
+        .collect();
+    let view = ClassView {
+        clients: label.to_string(),
+        allowed: allowed_text,
+        decision,
+        answer: shown,
+        regions,
+    };
+    (answer, view)
+}
