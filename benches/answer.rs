@@ -102,6 +102,7 @@ fn bench(c: &mut Criterion) {
     let (mut publisher, snapshot, _) = Publisher::new(
         Arc::new(config),
         vec![0, 1, 2, 3],
+        None,
         inferdns::metrics::Metrics::new(),
     );
     for endpoint in 0..4 {

@@ -362,11 +362,11 @@ fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
 }
 
 /// Proximity: the candidates within the tolerance of the best estimate.
-fn nearest<'a>(
-    candidates: &'a [Candidate],
+fn nearest(
+    candidates: &[Candidate],
     coords: (f64, f64),
     tolerance_ms: f64,
-) -> impl Iterator<Item = &'a Candidate> {
+) -> impl Iterator<Item = &Candidate> {
     let estimate = move |c: &Candidate| rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms;
     let best = candidates
         .iter()
