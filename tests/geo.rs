@@ -563,3 +563,159 @@ fn the_committed_test_database_matches_its_source() {
         "geoip/test-city.mmdb differs from what geoip/test-city.json produces: run `cargo run --example make-test-geoip` and commit"
     );
 }
+
+/// Networks of the test database's source, with the country residency uses.
+fn source_networks() -> Vec<(ipnet::IpNet, Option<String>)> {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.json"))
+            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let net: ipnet::IpNet = n["network"].as_str().unwrap().parse().unwrap();
+            let country = n["country"]
+                .as_str()
+                .or(n["registered_country"].as_str())
+                .map(str::to_string);
+            (net, country)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_ecs_queries_never_leave_the_jurisdiction() {
+    let g = geo("").await;
+    let s = &g.server;
+    let db = inferdns::geo::GeoDb::load(std::path::Path::new(DB)).unwrap();
+    let mut networks = source_networks();
+    // Ranges the database does not cover: unknown, so denied.
+    for uncovered in ["127.0.0.0/8", "172.16.0.0/12", "2001:db8:ff00::/40"] {
+        networks.push((uncovered.parse().unwrap(), None));
+    }
+    let region_of = |ip: &str| {
+        REGIONS
+            .iter()
+            .find(|r| r.1 == ip)
+            .map(|r| (r.0, r.5))
+            .unwrap()
+    };
+    let allowed = |country: Option<&str>| -> Option<Vec<&str>> {
+        match country {
+            None => Some(vec![]),
+            Some(c) if inferdns::geo::EU_EEA.contains(&c) => Some(vec!["eu"]),
+            Some("US" | "CA") => Some(vec!["us"]),
+            Some(_) => None, // anywhere
+        }
+    };
+    let admin = format!("http://{}", s.running.admin);
+    let mut seed: u64 = 0x5eed_1234_abcd_0042;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut total, mut answered, mut denied, mut toggles) = (0u32, 0u32, 0u32, 0u32);
+    let mut countries = std::collections::BTreeSet::new();
+    for i in 0..4000u32 {
+        if i % 200 == 0 {
+            // A random region goes down or comes back: by its backend (real
+            // probes) or by an operator drain.
+            let r = (rand() % 4) as usize;
+            if rand() % 2 == 0 {
+                let fault = if rand() % 2 == 0 {
+                    inferdns::demo::Fault::Down
+                } else {
+                    inferdns::demo::Fault::None
+                };
+                g.regions[r].set_fault(fault);
+            } else {
+                let verb = if rand() % 2 == 0 { "drain" } else { "undrain" };
+                http(
+                    "POST",
+                    &format!("{admin}/v1/regions/{}/{verb}", REGIONS[r].0),
+                    Some(TOKEN),
+                    None,
+                )
+                .await;
+            }
+            toggles += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let (net, _) = networks[(rand() as usize) % networks.len()];
+        // A random address in the network, asked with a random source prefix
+        // (sometimes wider than the network itself).
+        let (addr, source): (std::net::IpAddr, u8) = match net {
+            ipnet::IpNet::V4(n) => {
+                let host_bits = 32 - u32::from(n.prefix_len());
+                let offset = if host_bits == 0 {
+                    0
+                } else {
+                    (rand() as u32) & ((1u64 << host_bits) as u32).wrapping_sub(1)
+                };
+                let ip = std::net::Ipv4Addr::from(u32::from(n.network()) | offset);
+                (ip.into(), 16 + (rand() % 17) as u8)
+            }
+            ipnet::IpNet::V6(n) => {
+                let host_bits = 128 - u32::from(n.prefix_len());
+                let offset =
+                    (u128::from(rand()) << 64 | u128::from(rand())) & ((1u128 << host_bits) - 1);
+                let ip = std::net::Ipv6Addr::from(u128::from(n.network()) | offset);
+                (ip.into(), 32 + (rand() % 33) as u8)
+            }
+        };
+        let masked = ipnet::IpNet::new(addr, source).unwrap().trunc();
+        let m = ask_ecs(
+            s,
+            "chat.inference.example.com.",
+            Some(ClientSubnet::new(masked.addr(), source, 0)),
+        )
+        .await;
+        total += 1;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        // The client as the server must see it: the masked address.
+        let country = networks
+            .iter()
+            .filter(|(n, _)| n.contains(&masked.addr()))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .and_then(|(_, c)| c.clone());
+        countries.insert(country.clone().unwrap_or_else(|| "unknown".into()));
+        let (answer, ecs) = read(&m);
+        if let Some(allow) = allowed(country.as_deref()) {
+            for ip in &answer {
+                let (region, jurisdiction) = region_of(ip);
+                assert!(
+                    allow.contains(&jurisdiction),
+                    "client {masked} ({country:?}) was sent to {region} ({jurisdiction})"
+                );
+            }
+        }
+        if answer.is_empty() {
+            denied += 1;
+        } else {
+            answered += 1;
+        }
+        // The scope is never wider than the GeoIP network that decided.
+        let decided = db.lookup(masked.addr()).unwrap().prefix;
+        let (echo_source, scope) = ecs.expect("ECS echoed");
+        assert_eq!(echo_source, source);
+        assert!(
+            scope >= decided,
+            "client {masked}: scope /{scope} wider than the network /{decided}"
+        );
+    }
+    eprintln!(
+        "residency: {total} queries, {answered} answered, {denied} empty, {toggles} region changes, countries {countries:?}"
+    );
+    assert!(
+        answered > 1000 && denied > 100,
+        "both outcomes were exercised"
+    );
+    assert!(
+        countries.len() >= 14,
+        "every country of the test database: {countries:?}"
+    );
+}
