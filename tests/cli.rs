@@ -218,8 +218,20 @@ fn demo_json_reports_measured_failover_times() {
             "hung_failover",
             "fault",
             "hung_failback",
+            "geo",
+            "geo",
             "summary"
         ]
+    );
+    // The EU client subnet gets the EU region, the US one us-east, each with the GeoIP network's scope.
+    let geo: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "geo").collect();
+    assert_eq!(
+        (geo[0]["answer"][0].as_str(), geo[0]["scope"].as_u64()),
+        (Some("127.0.0.13"), Some(26))
+    );
+    assert_eq!(
+        (geo[1]["answer"][0].as_str(), geo[1]["scope"].as_u64()),
+        (Some("127.0.0.11"), Some(25))
     );
     let summary = events.last().unwrap();
     for key in ["failover_s", "failback_s", "hung_failover_s"] {
@@ -228,8 +240,18 @@ fn demo_json_reports_measured_failover_times() {
             .unwrap_or_else(|| panic!("{key} is not a number"));
         assert!(v > 0.0 && v < 20.0, "{key} = {v}");
     }
+    // The EU client subnet gets the EU region, the US one us-east, each with the GeoIP network's scope.
+    let geo: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "geo").collect();
+    assert_eq!(
+        (geo[0]["answer"][0].as_str(), geo[0]["scope"].as_u64()),
+        (Some("127.0.0.13"), Some(26))
+    );
+    assert_eq!(
+        (geo[1]["answer"][0].as_str(), geo[1]["scope"].as_u64()),
+        (Some("127.0.0.11"), Some(25))
+    );
     for e in &events[1..events.len() - 1] {
-        if e["event"] != "fault" {
+        if e["event"] != "fault" && e["event"] != "geo" {
             assert_eq!(e["empty_or_failed"], 0, "{e}");
         }
     }

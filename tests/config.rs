@@ -389,3 +389,115 @@ tiers = [["r"]]
         "{errors:#?}"
     );
 }
+
+#[test]
+fn contradictory_or_unservable_residency_rules_are_refused() {
+    let db = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+    let extra = format!(
+        r#"
+[geoip]
+database = "{db}"
+
+[groups]
+dach = ["DE", "AT", "CH"]
+bad = ["Germany"]
+
+[regions.eu]
+endpoints = [{{ address = "192.0.2.1" }}]
+location = {{ country = "DE", lat = 50.1, lon = 8.7 }}
+jurisdictions = ["eu"]
+
+[regions.us]
+endpoints = [{{ address = "192.0.2.2" }}]
+jurisdictions = ["us"]
+
+[services.chat]
+tiers = [["eu", "us"]]
+strategy = "proximity"
+residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}, {{ clients = ["dach"], allow = ["us"] }}, {{ clients = ["mars", "continent:XX"], allow = ["apac"] }}], unknown-location = "maybe", without-ecs = "guess" }}
+
+[services.fine]
+tiers = [["eu", "us"]]
+residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}, {{ clients = ["DE"], allow = ["eu"] }}, {{ clients = ["continent:NA"], allow = ["us"] }}] }}
+
+[[overrides]]
+networks = ["10.0.0.0/8", "not-a-net"]
+region = "us"
+"#
+    );
+    let main = base_config(&extra);
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let text = messages.join("\n");
+    // DE is in `eu` (rule 1) and in `dach` (rule 2) with another allow list.
+    assert!(
+        text.contains(
+            "residency rules contradict: country DE is in rule 1 (as eu) and in rule 2 (as dach)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("country AT is in rule 1"), "{text}");
+    // Rule 2 of `fine` repeats DE with the same allow list: redundant, not contradictory.
+    assert!(!text.contains("rule 2 (as DE)"), "{text}");
+    assert!(
+        text.contains("\"mars\" is not a country (DE), a continent (continent:EU) or a group"),
+        "{text}"
+    );
+    assert!(text.contains("\"XX\" is not a continent code"), "{text}");
+    assert!(
+        text.contains("no region of this service carries jurisdiction \"apac\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"maybe\" is not \"any\", \"deny\" or a list of jurisdictions"),
+        "{text}"
+    );
+    assert!(
+        text.contains("without-ecs \"guess\" is not resolver or unknown"),
+        "{text}"
+    );
+    assert!(
+        text.contains("strategy proximity needs a location for region us"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"Germany\" is not a two-letter country code"),
+        "{text}"
+    );
+    assert!(
+        text.contains("region us has no location to pin clients to"),
+        "{text}"
+    );
+    let (l, c) = pos(&main, "\"dach\"]");
+    has(&errors, "inferdns.toml", l, c, "residency rules contradict");
+
+    // Residency and proximity need a GeoIP database; a broken one is refused.
+    let main = base_config(
+        "[regions.eu]\nendpoints = [{ address = \"192.0.2.1\" }]\njurisdictions = [\"eu\"]\nlocation = { lat = 50.0, lon = 8.0 }\n[services.chat]\ntiers = [[\"eu\"]]\nstrategy = \"proximity\"\nresidency = { rules = [{ clients = [\"eu\"], allow = [\"eu\"] }] }\n",
+    );
+    let (_f, errors) = load_errors(&main, ZONE, &[]);
+    let text: String = errors.iter().map(|e| e.message.clone() + "\n").collect();
+    assert!(
+        text.contains("strategy proximity needs [geoip] database"),
+        "{text}"
+    );
+    assert!(
+        text.contains("residency rules need [geoip] database"),
+        "{text}"
+    );
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    files.write("broken.mmdb", "not a database");
+    let path = files.write(
+        "inferdns.toml",
+        &format!("[geoip]\ndatabase = \"broken.mmdb\"\n{}", base_config("")),
+    );
+    let errors = config::load(&path).unwrap_err().0;
+    assert!(
+        errors[0]
+            .message
+            .contains("is not a valid MaxMind database"),
+        "{errors:?}"
+    );
+    assert_eq!((errors[0].line, errors[0].col), (2, 12));
+}

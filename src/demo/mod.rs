@@ -32,6 +32,9 @@ pub const MODEL: &str = "llama-3.1-8b-instruct";
 pub const SERVICE: &str = "chat.inference.example.com.";
 const PRIMARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 const SECONDARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 12);
+const EU_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 13);
+/// The demo's location-aware service.
+pub const GEO_SERVICE: &str = "geo.inference.example.com.";
 /// Longest wait for an answer to change before the demo gives up.
 const STEP_DEADLINE: Duration = Duration::from_secs(20);
 /// How often the demo asks the server while waiting for a change.
@@ -39,6 +42,8 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 
 const ZONE_FILE: &str = include_str!("../../zones/inference.example.com.zone");
 const CHAT_POLICY: &str = include_str!("../../policies/chat.toml");
+const GEO_POLICY: &str = include_str!("../../policies/geo.toml");
+const GEOIP_DB: &[u8] = include_bytes!("../../geoip/test-city.mmdb");
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -48,7 +53,8 @@ pub struct DemoOptions {
 }
 
 /// The built-in main config, with the simulated regions' probe ports.
-pub fn demo_config(dns_listen: SocketAddr, primary_port: u16, secondary_port: u16) -> String {
+pub fn demo_config(dns_listen: SocketAddr, ports: [u16; 3]) -> String {
+    let [primary, secondary, eu] = ports;
     format!(
         r#"# Written by `inferdns demo`.
 policy-dir = "policies"
@@ -63,11 +69,23 @@ file = "inference.example.com.zone"
 soa = {{ primary = "ns1.inference.example.com", contact = "hostmaster.inference.example.com", serial = 2026112301 }}
 ns = [{{ name = "ns1.inference.example.com", addresses = ["127.0.0.1"] }}]
 
+[geoip]
+database = "test-city.mmdb"
+
 [regions.us-east]
-endpoints = [{{ address = "{PRIMARY_IP}", port = {primary_port} }}]
+endpoints = [{{ address = "{PRIMARY_IP}", port = {primary} }}]
+location = {{ country = "US", lat = 38.90, lon = -77.04 }}
+jurisdictions = ["us"]
 
 [regions.us-west]
-endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary_port} }}]
+endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary} }}]
+location = {{ country = "US", lat = 37.77, lon = -122.42 }}
+jurisdictions = ["us"]
+
+[regions.eu-west]
+endpoints = [{{ address = "{EU_IP}", port = {eu} }}]
+location = {{ country = "IE", lat = 53.35, lon = -6.26 }}
+jurisdictions = ["eu"]
 "#
     )
 }
@@ -76,6 +94,8 @@ endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary_port} }}]
 pub fn write_demo_files(dir: &std::path::Path, main: &str) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::write(dir.join("policies/chat.toml"), CHAT_POLICY)?;
+    std::fs::write(dir.join("policies/geo.toml"), GEO_POLICY)?;
+    std::fs::write(dir.join("test-city.mmdb"), GEOIP_DB)?;
     std::fs::write(dir.join("inference.example.com.zone"), ZONE_FILE)?;
     let path = dir.join("inferdns.toml");
     std::fs::write(&path, main)?;
@@ -106,18 +126,22 @@ fn round3(x: f64) -> f64 {
 pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     let primary = SimRegion::start(SocketAddr::new(IpAddr::V4(PRIMARY_IP), 0), MODEL).await?;
     let secondary = SimRegion::start(SocketAddr::new(IpAddr::V4(SECONDARY_IP), 0), MODEL).await?;
+    let eu = SimRegion::start(SocketAddr::new(IpAddr::V4(EU_IP), 0), MODEL).await?;
     let dir = std::env::temp_dir().join(format!("inferdns-demo-{}", std::process::id()));
-    let path = write_demo_files(
-        &dir,
-        &demo_config(
-            opts.dns_listen,
-            primary.addr().port(),
-            secondary.addr().port(),
-        ),
-    )?;
+    let ports = [
+        primary.addr().port(),
+        secondary.addr().port(),
+        eu.addr().port(),
+    ];
+    let path = write_demo_files(&dir, &demo_config(opts.dns_listen, ports))?;
     let loaded = config::load(&path);
+    let started = match loaded {
+        Ok(config) => app::start(config, StartOptions::default()).await,
+        Err(e) => Err(e.into()),
+    };
+    // Everything is in memory now.
     let _ = std::fs::remove_dir_all(&dir);
-    let running = app::start(loaded?, StartOptions::default()).await?;
+    let running = started?;
     let dns = running.dns[0];
     let p = Printer {
         json: opts.json,
@@ -174,6 +198,14 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     )
     .await?;
 
+    // Location: an EU and a US client subnet ask the location-aware service.
+    for (who, subnet) in [("EU", "192.0.2.0/24"), ("US", "198.51.100.0/24")] {
+        let (answer, scope) = ask_subnet(dns, subnet).await?;
+        p.event(
+            json!({"event": "geo", "client": who, "subnet": subnet, "answer": answer, "scope": scope}),
+            format!("{GEO_SERVICE} A +subnet={subnet} ({who} client) -> {}   (ECS scope /{scope})", answer.join(" ")),
+        );
+    }
     let within = failover <= bound.as_secs_f64() && hung <= bound.as_secs_f64();
     let port = dns.port();
     let host = dns.ip();
@@ -184,6 +216,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         format!("dig @{host} -p {port} www.inference.example.com AAAA +norec"),
         format!("dig @{host} -p {port} nope.inference.example.com A +norec   # NXDOMAIN with SOA"),
         format!("dig @{host} -p {port} example.org A +norec                  # REFUSED"),
+        format!(
+            "dig @{host} -p {port} geo.inference.example.com A +subnet=192.0.2.0/24 +norec     # EU client: eu-west"
+        ),
+        format!(
+            "dig @{host} -p {port} geo.inference.example.com A +subnet=198.51.100.0/24 +norec  # US client: us-east"
+        ),
+        format!(
+            "dig @{host} -p {port} TXT _explain.geo.inference.example.com +subnet=192.0.2.0/24 +norec"
+        ),
         format!("curl -s http://{}/v1/status", running.admin),
     ];
     if opts.json {
@@ -229,6 +270,30 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     }
     running.shutdown();
     running.wait().await
+}
+
+/// Asks the location-aware service with an ECS subnet; returns the answer
+/// and the echoed scope.
+async fn ask_subnet(dns: SocketAddr, subnet: &str) -> Result<(Vec<String>, u8), AppError> {
+    use hickory_proto::op::Edns;
+    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+    let mut m = client::Ask::new(GEO_SERVICE, RecordType::A).message();
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    let subnet = subnet
+        .parse()
+        .map_err(|e| AppError::Demo(format!("{subnet}: {e}")))?;
+    edns.options_mut().insert(EdnsOption::Subnet(subnet));
+    m.set_edns(edns);
+    let bytes = m.to_vec().map_err(|e| AppError::Demo(e.to_string()))?;
+    let reply = client::exchange_udp(dns, &bytes, Duration::from_secs(2)).await?;
+    let reply =
+        hickory_proto::op::Message::from_vec(&reply).map_err(|e| AppError::Demo(e.to_string()))?;
+    let scope = match reply.edns.as_ref().and_then(|e| e.option(EdnsCode::Subnet)) {
+        Some(EdnsOption::Subnet(cs)) => cs.scope_prefix(),
+        _ => 0,
+    };
+    Ok((client::answer_strings(&reply), scope))
 }
 
 /// Applies `fault` at a random moment within one probe interval and
