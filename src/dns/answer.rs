@@ -450,3 +450,47 @@ fn cname_target(record: &Record) -> Option<LowerName> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(region: &str, coords: (f64, f64), latency_ms: f64) -> Candidate {
+        Candidate {
+            region: region.into(),
+            coords,
+            latency_ms,
+            a: Vec::new(),
+            aaaa: Vec::new(),
+            answered: None,
+        }
+    }
+
+    fn chosen(candidates: &[Candidate], client: (f64, f64), tolerance: f64) -> Vec<&str> {
+        nearest(candidates, client, tolerance)
+            .map(|c| c.region.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn proximity_ranks_by_distance_plus_measured_latency_within_the_band() {
+        let paris = (48.86, 2.35);
+        let regions = [
+            candidate("frankfurt", (50.11, 8.68), 1.0),
+            candidate("dublin", (53.35, -6.26), 1.0),
+            candidate("virginia", (38.90, -77.04), 1.0),
+        ];
+        // Frankfurt 478 km (~7 ms), Dublin 781 km (~12 ms), Virginia ~6,200 km.
+        assert_eq!(chosen(&regions, paris, 2.0), ["frankfurt"]);
+        assert_eq!(chosen(&regions, paris, 10.0), ["frankfurt", "dublin"]);
+        assert_eq!(chosen(&regions, paris, 1000.0).len(), 3);
+        // A slow region loses to a farther fast one.
+        let slow = [
+            candidate("frankfurt", (50.11, 8.68), 30.0),
+            candidate("dublin", (53.35, -6.26), 1.0),
+        ];
+        assert_eq!(chosen(&slow, paris, 2.0), ["dublin"]);
+        // From Tokyo, Virginia is nearer than Europe.
+        assert_eq!(chosen(&regions, (35.69, 139.69), 2.0), ["virginia"]);
+    }
+}

@@ -480,3 +480,59 @@ fn class_answer(
     };
     (answer, view)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ResidencyRule;
+    use crate::geo::code;
+
+    fn rule(countries: &[&str], continents: &[&str], tag: &str) -> ResidencyRule {
+        ResidencyRule {
+            countries: countries.iter().filter_map(|c| code(c)).collect(),
+            continents: continents.iter().filter_map(|c| code(c)).collect(),
+            allow: Allowed::Only(vec![tag.to_string()]),
+            label: tag.to_string(),
+        }
+    }
+
+    #[test]
+    fn residency_classes_by_country_then_continent_then_otherwise() {
+        let residency = Residency {
+            rules: vec![
+                rule(&["DE", "FR"], &[], "eu"),
+                rule(&[], &["NA"], "us"),
+                rule(&["CA"], &[], "ca"),
+            ],
+            otherwise: Allowed::Any,
+            unknown: Allowed::Deny,
+            without_ecs_unknown: false,
+        };
+        let index = ResidencyIndex::new(&residency);
+        assert_eq!(index.class(code("DE"), code("EU")), 0);
+        assert_eq!(index.class(code("US"), code("NA")), 1, "by continent");
+        assert_eq!(
+            index.class(code("CA"), code("NA")),
+            2,
+            "a country rule beats a continent rule"
+        );
+        assert_eq!(index.class(code("JP"), code("AS")), 3, "otherwise");
+        assert_eq!(index.class(code("GB"), None), 3);
+        assert_eq!(
+            index.class(None, code("EU")),
+            4,
+            "no country: unknown, whatever the continent"
+        );
+    }
+
+    #[test]
+    fn allowed_sets_match_any_tag() {
+        let eu = Allowed::Only(vec!["eu".into(), "gdpr".into()]);
+        assert!(allows(&eu, &["gdpr".into()]));
+        assert!(allows(&eu, &["us".into(), "eu".into()]));
+        assert!(!allows(&eu, &["us".into()]));
+        assert!(!allows(&eu, &[]));
+        assert!(allows(&Allowed::Any, &[]));
+        assert!(!allows(&Allowed::Deny, &["eu".into()]));
+    }
+}
