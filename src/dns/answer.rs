@@ -490,7 +490,8 @@ mod tests {
             candidate("dublin", (53.35, -6.26), 1.0),
         ];
         assert_eq!(chosen(&slow, paris, 2.0), ["dublin"]);
-        // From Tokyo, Virginia is nearer than Europe.
-        assert_eq!(chosen(&regions, (35.69, 139.69), 2.0), ["virginia"]);
+        // From New York, Virginia; from Tokyo, Frankfurt (9,300 km) beats Virginia (10,900 km).
+        assert_eq!(chosen(&regions, (40.71, -74.01), 2.0), ["virginia"]);
+        assert_eq!(chosen(&regions, (35.69, 139.69), 2.0), ["frankfurt"]);
     }
 }
