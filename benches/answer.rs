@@ -108,8 +108,9 @@ fn bench(c: &mut Criterion) {
     for endpoint in 0..4 {
         publisher.apply(Msg::Probe(ProbeReport {
             endpoint,
+            layer: inferdns::health::Layer::Alive,
             outcome: ProbeOutcome {
-                result: Ok(()),
+                result: Ok(inferdns::health::Payload::Alive),
                 elapsed: Duration::from_millis(1),
             },
         }));

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::geo::GeoDb;
-use crate::health::{HealthState, ProbeError, ProbeReport, Status};
+use crate::health::{HealthState, Layer, Payload, ProbeError, ProbeReport, Status};
 use crate::metrics::{Metrics, QueryTable};
 use crate::model::{self, EndpointIndex, EndpointInput, EndpointView, GeoView, Snapshot, Zone};
 
@@ -58,6 +58,9 @@ struct EndpointInfo {
     probe: String,
     rise: u32,
     fall: u32,
+    layers: Vec<Layer>,
+    cooldown: Duration,
+    slow_start: Duration,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -65,8 +68,18 @@ struct EndpointHealth {
     state: HealthState,
     last_error: Option<ProbeError>,
     since: Option<SystemTime>,
-    /// Smoothed probe time of successful probes, in ms.
+    /// Smoothed probe time of successful alive probes, in ms.
     latency_ms: Option<f64>,
+    /// L2: the model list probe, and the last list it read.
+    models_state: HealthState,
+    models: Option<Arc<[String]>>,
+    /// The synthetic completion probe and its smoothed time, in ms.
+    completion_state: HealthState,
+    completion_ms: Option<f64>,
+    /// Out of answers until then (429).
+    cooling_until: Option<Instant>,
+    /// Up again since then, after being down (slow start).
+    up_since: Option<Instant>,
 }
 
 /// Weight of a new probe time in the smoothed latency.
@@ -102,12 +115,23 @@ impl Loaded {
                     crate::config::Scheme::Http => "http",
                     crate::config::Scheme::Https => "https",
                 };
+                let mut layers = vec![Layer::Alive];
+                layers.extend(p.models.as_ref().map(|_| Layer::Models));
+                layers.extend(p.completion.as_ref().map(|_| Layer::Completion));
                 info.push(EndpointInfo {
                     region: region.id.clone(),
                     target: endpoint.target.to_string(),
-                    probe: format!("{scheme}://{}{}", p.addr, p.path),
+                    probe: match p.kind {
+                        crate::config::ProbeKind::Tcp => format!("tcp://{}", p.addr),
+                        crate::config::ProbeKind::Http => {
+                            format!("{scheme}://{}{}", p.addr, p.path)
+                        }
+                    },
                     rise: p.rise,
                     fall: p.fall,
+                    layers,
+                    cooldown: p.cooldown,
+                    slow_start: p.slow_start,
                 });
             }
         }
@@ -141,8 +165,8 @@ pub struct Publisher {
     drained: BTreeSet<String>,
     generation: u64,
     snapshot: Arc<ArcSwap<Snapshot>>,
-    /// Probe ids that have not reported since they were started.
-    pending_first: HashSet<u64>,
+    /// Probes (id, layer) that have not reported since they were started.
+    pending_first: HashSet<(u64, Layer)>,
     first_round: watch::Sender<bool>,
     /// Every endpoint has reported once; tell `first_round` after the next publish.
     first_round_due: bool,
@@ -178,7 +202,12 @@ impl Publisher {
         );
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let publisher = Self {
-            pending_first: loaded.ids.iter().copied().collect(),
+            pending_first: loaded
+                .ids
+                .iter()
+                .zip(&loaded.info)
+                .flat_map(|(id, info)| info.layers.iter().map(|l| (*id, *l)))
+                .collect(),
             metrics,
             loaded,
             health,
@@ -247,27 +276,23 @@ impl Publisher {
             // The last report of an endpoint that a reload removed.
             return false;
         };
+        let now = Instant::now();
         let info = &self.loaded.info[i];
         let h = &mut self.health[i];
-        let ok = report.outcome.result.is_ok();
-        let result_label = match &report.outcome.result {
-            Ok(()) => "ok",
-            Err(ProbeError::Refused) => "refused",
-            Err(ProbeError::Timeout) => "timeout",
-            Err(ProbeError::Status(_)) => "status",
-            Err(ProbeError::Tls(_)) => "tls",
-            Err(ProbeError::Transport(_)) => "transport",
+        let label = match &report.outcome.result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
         };
         self.metrics
             .probes
-            .with_label_values(&[info.region.as_str(), result_label])
+            .with_label_values(&[info.region.as_str(), label])
             .inc();
         self.metrics
             .probe_seconds
             .with_label_values(&[info.region.as_str()])
             .observe(report.outcome.elapsed.as_secs_f64());
         let mut changed = false;
-        if self.pending_first.remove(&report.endpoint)
+        if self.pending_first.remove(&(report.endpoint, report.layer))
             && self.pending_first.is_empty()
             && !*self.first_round.borrow()
         {
@@ -275,30 +300,82 @@ impl Publisher {
             self.first_round_due = true;
             changed = true;
         }
-        if let Some(status) = h.state.observe(ok, info.rise, info.fall) {
-            h.since = Some(SystemTime::now());
+        // 429: rate limited is not dead. Out of answers for the cool-down,
+        // and back afterwards without a rise count.
+        if let Err(ProbeError::RateLimited { retry_after_s }) = &report.outcome.result {
+            let pause = retry_after_s.map_or(info.cooldown, Duration::from_secs);
+            let until = now + pause;
+            if h.cooling_until.is_none_or(|u| u < until) {
+                if h.cooling_until.is_none_or(|u| u <= now) {
+                    tracing::info!(
+                        region = %info.region, endpoint = %info.target, cooldown = ?pause,
+                        "Endpoint rate limited; out of answers for the cool-down."
+                    );
+                }
+                h.cooling_until = Some(until);
+                changed = true;
+            }
+            if let Err(e) = report.outcome.result
+                && h.last_error.as_ref() != Some(&e)
+            {
+                h.last_error = Some(e);
+            }
+            return changed;
+        }
+        let ok = report.outcome.result.is_ok();
+        let (state, what) = match report.layer {
+            Layer::Alive => (&mut h.state, "alive"),
+            Layer::Models => (&mut h.models_state, "model list"),
+            Layer::Completion => (&mut h.completion_state, "completion"),
+        };
+        let before = state.status;
+        if let Some(status) = state.observe(ok, info.rise, info.fall) {
             changed = true;
-            self.metrics
-                .endpoint_up
-                .with_label_values(&[info.region.as_str(), info.target.as_str()])
-                .set(i64::from(status == Status::Up));
+            if report.layer == Layer::Alive {
+                h.since = Some(SystemTime::now());
+                self.metrics
+                    .endpoint_up
+                    .with_label_values(&[info.region.as_str(), info.target.as_str()])
+                    .set(i64::from(status == Status::Up));
+                // Back after being down: ramp its share up (slow start).
+                if before == Status::Down && status == Status::Up && !info.slow_start.is_zero() {
+                    h.up_since = Some(now);
+                }
+            }
             match &report.outcome.result {
                 Err(e) => tracing::info!(
-                    region = %info.region, endpoint = %info.target, status = "down", reason = %e,
+                    region = %info.region, endpoint = %info.target, probe = what, status = "down", reason = %e,
                     "Endpoint is down."
                 ),
-                Ok(()) => tracing::info!(
-                    region = %info.region, endpoint = %info.target, status = "up",
+                Ok(_) => tracing::info!(
+                    region = %info.region, endpoint = %info.target, probe = what, status = "up",
                     "Endpoint is up."
                 ),
             }
         }
-        if ok {
-            let sample = report.outcome.elapsed.as_secs_f64() * 1000.0;
-            h.latency_ms = Some(match h.latency_ms {
-                Some(old) => old + LATENCY_SMOOTHING * (sample - old),
-                None => sample,
-            });
+        match &report.outcome.result {
+            Ok(Payload::Models(models)) => {
+                if h.models.as_deref() != Some(models.as_slice()) {
+                    tracing::info!(region = %info.region, endpoint = %info.target, models = ?models, "Endpoint model list changed.");
+                    h.models = Some(models.clone().into());
+                    changed = true;
+                }
+            }
+            Ok(Payload::Completion) => {
+                let sample = report.outcome.elapsed.as_secs_f64() * 1000.0;
+                h.completion_ms = Some(
+                    h.completion_ms
+                        .map_or(sample, |old| old + LATENCY_SMOOTHING * (sample - old)),
+                );
+            }
+            Ok(Payload::Alive) => {
+                let sample = report.outcome.elapsed.as_secs_f64() * 1000.0;
+                h.latency_ms = Some(
+                    h.latency_ms
+                        .map_or(sample, |old| old + LATENCY_SMOOTHING * (sample - old)),
+                );
+            }
+            Err(_) => {}
         }
         if let Err(e) = report.outcome.result
             && h.last_error.as_ref() != Some(&e)
@@ -309,24 +386,48 @@ impl Publisher {
         if ok {
             // Republish only when the region's latency moved noticeably.
             let r = self.loaded.region_of[i];
-            let now = region_latency_of(&self.loaded, &self.health, r);
+            let now_ms = region_latency_of(&self.loaded, &self.health, r);
             let then = self.published_latency.get(r).copied().unwrap_or(0.0);
-            if (now - then).abs() > (0.2 * then).max(2.0) {
+            if (now_ms - then).abs() > (0.2 * then).max(2.0) {
                 changed = true;
             }
         }
         changed
     }
 
+    /// When the next cool-down ends or slow-start step is due, if any.
+    fn next_wake(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            if t > now && next.is_none_or(|n| t < n) {
+                next = Some(t);
+            }
+        };
+        for (h, info) in self.health.iter().zip(&self.loaded.info) {
+            if let Some(until) = h.cooling_until {
+                consider(until);
+            }
+            if let Some(since) = h.up_since
+                && now < since + info.slow_start
+            {
+                // Twenty steps per ramp, at least 100 ms apart.
+                consider(now + (info.slow_start / 20).max(Duration::from_millis(100)));
+            }
+        }
+        next
+    }
+
     fn apply_reload(&mut self, config: Arc<Config>, ids: Vec<u64>, done: oneshot::Sender<u64>) {
         let next = Loaded::new(config, ids, &self.metrics);
         // Endpoints that did not change keep their state (matched by probe id).
         let mut health = Vec::with_capacity(next.ids.len());
-        for id in &next.ids {
+        for (id, info) in next.ids.iter().zip(&next.info) {
             match self.loaded.by_id.get(id) {
                 Some(&old) => health.push(self.health[old].clone()),
                 None => {
-                    self.pending_first.insert(*id);
+                    self.pending_first
+                        .extend(info.layers.iter().map(|l| (*id, *l)));
                     health.push(EndpointHealth::default());
                 }
             }
@@ -338,7 +439,7 @@ impl Publisher {
                     .metrics
                     .endpoint_up
                     .remove_label_values(&[info.region.as_str(), info.target.as_str()]);
-                self.pending_first.remove(id);
+                self.pending_first.retain(|(pending, _)| pending != id);
             }
         }
         let (old_services, new_services) = (
@@ -372,7 +473,7 @@ impl Publisher {
         let new_pending = self
             .pending_first
             .iter()
-            .any(|id| self.loaded.by_id.contains_key(id));
+            .any(|(id, _)| self.loaded.by_id.contains_key(id));
         if self.deferred.is_some() && (force || !new_pending || self.first_round_pending()) {
             let deferred = self.deferred.take().expect("checked above");
             self.publish_now();
@@ -437,8 +538,14 @@ impl Publisher {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
         loop {
             let deadline = self.deferred.as_ref().map(|d| d.deadline);
+            let wake = self.next_wake();
             let msg = tokio::select! {
                 () = cancel.cancelled() => return,
+                () = sleep_until_some(wake) => {
+                    // A cool-down ended or a slow-start step is due.
+                    self.publish();
+                    continue;
+                }
                 () = sleep_until_some(deadline) => {
                     tracing::warn!("Reloaded endpoints did not all answer their first probe in time; serving the new config anyway.");
                     self.settle(true);
@@ -500,6 +607,7 @@ fn build(
         .iter()
         .map(|h| h.last_error.as_ref().map(ToString::to_string))
         .collect();
+    let now = Instant::now();
     let inputs: Vec<EndpointInput<'_>> = health
         .iter()
         .zip(&loaded.info)
@@ -508,6 +616,27 @@ fn build(
             status: h.state.status,
             last_error: error.as_deref(),
             drained: drained.contains(&info.region),
+            cooling_s: h
+                .cooling_until
+                .filter(|u| *u > now)
+                .map(|u| (u - now).as_secs_f64()),
+            models: info
+                .layers
+                .contains(&Layer::Models)
+                .then(|| match h.models_state.status {
+                    Status::Up => h.models.as_deref().unwrap_or(&[]),
+                    _ => &[],
+                }),
+            completion_ok: !info.layers.contains(&Layer::Completion)
+                || h.completion_state.status == Status::Up,
+            slow_start: h
+                .up_since
+                .filter(|_| !info.slow_start.is_zero())
+                .map(|since| {
+                    ((now - since).as_secs_f64() / info.slow_start.as_secs_f64()).clamp(0.1, 1.0)
+                })
+                .unwrap_or(1.0),
+            latency_ms: h.completion_ms.or(h.latency_ms),
         })
         .collect();
     let mut services = Vec::with_capacity(config.services.len());
@@ -528,6 +657,9 @@ fn build(
             probe: info.probe.clone(),
             status: h.state.status,
             drained: drained.contains(&info.region),
+            models: h.models.as_deref().map(<[String]>::to_vec),
+            cooling: h.cooling_until.is_some_and(|u| u > now),
+            latency_ms: h.completion_ms.or(h.latency_ms),
             last_error,
             since_unix_s: h
                 .since
@@ -689,8 +821,13 @@ tiers = [["primary"], ["secondary"]]
     fn report(endpoint: u64, ok: bool) -> Msg {
         Msg::Probe(ProbeReport {
             endpoint,
+            layer: Layer::Alive,
             outcome: crate::health::ProbeOutcome {
-                result: if ok { Ok(()) } else { Err(ProbeError::Refused) },
+                result: if ok {
+                    Ok(Payload::Alive)
+                } else {
+                    Err(ProbeError::Refused)
+                },
                 elapsed: Duration::from_millis(1),
             },
         })

@@ -39,6 +39,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         errors: Vec::new(),
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         cname_targets: Vec::new(),
+        fallbacks: Vec::new(),
     };
     let config = checker.main(&source, &file);
     match config {
@@ -71,6 +72,8 @@ pub(super) struct Checker {
     pub(super) base: PathBuf,
     /// CNAME endpoint targets with their places, checked against the zone.
     cname_targets: Vec<(Name, ConfigError)>,
+    /// (service id, fallback service id, place), resolved once all services are known.
+    fallbacks: Vec<(String, String, ConfigError)>,
 }
 
 /// What service checks need to know about the rest of the config.
@@ -140,7 +143,8 @@ impl Checker {
                 self.policy_dir(src, dir, &ctx, &mut services);
             }
         }
-        let services = self.cross_check_services(services, zone.as_ref());
+        let mut services = self.cross_check_services(services, zone.as_ref());
+        self.resolve_fallbacks(&mut services);
         Some(Config {
             server: server?,
             zone: zone?,
@@ -607,6 +611,7 @@ impl Checker {
         {
             self.err(src, sni.span(), "tls-server-name needs scheme = \"https\"");
         }
+        let layers = self.layers(src, p)?;
         Some(ProbeSpec {
             addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
             scheme,
@@ -618,6 +623,13 @@ impl Checker {
             fall: fall?,
             host: p.host.as_ref().map(|h| h.get_ref().clone()),
             tls_server_name: p.tls_server_name.as_ref().map(|s| s.get_ref().clone()),
+            kind: layers.kind,
+            models: layers.models,
+            completion: layers.completion,
+            ca_pem: layers.ca_pem,
+            api_key: layers.api_key,
+            cooldown: layers.cooldown,
+            slow_start: layers.slow_start,
         })
     }
 
@@ -792,6 +804,20 @@ impl Checker {
             Some(r) => self.residency(src, r, &tiers, ctx, span.clone()),
             None => None,
         };
+        let max_latency = match &s.max_latency {
+            Some(l) => self.duration(
+                src,
+                l,
+                "max-latency",
+                Duration::from_millis(1),
+                Duration::from_secs(600),
+            ),
+            None => None,
+        };
+        if let Some(f) = &s.fallback {
+            self.fallbacks
+                .push((id.to_string(), f.get_ref().clone(), src.error(f.span(), "")));
+        }
         Some(Service {
             id: id.to_string(),
             name,
@@ -800,7 +826,56 @@ impl Checker {
             when_all_down,
             strategy,
             residency,
+            model: s.model.as_ref().map(|m| m.get_ref().clone()),
+            fallback: None,
+            max_latency,
         })
+    }
+
+    /// Turns fallback ids into indexes; refuses unknown ids and loops.
+    fn resolve_fallbacks(&mut self, services: &mut [Service]) {
+        for (id, target, place) in std::mem::take(&mut self.fallbacks) {
+            let Some(from) = services.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            match services.iter().position(|s| s.id == target) {
+                Some(to) if to == from => self.errors.push(ConfigError {
+                    message: format!("service {id} cannot fall back to itself"),
+                    ..place
+                }),
+                Some(to) => services[from].fallback = Some(to),
+                None => self.errors.push(ConfigError {
+                    message: format!("service {id} falls back to unknown service {target:?}"),
+                    ..place
+                }),
+            }
+        }
+        // A chain that comes back to where it started would CNAME forever.
+        for start in 0..services.len() {
+            let mut seen = vec![start];
+            let mut at = services[start].fallback;
+            while let Some(next) = at {
+                if seen.contains(&next) {
+                    if next == start {
+                        let chain: Vec<&str> =
+                            seen.iter().map(|&i| services[i].id.as_str()).collect();
+                        self.errors.push(ConfigError {
+                            file: PathBuf::from("(services)"),
+                            line: 0,
+                            col: 0,
+                            message: format!(
+                                "fallback loop: {} -> {}",
+                                chain.join(" -> "),
+                                services[start].id
+                            ),
+                        });
+                    }
+                    break;
+                }
+                seen.push(next);
+                at = services[next].fallback;
+            }
+        }
     }
 
     /// Rejects duplicate service names and names that the zone already uses.

@@ -290,6 +290,37 @@ pub struct ProbeSection {
     pub host: Option<Spanned<String>>,
     /// TLS server name (SNI and certificate name) for https.
     pub tls_server_name: Option<Spanned<String>>,
+    /// `http` (default) or `tcp` (a connect is enough) for the alive probe.
+    pub kind: Option<Spanned<String>>,
+    /// Model list (`/v1/models`, or Ollama's `/api/tags`); none: not checked.
+    pub models_path: Option<Spanned<String>>,
+    /// How often the model list is read. Default 2s.
+    pub models_interval: Option<Spanned<String>>,
+    /// A synthetic one-token completion (costs GPU time: keep it slow).
+    pub completion: Option<CompletionSection>,
+    /// PEM file of a private CA to trust for https probes.
+    pub ca_file: Option<Spanned<String>>,
+    /// File holding an API key, sent as `Authorization: Bearer`.
+    pub api_key_file: Option<Spanned<String>>,
+    /// Environment variable holding the API key.
+    pub api_key_env: Option<Spanned<String>>,
+    /// How long a 429 without Retry-After takes an endpoint out. Default 10s.
+    pub cooldown: Option<Spanned<String>>,
+    /// A recovered endpoint's share of answers ramps up over this. Default 0s (off).
+    pub slow_start: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CompletionSection {
+    /// The model to ask.
+    pub model: Spanned<String>,
+    /// Default `/v1/chat/completions`.
+    pub path: Option<Spanned<String>>,
+    /// Default 30s.
+    pub interval: Option<Spanned<String>>,
+    /// Default 5s.
+    pub timeout: Option<Spanned<String>>,
 }
 
 /// One service: inline in the main file or a whole policy file.
@@ -312,4 +343,12 @@ pub struct ServiceSection {
     pub proximity_tolerance: Option<Spanned<String>>,
     /// Data residency: which clients may be sent to which jurisdictions.
     pub residency: Option<ResidencySection>,
+    /// The model id this service needs; endpoints whose model list lacks it
+    /// do not answer for it.
+    pub model: Option<Spanned<String>>,
+    /// Service id to answer (as a CNAME) when no region can serve this one.
+    pub fallback: Option<Spanned<String>>,
+    /// Above this smoothed latency (completion, else probe) an endpoint's
+    /// share of answers is lowered (degraded), not removed.
+    pub max_latency: Option<Spanned<String>>,
 }

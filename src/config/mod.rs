@@ -7,6 +7,7 @@
 
 mod check;
 pub mod file;
+mod probes;
 mod residency;
 mod zonefile;
 
@@ -113,7 +114,7 @@ pub struct ServerConfig {
 }
 
 /// A value that never shows in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(pub String);
 
 impl fmt::Debug for Secret {
@@ -196,6 +197,36 @@ pub struct ProbeSpec {
     pub fall: u32,
     pub host: Option<String>,
     pub tls_server_name: Option<String>,
+    pub kind: ProbeKind,
+    pub models: Option<ModelsSpec>,
+    pub completion: Option<CompletionSpec>,
+    /// A private CA (PEM) to trust.
+    pub ca_pem: Option<Vec<u8>>,
+    pub api_key: Option<Secret>,
+    /// Cool-down after a 429 without Retry-After.
+    pub cooldown: Duration,
+    /// Ramp of a recovered endpoint's share; zero is off.
+    pub slow_start: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelsSpec {
+    pub path: String,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CompletionSpec {
+    pub path: String,
+    pub model: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// What a service answers when none of its endpoints is fit.
@@ -220,6 +251,10 @@ pub struct Service {
     pub when_all_down: AllDown,
     pub strategy: Strategy,
     pub residency: Option<Residency>,
+    pub model: Option<String>,
+    /// Index of the fallback service.
+    pub fallback: Option<usize>,
+    pub max_latency: Option<Duration>,
 }
 
 /// One problem found while loading, with its place.

@@ -423,14 +423,43 @@ fn service_records<'a>(
                 out.answered.extend(c.answered.iter());
             }
         }
-        // Failover, or a client we cannot place: the whole winning tier.
+        // Failover, or a client we cannot place: the winning tier, each
+        // record drawn with its share (slow start, degraded).
         _ => {
-            out.answers
-                .extend(pick(&class.a, &class.aaaa).iter().map(Cow::Borrowed));
+            let records = pick(&class.a, &class.aaaa);
+            let weights = if std::ptr::eq(records, &class.a[..]) {
+                &class.a_weights
+            } else {
+                &class.aaaa_weights
+            };
+            push_weighted(out, records, weights);
             out.answered.extend(class.answered.iter());
         }
     }
     None
+}
+
+/// Every record when `weights` is empty; else each record with probability
+/// equal to its weight, and at least the heaviest one.
+fn push_weighted<'a>(out: &mut Answer<'a>, records: &'a [Record], weights: &[f64]) {
+    if weights.is_empty() {
+        out.answers.extend(records.iter().map(Cow::Borrowed));
+        return;
+    }
+    let before = out.answers.len();
+    for (record, weight) in records.iter().zip(weights) {
+        if *weight >= 1.0 || rand::random::<f64>() < *weight {
+            out.answers.push(Cow::Borrowed(record));
+        }
+    }
+    if out.answers.len() == before
+        && let Some((record, _)) = records
+            .iter()
+            .zip(weights)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+    {
+        out.answers.push(Cow::Borrowed(record));
+    }
 }
 
 fn push_set<'a>(out: &mut Answer<'a>, set: &'a RrSet, owner: Option<&Name>) {

@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::AppError;
-pub use probe::{HttpProbe, Probe, ProbeError, ProbeOutcome};
+pub use probe::{Layer, Payload, Probe, ProbeError, ProbeOutcome};
 pub use state::{HealthState, Status};
 
 /// One probe result for the endpoint with this probe id.
 #[derive(Debug, Clone)]
 pub struct ProbeReport {
     pub endpoint: u64,
+    pub layer: Layer,
     pub outcome: ProbeOutcome,
 }
 
@@ -66,11 +67,13 @@ pub async fn probe_loop<P, M>(
             () = cancel.cancelled() => return,
             outcome = probe::run_once(&probe, schedule.timeout) => outcome,
         };
-        if tx
-            .send(ProbeReport { endpoint, outcome }.into())
-            .await
-            .is_err()
-        {
+        let layer = probe.layer();
+        let report = ProbeReport {
+            endpoint,
+            layer,
+            outcome,
+        };
+        if tx.send(report.into()).await.is_err() {
             return;
         }
         next = started + jittered(schedule.interval);
@@ -126,17 +129,14 @@ impl ProbeSet {
                     keep.insert(key, (*id, token.clone()));
                     continue;
                 }
-                let probe = HttpProbe::new(&endpoint.probe).map_err(|source| AppError::Probe {
-                    endpoint: format!("{} in region {}", endpoint.target, region.id),
-                    source,
-                })?;
+                let probes =
+                    probe::probes_for(&endpoint.probe).map_err(|source| AppError::Probe {
+                        endpoint: format!("{} in region {}", endpoint.target, region.id),
+                        source,
+                    })?;
                 let id = self.next_id + start.len() as u64;
                 ids.push(id);
-                let schedule = Schedule {
-                    interval: endpoint.probe.interval,
-                    timeout: endpoint.probe.timeout,
-                };
-                start.push((key, id, probe, schedule));
+                start.push((key, id, probes));
             }
         }
         self.next_id += start.len() as u64;
@@ -145,9 +145,13 @@ impl ProbeSet {
                 token.cancel();
             }
         }
-        for (key, id, probe, schedule) in start {
+        for (key, id, probes) in start {
             let token = self.cancel.child_token();
-            tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+            // One loop per layer, each on its own schedule.
+            for (probe, interval, timeout) in probes {
+                let schedule = Schedule { interval, timeout };
+                tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+            }
             keep.insert(key, (id, token));
         }
         self.running = keep;
@@ -182,9 +186,13 @@ pub(crate) mod testing {
     }
 
     impl Probe for Scripted {
-        async fn check(&self) -> Result<(), ProbeError> {
+        fn layer(&self) -> super::Layer {
+            super::Layer::Alive
+        }
+
+        async fn check(&self) -> Result<super::Payload, ProbeError> {
             match self.0.load(Ordering::SeqCst) {
-                Self::OK => Ok(()),
+                Self::OK => Ok(super::Payload::Alive),
                 Self::REFUSE => Err(ProbeError::Refused),
                 _ => std::future::pending().await,
             }
@@ -214,7 +222,7 @@ mod tests {
         let mut times = Vec::new();
         for _ in 0..6 {
             let report = rx.recv().await.unwrap();
-            assert_eq!(report.outcome.result, Ok(()));
+            assert_eq!(report.outcome.result, Ok(Payload::Alive));
             times.push(t0.elapsed());
         }
         cancel.cancel();

@@ -1,36 +1,92 @@
-//! One HTTP(S) health probe of one endpoint, with typed failures.
+//! The probes of one endpoint, with typed failures.
 //!
-//! The probe connects to the endpoint's configured address: URLs carry the
-//! IP, or a name that is pinned to that IP with `resolve`, so no DNS lookup
-//! ever happens. Connections are not pooled: each probe tests a fresh
-//! connect, the way a new client would meet the endpoint.
+//! - L1 alive: an HTTP GET of a health path (or a TCP connect);
+//! - L2 ready: `GET /v1/models` (OpenAI list, or Ollama's `/api/tags`
+//!   shape), giving the model ids the endpoint serves;
+//! - a synthetic completion (`max_tokens: 1`) that must return content.
+//!
+//! Every probe connects to the endpoint's configured address: URLs carry
+//! the IP, or a name pinned to that IP with `resolve`, so no DNS lookup ever
+//! happens. Connections are not pooled (each probe tests a fresh connect),
+//! bodies are read up to a bound, and a global cap limits probes in flight.
 
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
+use serde::Serialize;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use serde::Serialize;
-
-use crate::config::{ProbeSpec, Scheme};
+use crate::config::{ProbeKind, ProbeSpec, Scheme, Secret};
 
 /// User-Agent of every probe, so backends can tell probes from users.
 pub const USER_AGENT: &str = concat!("inferdns/", env!("CARGO_PKG_VERSION"), " (health probe)");
+/// Largest body a probe reads; a backend that sends more (or streams
+/// forever) fails the probe instead of hurting us.
+pub const MAX_BODY: usize = 256 * 1024;
+/// Probes in flight at once, over all endpoints.
+pub const MAX_IN_FLIGHT: usize = 512;
 
-/// Why a probe failed.
+/// Which probe of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    Alive,
+    Models,
+    Completion,
+}
+
+/// What a successful probe learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    Alive,
+    /// Model ids the endpoint lists.
+    Models(Vec<String>),
+    Completion,
+}
+
+/// Why a probe failed; each type has its own rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "detail")]
 pub enum ProbeError {
     /// Connection refused or reset: nothing listens.
     Refused,
-    /// No complete answer within the timeout (hung or overloaded backend).
+    /// No complete answer within the timeout (hung, overloaded, slow drip).
     Timeout,
-    /// An HTTP status other than the expected one.
+    /// 429: rate limited. Not dead: cooled down, then back without a rise count.
+    RateLimited { retry_after_s: Option<u64> },
+    /// 503: loading or overloaded.
+    Unavailable,
+    /// Another 5xx.
+    ServerError(u16),
+    /// Any other unexpected status.
     Status(u16),
+    /// A completion answered 200 without content.
+    EmptyCompletion,
+    /// A body that is not what the API promises (or too large).
+    Malformed(String),
     /// TLS handshake or certificate failure.
     Tls(String),
     /// Any other transport error.
     Transport(String),
+}
+
+impl ProbeError {
+    /// The metric label of the type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProbeError::Refused => "refused",
+            ProbeError::Timeout => "timeout",
+            ProbeError::RateLimited { .. } => "rate_limited",
+            ProbeError::Unavailable => "unavailable",
+            ProbeError::ServerError(_) => "server_error",
+            ProbeError::Status(_) => "status",
+            ProbeError::EmptyCompletion => "empty_completion",
+            ProbeError::Malformed(_) => "malformed",
+            ProbeError::Tls(_) => "tls",
+            ProbeError::Transport(_) => "transport",
+        }
+    }
 }
 
 impl std::fmt::Display for ProbeError {
@@ -38,7 +94,17 @@ impl std::fmt::Display for ProbeError {
         match self {
             ProbeError::Refused => write!(f, "connection refused"),
             ProbeError::Timeout => write!(f, "timed out"),
+            ProbeError::RateLimited {
+                retry_after_s: Some(s),
+            } => write!(f, "HTTP 429 rate limited (Retry-After {s} s)"),
+            ProbeError::RateLimited {
+                retry_after_s: None,
+            } => write!(f, "HTTP 429 rate limited"),
+            ProbeError::Unavailable => write!(f, "HTTP 503 unavailable (loading or overloaded)"),
+            ProbeError::ServerError(s) => write!(f, "HTTP {s} server error"),
             ProbeError::Status(s) => write!(f, "HTTP status {s}"),
+            ProbeError::EmptyCompletion => write!(f, "completion returned no content"),
+            ProbeError::Malformed(e) => write!(f, "malformed answer: {e}"),
             ProbeError::Tls(e) => write!(f, "TLS: {e}"),
             ProbeError::Transport(e) => write!(f, "transport: {e}"),
         }
@@ -48,23 +114,17 @@ impl std::fmt::Display for ProbeError {
 /// The result of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeOutcome {
-    pub result: Result<(), ProbeError>,
+    pub result: Result<Payload, ProbeError>,
     /// Time from start to the answer (or to the failure).
     pub elapsed: Duration,
 }
 
-/// Anything that can check one endpoint once. The scheduler applies the
-/// timeout; an implementation may take as long as the backend makes it.
+/// Anything that can check one layer of one endpoint once. The scheduler
+/// applies the timeout; an implementation may take as long as the backend
+/// makes it.
 pub trait Probe: Send + Sync + 'static {
-    fn check(&self) -> impl std::future::Future<Output = Result<(), ProbeError>> + Send;
-}
-
-/// The HTTP(S) probe of one endpoint.
-pub struct HttpProbe {
-    client: reqwest::Client,
-    url: String,
-    host: Option<String>,
-    expect_status: Option<u16>,
+    fn layer(&self) -> Layer;
+    fn check(&self) -> impl std::future::Future<Output = Result<Payload, ProbeError>> + Send;
 }
 
 /// reqwest is built without a default crypto provider; install ring once.
@@ -76,42 +136,62 @@ pub fn install_crypto_provider() {
     });
 }
 
-impl HttpProbe {
-    pub fn new(spec: &ProbeSpec) -> Result<Self, reqwest::Error> {
+/// An HTTP client bound to one endpoint's address.
+#[derive(Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    /// `scheme://authority:port`
+    base: String,
+    host: Option<String>,
+    api_key: Option<Secret>,
+}
+
+impl Http {
+    pub fn new(spec: &ProbeSpec, timeout: Duration) -> Result<Self, reqwest::Error> {
         install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .no_proxy()
             .pool_max_idle_per_host(0)
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(spec.timeout)
-            .timeout(spec.timeout);
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        if let Some(pem) = &spec.ca_pem {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+        }
         let port = spec.addr.port();
         let (scheme, authority) = match spec.scheme {
             Scheme::Http => ("http", bracket(spec.addr.ip())),
-            Scheme::Https => {
-                let name = spec.tls_server_name.clone().or_else(|| spec.host.clone());
-                match name {
-                    Some(name) => {
-                        // Pin the name to the endpoint's address: no DNS lookup happens.
-                        builder = builder.resolve(&name, spec.addr);
-                        ("https", name)
-                    }
-                    None => ("https", bracket(spec.addr.ip())),
+            Scheme::Https => match spec.tls_server_name.clone().or_else(|| spec.host.clone()) {
+                Some(name) => {
+                    // Pin the name to the endpoint's address: no DNS lookup happens.
+                    builder = builder.resolve(&name, spec.addr);
+                    ("https", name)
                 }
-            }
+                None => ("https", bracket(spec.addr.ip())),
+            },
         };
-        let url = format!("{scheme}://{authority}:{port}{}", spec.path);
         Ok(Self {
             client: builder.build()?,
-            url,
+            base: format!("{scheme}://{authority}:{port}"),
             host: spec.host.clone(),
-            expect_status: spec.expect_status,
+            api_key: spec.api_key.clone(),
         })
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(host) = &self.host {
+            request = request.header(reqwest::header::HOST, host);
+        }
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(&key.0);
+        }
+        request
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
     }
 }
 
@@ -122,13 +202,57 @@ fn bracket(ip: std::net::IpAddr) -> String {
     }
 }
 
-impl Probe for HttpProbe {
-    async fn check(&self) -> Result<(), ProbeError> {
-        let mut request = self.client.get(&self.url);
-        if let Some(host) = &self.host {
-            request = request.header(reqwest::header::HOST, host);
+/// Maps an unexpected status to its failure type.
+fn status_error(response: &reqwest::Response) -> ProbeError {
+    let status = response.status().as_u16();
+    match status {
+        429 => ProbeError::RateLimited {
+            retry_after_s: response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        },
+        503 => ProbeError::Unavailable,
+        500..=599 => ProbeError::ServerError(status),
+        _ => ProbeError::Status(status),
+    }
+}
+
+/// Reads at most [`MAX_BODY`] bytes of a body.
+async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ProbeError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(ProbeError::Malformed(format!(
+                "body larger than {} KiB",
+                MAX_BODY / 1024
+            )));
         }
-        let response = request.send().await.map_err(classify)?;
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// L1 over HTTP: the health path answers the expected status.
+pub struct AliveProbe {
+    pub http: Http,
+    pub path: String,
+    pub expect_status: Option<u16>,
+}
+
+impl Probe for AliveProbe {
+    fn layer(&self) -> Layer {
+        Layer::Alive
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        let response = self
+            .http
+            .request(reqwest::Method::GET, &self.path)
+            .send()
+            .await
+            .map_err(classify)?;
         let status = response.status().as_u16();
         let ok = match self.expect_status {
             Some(wanted) => status == wanted,
@@ -136,9 +260,205 @@ impl Probe for HttpProbe {
         };
         // The body is not read: dropping the response closes the connection.
         if ok {
-            Ok(())
+            Ok(Payload::Alive)
         } else {
-            Err(ProbeError::Status(status))
+            Err(status_error(&response))
+        }
+    }
+}
+
+/// L1 over TCP: a connect succeeds.
+pub struct TcpProbe {
+    pub addr: std::net::SocketAddr,
+}
+
+impl Probe for TcpProbe {
+    fn layer(&self) -> Layer {
+        Layer::Alive
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map(|_| Payload::Alive)
+            .map_err(|e| classify_io(&e).unwrap_or_else(|| ProbeError::Transport(e.to_string())))
+    }
+}
+
+/// L2: the models the endpoint lists.
+pub struct ModelsProbe {
+    pub http: Http,
+    pub path: String,
+}
+
+impl Probe for ModelsProbe {
+    fn layer(&self) -> Layer {
+        Layer::Models
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        let response = self
+            .http
+            .request(reqwest::Method::GET, &self.path)
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(status_error(&response));
+        }
+        let body = read_body(response).await?;
+        parse_models(&body).map(Payload::Models)
+    }
+}
+
+/// Model ids from an OpenAI-style list (`data[].id`) or Ollama's `/api/tags`
+/// (`models[].name` / `models[].model`); llama.cpp sends both.
+pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ProbeError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ProbeError::Malformed(format!("model list is not JSON: {e}")))?;
+    let mut ids = Vec::new();
+    if let Some(data) = v.get("data").and_then(|d| d.as_array()) {
+        ids.extend(
+            data.iter()
+                .filter_map(|m| m.get("id")?.as_str().map(str::to_string)),
+        );
+    }
+    if let Some(models) = v.get("models").and_then(|d| d.as_array()) {
+        for m in models {
+            for key in ["name", "model"] {
+                if let Some(id) = m.get(key).and_then(|x| x.as_str()) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+    }
+    if ids.is_empty() && v.get("data").is_none() && v.get("models").is_none() {
+        return Err(ProbeError::Malformed(
+            "model list has neither `data` nor `models`".into(),
+        ));
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// A one-token chat completion that must return content.
+pub struct CompletionProbe {
+    pub http: Http,
+    pub path: String,
+    pub model: String,
+}
+
+impl Probe for CompletionProbe {
+    fn layer(&self) -> Layer {
+        Layer::Completion
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        let body = serde_json::json!({
+            "model": self.model,
+            "messages": [{ "role": "user", "content": "ping" }],
+            "max_tokens": 1,
+            "stream": false,
+        });
+        let response = self
+            .http
+            .request(reqwest::Method::POST, &self.path)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(status_error(&response));
+        }
+        let body = read_body(response).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ProbeError::Malformed(format!("completion is not JSON: {e}")))?;
+        let choice = v.get("choices").and_then(|c| c.get(0));
+        let content = choice
+            .and_then(|c| {
+                c.get("message")
+                    .and_then(|m| m.get("content"))
+                    .or_else(|| c.get("text"))
+            })
+            .and_then(|c| c.as_str());
+        match content {
+            Some(text) if !text.is_empty() => Ok(Payload::Completion),
+            Some(_) => Err(ProbeError::EmptyCompletion),
+            None if choice.is_some() => Err(ProbeError::EmptyCompletion),
+            None => Err(ProbeError::Malformed("completion has no choices".into())),
+        }
+    }
+}
+
+/// Builds the probes of one endpoint, one per configured layer.
+pub fn probes_for(spec: &ProbeSpec) -> Result<Vec<(AnyProbe, Duration, Duration)>, reqwest::Error> {
+    let mut out = Vec::new();
+    match spec.kind {
+        ProbeKind::Tcp => out.push((
+            AnyProbe::Tcp(TcpProbe { addr: spec.addr }),
+            spec.interval,
+            spec.timeout,
+        )),
+        ProbeKind::Http => out.push((
+            AnyProbe::Alive(AliveProbe {
+                http: Http::new(spec, spec.timeout)?,
+                path: spec.path.clone(),
+                expect_status: spec.expect_status,
+            }),
+            spec.interval,
+            spec.timeout,
+        )),
+    }
+    if let Some(models) = &spec.models {
+        out.push((
+            AnyProbe::Models(ModelsProbe {
+                http: Http::new(spec, spec.timeout)?,
+                path: models.path.clone(),
+            }),
+            models.interval,
+            spec.timeout,
+        ));
+    }
+    if let Some(c) = &spec.completion {
+        out.push((
+            AnyProbe::Completion(CompletionProbe {
+                http: Http::new(spec, c.timeout)?,
+                path: c.path.clone(),
+                model: c.model.clone(),
+            }),
+            c.interval,
+            c.timeout,
+        ));
+    }
+    Ok(out)
+}
+
+/// One of the probe kinds, so a probe loop can run any of them.
+pub enum AnyProbe {
+    Alive(AliveProbe),
+    Tcp(TcpProbe),
+    Models(ModelsProbe),
+    Completion(CompletionProbe),
+}
+
+impl Probe for AnyProbe {
+    fn layer(&self) -> Layer {
+        match self {
+            AnyProbe::Alive(p) => p.layer(),
+            AnyProbe::Tcp(p) => p.layer(),
+            AnyProbe::Models(p) => p.layer(),
+            AnyProbe::Completion(p) => p.layer(),
+        }
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        match self {
+            AnyProbe::Alive(p) => p.check().await,
+            AnyProbe::Tcp(p) => p.check().await,
+            AnyProbe::Models(p) => p.check().await,
+            AnyProbe::Completion(p) => p.check().await,
         }
     }
 }
@@ -148,24 +468,40 @@ fn classify(e: reqwest::Error) -> ProbeError {
     if e.is_timeout() {
         return ProbeError::Timeout;
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    classify_chain(&e).unwrap_or_else(|| ProbeError::Transport(root_cause(&e)))
+}
+
+fn classify_io(io: &std::io::Error) -> Option<ProbeError> {
+    use std::io::ErrorKind::*;
+    match io.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted => Some(ProbeError::Refused),
+        TimedOut => Some(ProbeError::Timeout),
+        _ => None,
+    }
+}
+
+/// Walks an error chain. `io::Error` wraps its inner error without exposing
+/// it as `source()` (hyper-rustls puts the `rustls::Error` there), so the
+/// wrapped error is searched too.
+fn classify_chain(err: &(dyn std::error::Error + 'static)) -> Option<ProbeError> {
+    let mut source = Some(err);
     while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            match io.kind() {
-                ConnectionRefused | ConnectionReset | ConnectionAborted => {
-                    return ProbeError::Refused;
-                }
-                TimedOut => return ProbeError::Timeout,
-                _ => {}
-            }
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(ProbeError::Tls(tls.to_string()));
         }
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return ProbeError::Tls(err.to_string());
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref()
+                && let Some(found) = classify_chain(inner)
+            {
+                return Some(found);
+            }
+            if let Some(found) = classify_io(io) {
+                return Some(found);
+            }
         }
         source = err.source();
     }
-    ProbeError::Transport(root_cause(&e))
+    None
 }
 
 /// The innermost error's text: the URL is shown beside the error anyway, and
@@ -178,8 +514,18 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     inner.to_string()
 }
 
-/// Runs one probe under `timeout` and measures it.
+fn in_flight() -> &'static Semaphore {
+    static PERMITS: OnceLock<Semaphore> = OnceLock::new();
+    PERMITS.get_or_init(|| Semaphore::new(MAX_IN_FLIGHT))
+}
+
+/// Runs one probe under `timeout` and measures it (a probe waiting for a
+/// slot in the in-flight cap does not start its clock yet).
 pub async fn run_once<P: Probe>(probe: &P, timeout: Duration) -> ProbeOutcome {
+    let _permit = in_flight()
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let start = Instant::now();
     let result = match tokio::time::timeout(timeout, probe.check()).await {
         Ok(result) => result,
@@ -188,5 +534,52 @@ pub async fn run_once<P: Probe>(probe: &P, timeout: Duration) -> ProbeOutcome {
     ProbeOutcome {
         result,
         elapsed: start.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_lists_of_each_server_shape() {
+        let openai = br#"{"object":"list","data":[{"id":"llama-3.1-8b","object":"model"},{"id":"lora-a","parent":"llama-3.1-8b"}]}"#;
+        assert_eq!(parse_models(openai).unwrap(), ["llama-3.1-8b", "lora-a"]);
+        let ollama = br#"{"models":[{"name":"llama3:8b","model":"llama3:8b","size":1}]}"#;
+        assert_eq!(parse_models(ollama).unwrap(), ["llama3:8b"]);
+        // llama.cpp sends both shapes.
+        let llamacpp = br#"{"models":[{"name":"smollm2-135m","model":"smollm2-135m"}],"object":"list","data":[{"id":"smollm2-135m","owned_by":"llamacpp"}]}"#;
+        assert_eq!(parse_models(llamacpp).unwrap(), ["smollm2-135m"]);
+        assert_eq!(
+            parse_models(br#"{"data":[]}"#).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(matches!(
+            parse_models(b"<html>"),
+            Err(ProbeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_models(br#"{"error":"x"}"#),
+            Err(ProbeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn error_kinds_are_stable_metric_labels() {
+        assert_eq!(
+            ProbeError::RateLimited {
+                retry_after_s: Some(5)
+            }
+            .kind(),
+            "rate_limited"
+        );
+        assert_eq!(ProbeError::Unavailable.kind(), "unavailable");
+        assert_eq!(
+            ProbeError::RateLimited {
+                retry_after_s: Some(5)
+            }
+            .to_string(),
+            "HTTP 429 rate limited (Retry-After 5 s)"
+        );
     }
 }

@@ -63,6 +63,12 @@ pub struct EndpointView {
     pub probe: String,
     pub status: Status,
     pub drained: bool,
+    /// Models the endpoint lists (when its model list is probed).
+    pub models: Option<Vec<String>>,
+    /// Out of answers after a 429, until its cool-down ends.
+    pub cooling: bool,
+    /// Smoothed completion time, else probe time, in ms.
+    pub latency_ms: Option<f64>,
     pub last_error: Option<String>,
     /// When the status last changed (seconds since the Unix epoch).
     pub since_unix_s: Option<u64>,

@@ -17,30 +17,66 @@ use crate::health::Status;
 /// What the publisher knows about one endpoint, by global index.
 #[derive(Debug, Clone, Copy)]
 pub struct EndpointInput<'a> {
+    /// L1: alive.
     pub status: Status,
     pub last_error: Option<&'a str>,
     /// The endpoint's region is drained by an operator.
     pub drained: bool,
+    /// Seconds left of a 429 cool-down.
+    pub cooling_s: Option<f64>,
+    /// L2: the models it serves (empty while its model list fails); `None`
+    /// when the model list is not probed (then any model is assumed).
+    pub models: Option<&'a [String]>,
+    /// The synthetic completion passes (or is not configured).
+    pub completion_ok: bool,
+    /// Slow-start share, 0.1..=1.
+    pub slow_start: f64,
+    /// Smoothed completion time, else probe time, in ms.
+    pub latency_ms: Option<f64>,
 }
 
 impl EndpointInput<'_> {
-    fn fit(&self) -> bool {
-        self.status == Status::Up && !self.drained
+    fn fit(&self, model: Option<&str>) -> bool {
+        self.removed_by(model).is_none()
     }
 
-    /// Why the endpoint cannot be answered, if it cannot.
-    fn removed_by(&self) -> Option<&'static str> {
+    /// Why the endpoint cannot be answered for `model`, if it cannot.
+    fn removed_by(&self, model: Option<&str>) -> Option<String> {
         if self.drained {
-            Some("drained by an operator")
-        } else {
-            match self.status {
-                Status::Up => None,
-                Status::Down => Some("down"),
-                Status::Unknown => Some("not probed yet"),
-            }
+            return Some("drained by an operator".into());
         }
+        match self.status {
+            Status::Up => {}
+            Status::Down => return Some("down".into()),
+            Status::Unknown => return Some("not probed yet".into()),
+        }
+        if let Some(left) = self.cooling_s {
+            return Some(format!("rate limited, cooling down ({left:.0} s left)"));
+        }
+        if let (Some(model), Some(models)) = (model, self.models)
+            && !models.iter().any(|m| m == model)
+        {
+            return Some(format!("model {model} not listed"));
+        }
+        if !self.completion_ok {
+            return Some("synthetic completion failing".into());
+        }
+        None
+    }
+
+    /// Share of answers: slow start times the L3 penalty.
+    fn weight(&self, max_latency_ms: Option<f64>) -> f64 {
+        let degraded = match (max_latency_ms, self.latency_ms) {
+            (Some(max), Some(l)) if l > max => DEGRADED_SHARE,
+            _ => 1.0,
+        };
+        self.slow_start * degraded
     }
 }
+
+/// Share of answers of an endpoint whose latency is above the service's
+/// `max-latency` (degraded, not removed).
+pub const DEGRADED_SHARE: f64 = 0.25;
 
 /// Why a class of clients gets what it gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,6 +92,8 @@ pub enum Decision {
     ServFail,
     /// Nothing these clients may be sent to is fit: NODATA, never elsewhere.
     ResidencyNoData,
+    /// No region can serve this service's model: CNAME to the fallback.
+    Fallback { service: String },
 }
 
 /// A region the proximity strategy may choose for a client.
@@ -75,6 +113,10 @@ pub struct Candidate {
 pub struct ClassAnswer {
     pub a: Vec<Record>,
     pub aaaa: Vec<Record>,
+    /// Share of answers of each record of `a` / `aaaa` (slow start, degraded);
+    /// empty when every record is in every answer.
+    pub a_weights: Vec<f64>,
+    pub aaaa_weights: Vec<f64>,
     pub cname: Option<Record>,
     /// The service's all-down rule says SERVFAIL.
     pub servfail: bool,
@@ -276,6 +318,8 @@ fn class_answer(
 ) -> (ClassAnswer, ClassView) {
     let s = &config.services[service];
     let restricted = !matches!(allowed, Allowed::Any);
+    let model = s.model.as_deref();
+    let max_latency_ms = s.max_latency.map(|d| d.as_secs_f64() * 1000.0);
     // (region, target) of the endpoints of `tier` that pass `keep`, among allowed regions.
     let pick =
         |tier: &Vec<usize>, keep: &dyn Fn(&EndpointInput<'_>) -> bool| -> Vec<(usize, &Target)> {
@@ -295,17 +339,22 @@ fn class_answer(
     let mut decision = None;
     let mut chosen = Vec::new();
     for (t, tier) in s.tiers.iter().enumerate() {
-        let fit = pick(tier, &|i| i.fit());
+        let fit = pick(tier, &|i| i.fit(model));
         if !fit.is_empty() {
             decision = Some(Decision::Tier { tier: t });
             chosen = fit;
             break;
         }
     }
+    let fallback = s.fallback.map(|f| &config.services[f]);
     let decision = match decision {
         Some(d) => d,
         // Residency always wins over fail-open: never outside the allowed set.
         None if restricted => Decision::ResidencyNoData,
+        // Model fallback: the other service's name, answered in the same response.
+        None if fallback.is_some() => Decision::Fallback {
+            service: fallback.map(|f| f.id.clone()).unwrap_or_default(),
+        },
         None => match s.when_all_down {
             AllDown::FailOpen => {
                 // As if every endpoint were fit, but never a drained one.
@@ -327,21 +376,54 @@ fn class_answer(
         refused: decision == Decision::ResidencyNoData,
         ..ClassAnswer::default()
     };
+    if let (Decision::Fallback { .. }, Some(f)) = (&decision, fallback) {
+        answer.cname = Some(Record::from_rdata(
+            s.name.clone(),
+            s.ttl,
+            RData::CNAME(CNAME(f.name.clone())),
+        ));
+    }
     let record = |target: &IpAddr| match target {
         IpAddr::V4(v4) => Record::from_rdata(s.name.clone(), s.ttl, RData::A(A(*v4))),
         IpAddr::V6(v6) => Record::from_rdata(s.name.clone(), s.ttl, RData::AAAA(AAAA(*v6))),
     };
-    for (_, target) in &chosen {
+    // The weight of each chosen endpoint, in `chosen` order.
+    let weight_of = |r: usize, target: &Target| -> f64 {
+        let e = config.regions[r]
+            .endpoints
+            .iter()
+            .position(|e| &e.target == target)
+            .unwrap_or(0);
+        inputs[index.global(r, e)].weight(max_latency_ms)
+    };
+    for (r, target) in &chosen {
         if let Target::Address(ip) = target {
+            let w = if decision == Decision::FailOpen {
+                1.0
+            } else {
+                weight_of(*r, target)
+            };
             match ip {
-                IpAddr::V4(_) => answer.a.push(record(ip)),
-                IpAddr::V6(_) => answer.aaaa.push(record(ip)),
+                IpAddr::V4(_) => {
+                    answer.a.push(record(ip));
+                    answer.a_weights.push(w);
+                }
+                IpAddr::V6(_) => {
+                    answer.aaaa.push(record(ip));
+                    answer.aaaa_weights.push(w);
+                }
             }
+        }
+    }
+    // Every record in every answer: no weights to draw.
+    for weights in [&mut answer.a_weights, &mut answer.aaaa_weights] {
+        if weights.iter().all(|w| *w >= 1.0) {
+            weights.clear();
         }
     }
     // A CNAME stands alone: only when the chosen endpoints have no addresses.
     let mut answered_regions: Vec<usize> = chosen.iter().map(|(r, _)| *r).collect();
-    if answer.a.is_empty() && answer.aaaa.is_empty() {
+    if answer.a.is_empty() && answer.aaaa.is_empty() && answer.cname.is_none() {
         let first_cname = chosen.iter().find_map(|(r, t)| match t {
             Target::Cname(name) => Some((*r, name.clone())),
             Target::Address(_) => None,
@@ -433,10 +515,15 @@ fn class_answer(
                     .filter(|_| input.status != Status::Up)
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default();
-                let verdict = match (region_allowed, input.removed_by(), winning_tier) {
+                let verdict = match (region_allowed, input.removed_by(model), winning_tier) {
                     (false, _, _) => "removed at residency: jurisdiction not allowed".to_string(),
                     (true, Some(why), _) => format!("removed at eligible: {why}"),
-                    (true, None, Some(w)) if t == w => "kept".to_string(),
+                    (true, None, Some(w)) if t == w => match input.weight(max_latency_ms) {
+                        w if w < 1.0 => {
+                            format!("kept with a {:.0}% share (slow start or slow)", w * 100.0)
+                        }
+                        _ => "kept".to_string(),
+                    },
                     (true, None, Some(_)) => "not used: a better tier is fit".to_string(),
                     (true, None, None) => "kept".to_string(),
                 };
@@ -455,6 +542,10 @@ fn class_answer(
         Decision::ResidencyNoData => {
             "decision: nothing these clients may use is fit -> NODATA (residency)".to_string()
         }
+        Decision::Fallback { ref service } => format!(
+            "decision: no region can serve {} -> CNAME to fallback service {service}",
+            model.unwrap_or("this service")
+        ),
     };
     explain.push(result);
     answer.explain = explain;
