@@ -411,8 +411,11 @@ impl Publisher {
             if let Some(since) = h.up_since
                 && now < since + info.slow_start
             {
-                // Twenty steps per ramp, at least 100 ms apart.
-                consider(now + (info.slow_start / 20).max(Duration::from_millis(100)));
+                // Twenty steps per ramp, at least 100 ms apart, on a fixed
+                // grid from `since` (so that other messages cannot postpone them).
+                let step = (info.slow_start / 20).max(Duration::from_millis(100));
+                let done = ((now - since).as_nanos() / step.as_nanos()) as u32;
+                consider(since + step * (done + 1));
             }
         }
         next
@@ -878,5 +881,143 @@ tiers = [["primary"], ["secondary"]]
         );
         assert!(!*first.borrow());
         drop(publisher);
+    }
+
+    const POOL: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.pool]
+endpoints = [{ address = "192.0.2.1" }, { address = "192.0.2.2" }]
+probe = { interval = "500ms", timeout = "800ms", slow-start = "10s", cooldown = "5s" }
+[services.chat]
+tiers = [["pool"]]
+"#;
+
+    /// Publisher and two scripted endpoints of one region, started.
+    async fn pool() -> (Arc<ArcSwap<Snapshot>>, Scripted, CancellationToken) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, POOL).unwrap();
+        let config = Arc::new(crate::config::load(&path).unwrap());
+        let (publisher, snapshot, mut first) =
+            Publisher::new(config, vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let flaky = Scripted::new(Scripted::OK);
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        tokio::spawn(probe_loop(
+            0,
+            flaky.clone(),
+            schedule,
+            tx.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            schedule,
+            tx,
+            cancel.clone(),
+        ));
+        first.wait_for(|done| *done).await.unwrap();
+        (snapshot, flaky, cancel)
+    }
+
+    /// Weight of 192.0.2.1 in the published answer (1 when all are equal), if present.
+    fn weight_of_first(snapshot: &ArcSwap<Snapshot>) -> Option<f64> {
+        let snap = snapshot.load();
+        let class = &snap.services[0].classes[0];
+        let at = class
+            .a
+            .iter()
+            .position(|r| r.data.to_string() == "192.0.2.1")?;
+        Some(class.a_weights.get(at).copied().unwrap_or(1.0))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_recovered_endpoint_up() {
+        let (snapshot, flaky, cancel) = pool().await;
+        assert_eq!(
+            weight_of_first(&snapshot),
+            Some(1.0),
+            "a first start is not a recovery"
+        );
+        flaky.set(Scripted::REFUSE);
+        while weight_of_first(&snapshot).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flaky.set(Scripted::OK);
+        while weight_of_first(&snapshot).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let back = Instant::now();
+        let start = weight_of_first(&snapshot).unwrap();
+        assert!((0.1..0.2).contains(&start), "starts small: {start}");
+        // The share each query gives it matches the weight (2,000 draws).
+        let client = crate::dns::answer::Client::default();
+        let name = hickory_proto::rr::LowerName::from(
+            hickory_proto::rr::Name::from_ascii("chat.inference.example.com.").unwrap(),
+        );
+        tokio::time::sleep_until(back + Duration::from_secs(5)).await;
+        let mid = weight_of_first(&snapshot).unwrap();
+        assert!((0.4..0.6).contains(&mid), "half way: {mid}");
+        let snap = snapshot.load_full();
+        let drawn = (0..2000)
+            .filter(|_| {
+                crate::dns::answer::answer(&snap, &name, hickory_proto::rr::RecordType::A, &client)
+                    .answers
+                    .iter()
+                    .any(|r| r.data.to_string() == "192.0.2.1")
+            })
+            .count() as f64
+            / 2000.0;
+        // Binomial(2000, ~0.5): 5 standard deviations is ±0.056.
+        assert!((drawn - mid).abs() < 0.06, "drawn {drawn} vs weight {mid}");
+        tokio::time::sleep_until(back + Duration::from_millis(10_600)).await;
+        assert_eq!(
+            weight_of_first(&snapshot),
+            Some(1.0),
+            "full share after the ramp"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiting_cools_down_for_retry_after_and_needs_no_rise() {
+        let (snapshot, flaky, cancel) = pool().await;
+        flaky.set(Scripted::RATE_LIMITED);
+        while weight_of_first(&snapshot).is_some() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let out = Instant::now();
+        // One 429 only; then healthy again.
+        flaky.set(Scripted::OK);
+        while weight_of_first(&snapshot).is_none() {
+            assert_eq!(
+                snapshot.load().endpoints[0].status,
+                Status::Up,
+                "never counted as dead"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let back = Instant::now() - out;
+        assert!(
+            back >= Duration::from_secs(2) && back <= Duration::from_millis(2010),
+            "back exactly when Retry-After: 2 ends, not after a rise count: {back:?}"
+        );
+        assert_eq!(
+            weight_of_first(&snapshot),
+            Some(1.0),
+            "no slow start: it never went down"
+        );
+        cancel.cancel();
     }
 }

@@ -501,3 +501,66 @@ region = "us"
     );
     assert_eq!((errors[0].line, errors[0].col), (2, 12));
 }
+
+#[test]
+fn fallback_loops_and_unknown_fallbacks_are_refused() {
+    let extra = r#"
+[regions.r]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { models-path = "/v1/models", completion = { model = "m" }, api-key-env = "INFERDNS_TEST_UNSET_VARIABLE", kind = "tcp" }
+
+[services.a]
+model = "big"
+tiers = [["r"]]
+fallback = "b"
+
+[services.b]
+model = "medium"
+tiers = [["r"]]
+fallback = "c"
+
+[services.c]
+model = "small"
+tiers = [["r"]]
+fallback = "a"
+
+[services.d]
+tiers = [["r"]]
+fallback = "nowhere"
+
+[services.e]
+tiers = [["r"]]
+fallback = "e"
+"#;
+    let (_f, errors) = load_errors(&base_config(extra), ZONE, &[]);
+    let text: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
+    let text = text.join("\n");
+    assert!(text.contains("fallback loop: a -> b -> c -> a"), "{text}");
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|e| e.message.starts_with("fallback loop"))
+            .count(),
+        1,
+        "{text}"
+    );
+    let main = base_config(extra);
+    let (l, c) = pos(&main, "\"b\"\n\n[services.b]");
+    has(&errors, "inferdns.toml", l, c, "fallback loop");
+    assert!(
+        text.contains("service d falls back to unknown service \"nowhere\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("service e cannot fall back to itself"),
+        "{text}"
+    );
+    assert!(
+        text.contains("environment variable INFERDNS_TEST_UNSET_VARIABLE is not set"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a tcp probe cannot read models or completions"),
+        "{text}"
+    );
+}

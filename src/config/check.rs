@@ -834,7 +834,9 @@ impl Checker {
 
     /// Turns fallback ids into indexes; refuses unknown ids and loops.
     fn resolve_fallbacks(&mut self, services: &mut [Service]) {
+        let mut places: HashMap<String, ConfigError> = HashMap::new();
         for (id, target, place) in std::mem::take(&mut self.fallbacks) {
+            places.insert(id.clone(), place.clone());
             let Some(from) = services.iter().position(|s| s.id == id) else {
                 continue;
             };
@@ -856,19 +858,26 @@ impl Checker {
             let mut at = services[start].fallback;
             while let Some(next) = at {
                 if seen.contains(&next) {
-                    if next == start {
+                    // Reported once, at the loop's first service in config order.
+                    if next == start && seen.iter().all(|&i| i >= start) {
                         let chain: Vec<&str> =
                             seen.iter().map(|&i| services[i].id.as_str()).collect();
-                        self.errors.push(ConfigError {
-                            file: PathBuf::from("(services)"),
-                            line: 0,
-                            col: 0,
-                            message: format!(
-                                "fallback loop: {} -> {}",
-                                chain.join(" -> "),
-                                services[start].id
-                            ),
-                        });
+                        let message = format!(
+                            "fallback loop: {} -> {}",
+                            chain.join(" -> "),
+                            services[start].id
+                        );
+                        let place =
+                            places
+                                .get(&services[start].id)
+                                .cloned()
+                                .unwrap_or(ConfigError {
+                                    file: self.base.clone(),
+                                    line: 1,
+                                    col: 1,
+                                    message: String::new(),
+                                });
+                        self.errors.push(ConfigError { message, ..place });
                     }
                     break;
                 }

@@ -29,10 +29,12 @@ pub enum Fault {
     RateLimited,
     /// 503 (model loading / overloaded) on every route.
     Unavailable,
-    /// `/health` is 200 but `/v1/models` no longer lists the model.
+    /// `/health` is 200 but `/v1/models` no longer lists the first model.
     ModelMissing,
     /// Completions return 200 with empty content.
     EmptyCompletion,
+    /// Answers the status line and headers, then the body one byte at a time, forever.
+    SlowDrip,
 }
 
 impl Fault {
@@ -46,6 +48,7 @@ impl Fault {
             Fault::Unavailable => "503",
             Fault::ModelMissing => "model-missing",
             Fault::EmptyCompletion => "empty-completion",
+            Fault::SlowDrip => "slow-drip",
         }
     }
 }
@@ -70,7 +73,8 @@ impl Default for Load {
 }
 
 struct Shared {
-    model: String,
+    /// Models served; the first is the one faults and completions are about.
+    models: Mutex<Vec<String>>,
     load: Mutex<Load>,
     /// Headers of the last request seen, lowercased names.
     last_headers: Mutex<Vec<(String, String)>>,
@@ -87,10 +91,15 @@ pub struct SimRegion {
 impl SimRegion {
     /// Starts a region serving `model` on `addr` (port 0 picks a free port).
     pub async fn start(addr: SocketAddr, model: &str) -> std::io::Result<SimRegion> {
+        Self::start_models(addr, &[model]).await
+    }
+
+    /// Starts a region serving several models (the first is its main one).
+    pub async fn start_models(addr: SocketAddr, models: &[&str]) -> std::io::Result<SimRegion> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            model: model.to_string(),
+            models: Mutex::new(models.iter().map(|m| m.to_string()).collect()),
             load: Mutex::new(Load::default()),
             last_headers: Mutex::new(Vec::new()),
         });
@@ -135,6 +144,12 @@ impl SimRegion {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
+    }
+
+    /// Replaces the models served.
+    pub fn set_models(&self, models: &[&str]) {
+        *self.shared.models.lock().expect("models lock poisoned") =
+            models.iter().map(|m| m.to_string()).collect();
     }
 
     pub fn set_load(&self, load: Load) {
@@ -295,6 +310,15 @@ async fn serve_connection(
     match fault {
         Fault::Hung => return std::future::pending().await,
         Fault::Slow(delay) => tokio::time::sleep(delay).await,
+        Fault::SlowDrip => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
+                .await?;
+            loop {
+                stream.write_all(b" ").await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         _ => {}
     }
     let (status, content_type, body, extra) = route(&request, &shared, fault);
@@ -318,7 +342,7 @@ fn route(
                 "429 Too Many Requests",
                 JSON,
                 r#"{"error":{"message":"rate limited","type":"rate_limit_error"}}"#.into(),
-                "retry-after: 5\r\n",
+                "retry-after: 1\r\n",
             );
         }
         Fault::Unavailable => {
@@ -332,19 +356,19 @@ fn route(
         }
         _ => {}
     }
-    let model = &shared.model;
+    let models = shared.models.lock().expect("models lock poisoned").clone();
+    let model = models.first().cloned().unwrap_or_default();
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/health") => ("200 OK", JSON, r#"{"status":"ok"}"#.into(), ""),
         ("GET", "/v1/models") => {
-            let listed = if fault == Fault::ModelMissing {
-                "some-other-model"
-            } else {
-                model.as_str()
-            };
-            let body = serde_json::json!({
-                "object": "list",
-                "data": [{ "id": listed, "object": "model", "created": 0, "owned_by": "inferdns-sim" }],
-            });
+            // ModelMissing: the main (first) model is gone, the others stay.
+            let skip = usize::from(fault == Fault::ModelMissing);
+            let data: Vec<serde_json::Value> = models
+                .iter()
+                .skip(skip)
+                .map(|id| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "inferdns-sim" }))
+                .collect();
+            let body = serde_json::json!({ "object": "list", "data": data });
             ("200 OK", JSON, body.to_string(), "")
         }
         ("POST", "/v1/chat/completions") => {

@@ -175,6 +175,8 @@ pub(crate) mod testing {
         pub const OK: u32 = 0;
         pub const REFUSE: u32 = 1;
         pub const HANG: u32 = 2;
+        /// 429 with Retry-After: 2.
+        pub const RATE_LIMITED: u32 = 3;
 
         pub fn new(mode: u32) -> Self {
             Self(Arc::new(AtomicU32::new(mode)))
@@ -194,6 +196,9 @@ pub(crate) mod testing {
             match self.0.load(Ordering::SeqCst) {
                 Self::OK => Ok(super::Payload::Alive),
                 Self::REFUSE => Err(ProbeError::Refused),
+                Self::RATE_LIMITED => Err(ProbeError::RateLimited {
+                    retry_after_s: Some(2),
+                }),
                 _ => std::future::pending().await,
             }
         }
