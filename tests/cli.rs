@@ -218,6 +218,10 @@ fn demo_json_reports_measured_failover_times() {
             "hung_failover",
             "fault",
             "hung_failback",
+            "fault",
+            "model_failover",
+            "fault",
+            "model_failback",
             "geo",
             "geo",
             "summary"
@@ -234,7 +238,12 @@ fn demo_json_reports_measured_failover_times() {
         (Some("127.0.0.11"), Some(25))
     );
     let summary = events.last().unwrap();
-    for key in ["failover_s", "failback_s", "hung_failover_s"] {
+    for key in [
+        "failover_s",
+        "failback_s",
+        "hung_failover_s",
+        "model_failover_s",
+    ] {
         let v = summary[key]
             .as_f64()
             .unwrap_or_else(|| panic!("{key} is not a number"));

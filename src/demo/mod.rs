@@ -74,11 +74,13 @@ database = "test-city.mmdb"
 
 [regions.us-east]
 endpoints = [{{ address = "{PRIMARY_IP}", port = {primary} }}]
+probe = {{ models-path = "/v1/models", models-interval = "500ms" }}
 location = {{ country = "US", lat = 38.90, lon = -77.04 }}
 jurisdictions = ["us"]
 
 [regions.us-west]
 endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary} }}]
+probe = {{ models-path = "/v1/models", models-interval = "500ms" }}
 location = {{ country = "US", lat = 37.77, lon = -122.42 }}
 jurisdictions = ["us"]
 
@@ -197,6 +199,25 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         "hung_failback",
     )
     .await?;
+    // Model-level: /health stays 200, the model disappears from /v1/models.
+    let model_over = step(
+        &p,
+        dns,
+        &primary,
+        Fault::ModelMissing,
+        &secondary_answer,
+        "model_failover",
+    )
+    .await?;
+    let model_back = step(
+        &p,
+        dns,
+        &primary,
+        Fault::None,
+        &primary_answer,
+        "model_failback",
+    )
+    .await?;
 
     // Location: an EU and a US client subnet ask the location-aware service.
     for (who, subnet) in [("EU", "192.0.2.0/24"), ("US", "198.51.100.0/24")] {
@@ -236,6 +257,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
                 "failback_s": round3(failback),
                 "hung_failover_s": round3(hung),
                 "hung_failback_s": round3(hung_back),
+                "model_failover_s": round3(model_over),
+                "model_failback_s": round3(model_back),
                 "bound_s": round3(bound.as_secs_f64()),
                 "within_bound": within,
                 "dns": dns.to_string(),
@@ -248,6 +271,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         println!("failback (primary restored): {failback:.2} s");
         println!("failover (primary hung):     {hung:.2} s");
         println!("failback (hang cleared):     {hung_back:.2} s");
+        println!("failover (model missing):    {model_over:.2} s");
+        println!("failback (model back):       {model_back:.2} s");
         println!(
             "bound interval x fall + timeout + 1 s = {:.2} s: {}",
             bound.as_secs_f64(),
@@ -315,6 +340,10 @@ async fn step(
         Fault::None => format!("restored us-east {}", region.addr()),
         Fault::Down => format!("killed us-east {} (connection refused)", region.addr()),
         Fault::Hung => format!("hung us-east {} (accepts, never answers)", region.addr()),
+        Fault::ModelMissing => format!(
+            "us-east {} no longer lists {MODEL} in /v1/models (/health still 200)",
+            region.addr()
+        ),
         other => format!("fault {} on us-east", other.name()),
     };
     p.event(
