@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod demo;
