@@ -55,6 +55,9 @@ pub struct Metrics {
     pub region_drained: IntGaugeVec,
     residency_refusals: IntCounterVec,
     pub geoip_loads: IntCounterVec,
+    pub region_utilization: prometheus::GaugeVec,
+    pub region_weight: prometheus::GaugeVec,
+    pub capacity_reports: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -196,6 +199,39 @@ impl Metrics {
         for result in ["success", "failure"] {
             geoip_loads.with_label_values(&[result]).inc_by(0);
         }
+        let region_utilization = register(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "inferdns_region_utilization",
+                    "Region utilisation 0..1 (worst of KV cache, queue, GPU); -1 unknown.",
+                ),
+                &["region"],
+            )
+            .expect("valid metric"),
+        );
+        let region_weight = register(
+            &r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "inferdns_region_weight",
+                    "Capacity weight of a region for a service (headroom x size x base).",
+                ),
+                &["service", "region"],
+            )
+            .expect("valid metric"),
+        );
+        let capacity_reports = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_capacity_reports_total",
+                    "Capacity reports received, by region and source.",
+                ),
+                &["region", "source"],
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -224,6 +260,9 @@ impl Metrics {
             region_drained,
             residency_refusals,
             geoip_loads,
+            region_utilization,
+            region_weight,
+            capacity_reports,
         })
     }
 

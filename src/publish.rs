@@ -16,11 +16,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::capacity::{self, Level, PushReport};
 use crate::config::Config;
 use crate::geo::GeoDb;
 use crate::health::{HealthState, Layer, Payload, ProbeError, ProbeReport, Status};
 use crate::metrics::{Metrics, QueryTable};
-use crate::model::{self, EndpointIndex, EndpointInput, EndpointView, GeoView, Snapshot, Zone};
+use crate::model::{
+    self, EndpointIndex, EndpointInput, EndpointView, GeoView, RegionInputs, RegionLoad, Snapshot,
+    Zone,
+};
 
 /// Everything the publisher can be told.
 #[derive(Debug)]
@@ -36,6 +40,13 @@ pub enum Msg {
     },
     /// A GeoIP database (re)loaded because its file was replaced.
     Geo(Arc<GeoDb>),
+    /// A checked capacity report pushed for a region; `done` gets the
+    /// generation, or an error for an unknown region.
+    Capacity {
+        region: String,
+        report: PushReport,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
     /// Drain (or undrain) a region by id; `done` gets the generation, or an
     /// error for an unknown region.
     Drain {
@@ -80,6 +91,8 @@ struct EndpointHealth {
     cooling_until: Option<Instant>,
     /// Up again since then, after being down (slow start).
     up_since: Option<Instant>,
+    /// The last load its metrics showed, and when.
+    load: Option<(crate::capacity::Load, Instant)>,
 }
 
 /// Weight of a new probe time in the smoothed latency.
@@ -151,6 +164,14 @@ impl Loaded {
     }
 }
 
+/// Inputs of a snapshot that change with time: region latency and load,
+/// and per service the shedding level of each region and the TTL.
+struct Dynamic {
+    latency_ms: Vec<f64>,
+    loads: Vec<RegionLoad>,
+    services: Vec<(Vec<Level>, u32)>,
+}
+
 /// A reload whose new endpoints have not all been probed yet.
 struct Deferred {
     deadline: Instant,
@@ -174,6 +195,14 @@ pub struct Publisher {
     geo: Option<Arc<GeoDb>>,
     /// Region latency (ms) in the published snapshot, by region index.
     published_latency: Vec<f64>,
+    /// Pushed capacity reports by region id, with their time.
+    pushed: HashMap<String, (PushReport, Instant)>,
+    /// Shedding level by (service id, region id): hysteresis needs the last one.
+    levels: HashMap<(String, String), Level>,
+    /// Published weight by (service id, region id), for the adaptive TTL.
+    weights: HashMap<(String, String), f64>,
+    /// Region utilisation in the published snapshot, by region index.
+    published_util: Vec<Option<f64>>,
 }
 
 impl Publisher {
@@ -191,13 +220,33 @@ impl Publisher {
         let health = vec![EndpointHealth::default(); loaded.ids.len()];
         let drained = BTreeSet::new();
         let published_latency = region_latency(&loaded, &health);
+        let dynamic = Dynamic {
+            latency_ms: published_latency.clone(),
+            loads: loaded
+                .config
+                .regions
+                .iter()
+                .map(|r| RegionLoad {
+                    util: None,
+                    gpus: r.capacity.gpus,
+                    base: r.capacity.weight,
+                    cost: r.capacity.cost,
+                })
+                .collect(),
+            services: loaded
+                .config
+                .services
+                .iter()
+                .map(|s| (vec![Level::Normal; loaded.config.regions.len()], s.ttl))
+                .collect(),
+        };
         let first = build(
             &loaded,
             &health,
             &drained,
             1,
             geo.clone(),
-            &published_latency,
+            &dynamic,
             &metrics,
         );
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
@@ -219,6 +268,10 @@ impl Publisher {
             deferred: None,
             geo,
             published_latency,
+            pushed: HashMap::new(),
+            levels: HashMap::new(),
+            weights: HashMap::new(),
+            published_util: Vec::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
@@ -237,6 +290,24 @@ impl Publisher {
                 self.geo = geo;
                 self.apply_reload(config, ids, done);
                 true
+            }
+            Msg::Capacity {
+                region,
+                report,
+                done,
+            } => {
+                if !self.loaded.config.regions.iter().any(|r| r.id == region) {
+                    let _ = done.send(Err(format!("unknown region {region:?}")));
+                    return false;
+                }
+                self.metrics
+                    .capacity_reports
+                    .with_label_values(&[region.as_str(), "push"])
+                    .inc();
+                self.pushed.insert(region, (report, Instant::now()));
+                self.publish();
+                let _ = done.send(Ok(self.generation));
+                false
             }
             Msg::Geo(db) => {
                 tracing::info!(path = %db.path.display(), build_epoch = db.build_epoch, "GeoIP database swapped in.");
@@ -300,6 +371,24 @@ impl Publisher {
             self.first_round_due = true;
             changed = true;
         }
+        // Capacity reports move weights, not health.
+        if report.layer == Layer::Metrics {
+            if let Ok(Payload::Load(load)) = report.outcome.result {
+                h.load = Some((load, now));
+                self.metrics
+                    .capacity_reports
+                    .with_label_values(&[info.region.as_str(), "metrics"])
+                    .inc();
+                let r = self.loaded.region_of[i];
+                let util = self.region_load(r, now).util;
+                let then = self.published_util.get(r).copied().flatten();
+                changed |= match (util, then) {
+                    (Some(a), Some(b)) => (a - b).abs() >= 0.01,
+                    (a, b) => a.is_some() != b.is_some(),
+                };
+            }
+            return changed;
+        }
         // 429: rate limited is not dead. Out of answers for the cool-down,
         // and back afterwards without a rise count.
         if let Err(ProbeError::RateLimited { retry_after_s }) = &report.outcome.result {
@@ -327,6 +416,7 @@ impl Publisher {
             Layer::Alive => (&mut h.state, "alive"),
             Layer::Models => (&mut h.models_state, "model list"),
             Layer::Completion => (&mut h.completion_state, "completion"),
+            Layer::Metrics => return changed,
         };
         let before = state.status;
         if let Some(status) = state.observe(ok, info.rise, info.fall) {
@@ -375,7 +465,8 @@ impl Publisher {
                         .map_or(sample, |old| old + LATENCY_SMOOTHING * (sample - old)),
                 );
             }
-            Err(_) => {}
+            // Handled above, before the state machines.
+            Ok(Payload::Load(_)) | Err(_) => {}
         }
         if let Err(e) = report.outcome.result
             && h.last_error.as_ref() != Some(&e)
@@ -404,6 +495,22 @@ impl Publisher {
                 next = Some(t);
             }
         };
+        for (r, region) in self.loaded.config.regions.iter().enumerate() {
+            let max_age = region.capacity.max_age;
+            for (h, _) in self
+                .health
+                .iter()
+                .zip(&self.loaded.region_of)
+                .filter(|(_, rr)| **rr == r)
+            {
+                if let Some((_, at)) = h.load {
+                    consider(at + max_age);
+                }
+            }
+            if let Some((_, at)) = self.pushed.get(&region.id) {
+                consider(*at + max_age);
+            }
+        }
         for (h, info) in self.health.iter().zip(&self.loaded.info) {
             if let Some(until) = h.cooling_until {
                 consider(until);
@@ -419,6 +526,97 @@ impl Publisher {
             }
         }
         next
+    }
+
+    /// Region `r`'s load now: fresh scraped loads of its endpoints and a
+    /// fresh pushed report; anything older than `max-age` is unknown.
+    fn region_load(&self, r: usize, now: Instant) -> RegionLoad {
+        let region = &self.loaded.config.regions[r];
+        let cap = &region.capacity;
+        let fresh = |at: Instant| now.saturating_duration_since(at) <= cap.max_age;
+        let scraped: Vec<crate::capacity::Load> = self
+            .health
+            .iter()
+            .zip(&self.loaded.region_of)
+            .filter(|(_, rr)| **rr == r)
+            .filter_map(|(h, _)| h.load.filter(|(_, at)| fresh(*at)).map(|(l, _)| l))
+            .collect();
+        let pushed = self
+            .pushed
+            .get(&region.id)
+            .filter(|(_, at)| fresh(*at))
+            .map(|(p, _)| *p);
+        let from_metrics = (!scraped.is_empty())
+            .then(|| capacity::utilization(&capacity::combine(&scraped), cap.queue_saturation))
+            .flatten();
+        let from_push = pushed.and_then(|p| capacity::utilization(&p.load(), cap.queue_saturation));
+        let util = match (from_metrics, from_push) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        RegionLoad {
+            util,
+            gpus: pushed
+                .and_then(|p| p.gpus_total)
+                .filter(|g| *g > 0.0)
+                .unwrap_or(cap.gpus),
+            base: cap.weight,
+            cost: cap.cost,
+        }
+    }
+
+    /// Loads, levels (with hysteresis) and adaptive TTLs for the next snapshot.
+    fn dynamic(&mut self) -> Dynamic {
+        let now = Instant::now();
+        let config = self.loaded.config.clone();
+        let loads: Vec<RegionLoad> = (0..config.regions.len())
+            .map(|r| self.region_load(r, now))
+            .collect();
+        for (region, load) in config.regions.iter().zip(&loads) {
+            self.metrics
+                .region_utilization
+                .with_label_values(&[region.id.as_str()])
+                .set(load.util.unwrap_or(-1.0));
+        }
+        let mut services = Vec::with_capacity(config.services.len());
+        for s in &config.services {
+            let mut levels = Vec::with_capacity(config.regions.len());
+            let mut moving = false;
+            for (region, load) in config.regions.iter().zip(&loads) {
+                let key = (s.id.clone(), region.id.clone());
+                let before = self.levels.get(&key).copied().unwrap_or(Level::Normal);
+                let level = load
+                    .util
+                    .map_or(Level::Normal, |u| s.watermarks.level(u, before));
+                if level != before {
+                    tracing::info!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shedding level changed.");
+                }
+                self.levels.insert(key.clone(), level);
+                levels.push(level);
+                let w = capacity::weight(load.base, load.gpus, load.util, level);
+                let in_service = s
+                    .tiers
+                    .iter()
+                    .flatten()
+                    .any(|r| config.regions[*r].id == region.id);
+                if in_service {
+                    let old = self.weights.insert(key, w).unwrap_or(w);
+                    moving |= (w - old).abs() > 0.25 * old.max(1e-9) || level >= Level::Prepare;
+                    self.metrics
+                        .region_weight
+                        .with_label_values(&[s.id.as_str(), region.id.as_str()])
+                        .set(w);
+                }
+            }
+            // Adaptive TTL: short while weights move or a region nears a watermark.
+            services.push((levels, if moving { s.ttl_min } else { s.ttl }));
+        }
+        self.published_util = loads.iter().map(|l| l.util).collect();
+        Dynamic {
+            latency_ms: self.published_latency.clone(),
+            loads,
+            services,
+        }
     }
 
     fn apply_reload(&mut self, config: Arc<Config>, ids: Vec<u64>, done: oneshot::Sender<u64>) {
@@ -505,13 +703,14 @@ impl Publisher {
         let started = std::time::Instant::now();
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
+        let dynamic = self.dynamic();
         let next = build(
             &self.loaded,
             &self.health,
             &self.drained,
             self.generation,
             self.geo.clone(),
-            &self.published_latency,
+            &dynamic,
             &self.metrics,
         );
         let previous = self.snapshot.load();
@@ -602,7 +801,7 @@ fn build(
     drained: &BTreeSet<String>,
     generation: u64,
     geo: Option<Arc<GeoDb>>,
-    latency_ms: &[f64],
+    dynamic: &Dynamic,
     metrics: &Metrics,
 ) -> Snapshot {
     let config = &loaded.config;
@@ -645,8 +844,15 @@ fn build(
     let mut services = Vec::with_capacity(config.services.len());
     let mut service_views = Vec::with_capacity(config.services.len());
     for i in 0..config.services.len() {
+        let (levels, ttl) = &dynamic.services[i];
+        let regions = RegionInputs {
+            latency_ms: &dynamic.latency_ms,
+            loads: &dynamic.loads,
+            levels,
+            ttl: *ttl,
+        };
         let (answer, view) =
-            model::service_answer(config, &loaded.index, i, &inputs, latency_ms, metrics);
+            model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics);
         services.push(answer);
         service_views.push(view);
     }
@@ -689,6 +895,12 @@ fn build(
             max_prefix_v4: config.geo.max_prefix_v4,
             max_prefix_v6: config.geo.max_prefix_v6,
         },
+        region_loads: config
+            .regions
+            .iter()
+            .zip(&dynamic.loads)
+            .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
+            .collect(),
     }
 }
 

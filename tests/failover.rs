@@ -173,7 +173,10 @@ async fn status_shows_each_endpoint_and_its_last_error() {
     let regions = status["regions"].as_array().unwrap();
     assert_eq!(
         regions[0],
-        serde_json::json!({ "id": "primary", "drained": false, "endpoints": 1, "endpoints_up": 0 })
+        serde_json::json!({
+            "id": "primary", "drained": false, "endpoints": 1, "endpoints_up": 0,
+            "utilization": null, "gpus": 1.0
+        })
     );
     assert_eq!(regions[1]["endpoints_up"], 1);
     assert!(status["snapshot"]["generation"].as_u64().unwrap() > 1);

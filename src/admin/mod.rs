@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Control;
+use crate::capacity::PushReport;
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
 use crate::publish::Msg;
@@ -49,6 +50,7 @@ pub fn router(state: AdminState) -> Router {
     let mutating = Router::new()
         .route("/v1/regions/{id}/drain", post(drain))
         .route("/v1/regions/{id}/undrain", post(undrain))
+        .route("/v1/regions/{id}/capacity", post(push_capacity))
         .route("/v1/reload", post(reload))
         .route("/v1/log-level", post(log_level))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -128,6 +130,12 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
             })),
         }
     }
+    for r in regions.iter_mut() {
+        if let Some(load) = snap.region_loads.iter().find(|l| r["id"] == l.0.as_str()) {
+            r["utilization"] = json!(load.1);
+            r["gpus"] = json!(load.2);
+        }
+    }
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "ready": state.ready.load(Ordering::Acquire),
@@ -178,6 +186,45 @@ async fn drain(State(state): State<AdminState>, Path(id): Path<String>) -> Respo
 
 async fn undrain(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     set_drain(state, id, false).await
+}
+
+/// A region's capacity report: JSON with any of `gpus_total`, `gpus_free`,
+/// `utilization`, `queue_depth`, `kv_cache`. Checked whole before anything
+/// changes.
+async fn push_capacity(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    body: String,
+) -> Response {
+    let report: PushReport = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("not a capacity report: {e}"),
+            );
+        }
+    };
+    if let Err(reason) = report.validate() {
+        return error(StatusCode::BAD_REQUEST, reason);
+    }
+    let (done, result) = oneshot::channel();
+    let msg = Msg::Capacity {
+        region: id.clone(),
+        report,
+        done,
+    };
+    if state.control.publisher.send(msg).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match result.await {
+        Ok(Ok(generation)) => {
+            Json(json!({ "region": id, "accepted": true, "generation": generation }))
+                .into_response()
+        }
+        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
 }
 
 async fn reload(State(state): State<AdminState>) -> Response {

@@ -381,3 +381,186 @@ vllm:num_requests_running{engine="0",model_name="llama"} 10
         );
     }
 }
+
+/// A capacity report pushed by a region over the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushReport {
+    pub gpus_total: Option<f64>,
+    pub gpus_free: Option<f64>,
+    /// 0..1
+    pub utilization: Option<f64>,
+    pub queue_depth: Option<f64>,
+    /// 0..1
+    pub kv_cache: Option<f64>,
+}
+
+impl PushReport {
+    /// Nonsense is refused whole, with the reason.
+    pub fn validate(&self) -> Result<(), String> {
+        let ratio = |v: Option<f64>, what: &str| match v {
+            Some(x) if !(x.is_finite() && (0.0..=1.0).contains(&x)) => {
+                Err(format!("{what} must be between 0 and 1, got {x}"))
+            }
+            _ => Ok(()),
+        };
+        let count = |v: Option<f64>, what: &str| match v {
+            Some(x) if !(x.is_finite() && x >= 0.0) => {
+                Err(format!("{what} must be zero or more, got {x}"))
+            }
+            _ => Ok(()),
+        };
+        ratio(self.utilization, "utilization")?;
+        ratio(self.kv_cache, "kv_cache")?;
+        count(self.queue_depth, "queue_depth")?;
+        count(self.gpus_total, "gpus_total")?;
+        count(self.gpus_free, "gpus_free")?;
+        if let (Some(total), Some(free)) = (self.gpus_total, self.gpus_free)
+            && free > total
+        {
+            return Err(format!(
+                "gpus_free ({free}) is more than gpus_total ({total})"
+            ));
+        }
+        if self.gpus_free.is_some() && self.gpus_total.is_none() {
+            return Err("gpus_free needs gpus_total".into());
+        }
+        if *self == PushReport::default() {
+            return Err(
+                "the report says nothing: give utilization, kv_cache, queue_depth or gpus".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// As a load: busy GPUs count as utilisation when no utilisation is given.
+    pub fn load(&self) -> Load {
+        let busy = match (self.gpus_total, self.gpus_free) {
+            (Some(total), Some(free)) if total > 0.0 => Some(1.0 - free / total),
+            _ => None,
+        };
+        Load {
+            kv_cache: self.kv_cache,
+            waiting: self.queue_depth,
+            running: None,
+            utilization: self.utilization.or(busy),
+        }
+    }
+}
+
+/// A stable pseudo-random number in (0, 1] from two keys (splitmix64).
+pub fn unit_hash(a: u64, b: u64) -> f64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+}
+
+/// Rendezvous (highest-random-weight) score: the lowest wins. Weighted so
+/// an item is chosen with probability proportional to its weight, and
+/// adding an item moves only the keys it now wins.
+pub fn rendezvous_score(key: u64, item: u64, weight: f64) -> f64 {
+    if weight <= 0.0 {
+        return f64::INFINITY;
+    }
+    -unit_hash(key, item).ln() / weight
+}
+
+#[cfg(test)]
+mod pick_tests {
+    use super::*;
+
+    fn winner(key: u64, items: &[(u64, f64)]) -> u64 {
+        items
+            .iter()
+            .min_by(|a, b| {
+                rendezvous_score(key, a.0, a.1).total_cmp(&rendezvous_score(key, b.0, b.1))
+            })
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn rendezvous_shares_follow_weights() {
+        let items = [(1, 3.0), (2, 1.0)];
+        let n = 20_000u64;
+        let ones = (0..n).filter(|k| winner(*k, &items) == 1).count() as f64 / n as f64;
+        // Expected 0.75; binomial sd is 0.003, so 0.02 is over 6 sd.
+        assert!((ones - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn adding_a_region_moves_fewer_than_one_in_n_subnets() {
+        let before: Vec<(u64, f64)> = (1..=4).map(|i| (i, 1.0)).collect();
+        let mut after = before.clone();
+        after.push((5, 1.0));
+        let subnets = 10_000u64;
+        let moved = (0..subnets)
+            .filter(|k| winner(*k, &before) != winner(*k, &after))
+            .count() as f64
+            / subnets as f64;
+        // Ideal: exactly the 1/5 that the new region wins; never more than 1/N + 2%.
+        assert!(moved < 1.0 / 5.0 + 0.02, "{moved}");
+        assert!(moved > 1.0 / 5.0 - 0.02, "{moved}");
+        // And every moved subnet moved to the new region.
+        assert!(
+            (0..subnets).all(|k| winner(k, &before) == winner(k, &after) || winner(k, &after) == 5)
+        );
+    }
+
+    #[test]
+    fn push_reports_are_validated_whole() {
+        assert!(
+            PushReport {
+                utilization: Some(0.3),
+                ..PushReport::default()
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            PushReport {
+                utilization: Some(1.3),
+                ..PushReport::default()
+            }
+            .validate()
+            .unwrap_err()
+            .contains("utilization")
+        );
+        assert!(
+            PushReport {
+                kv_cache: Some(f64::NAN),
+                ..PushReport::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            PushReport {
+                queue_depth: Some(-1.0),
+                ..PushReport::default()
+            }
+            .validate()
+            .is_err()
+        );
+        let too_free = PushReport {
+            gpus_total: Some(4.0),
+            gpus_free: Some(5.0),
+            ..PushReport::default()
+        };
+        assert!(
+            too_free
+                .validate()
+                .unwrap_err()
+                .contains("more than gpus_total")
+        );
+        assert!(PushReport::default().validate().is_err());
+        let gpus = PushReport {
+            gpus_total: Some(8.0),
+            gpus_free: Some(2.0),
+            ..PushReport::default()
+        };
+        assert_eq!(gpus.load().utilization, Some(0.75));
+    }
+}

@@ -409,7 +409,11 @@ impl Checker {
             if section.endpoints.is_empty() {
                 self.err(src, region.span(), format!("region {id} has no endpoints"));
             }
-            let template = self.probe(src, &section.probe);
+            let (capacity, metrics) = self.capacity(src, section.capacity.as_ref());
+            let template = self.probe(src, &section.probe).map(|mut t| {
+                t.metrics = metrics;
+                t
+            });
             let mut seen = HashSet::new();
             let mut endpoints = Vec::new();
             for ep in &section.endpoints {
@@ -451,6 +455,7 @@ impl Checker {
                 endpoints,
                 location,
                 jurisdictions,
+                capacity,
             });
         }
         out
@@ -630,6 +635,7 @@ impl Checker {
             api_key: layers.api_key,
             cooldown: layers.cooldown,
             slow_start: layers.slow_start,
+            metrics: None,
         })
     }
 
@@ -818,6 +824,7 @@ impl Checker {
             self.fallbacks
                 .push((id.to_string(), f.get_ref().clone(), src.error(f.span(), "")));
         }
+        let (records, sticky, watermarks, ttl_min) = self.service_capacity(src, s, ttl);
         Some(Service {
             id: id.to_string(),
             name,
@@ -829,6 +836,10 @@ impl Checker {
             model: s.model.as_ref().map(|m| m.get_ref().clone()),
             fallback: None,
             max_latency,
+            records,
+            sticky,
+            watermarks,
+            ttl_min,
         })
     }
 

@@ -252,6 +252,38 @@ pub struct RegionSection {
     /// Jurisdiction tags residency rules allow: `["eu", "gdpr"]`.
     #[serde(default)]
     pub jurisdictions: Vec<Spanned<String>>,
+    /// Size, weight, cost and where load reports come from.
+    pub capacity: Option<CapacitySection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CapacitySection {
+    /// GPUs in the region (its size). Default 1.
+    pub gpus: Option<Spanned<f64>>,
+    /// Base weight. Default 1.
+    pub weight: Option<Spanned<f64>>,
+    /// Cost per GPU-hour, for `strategy = "cost"`.
+    pub cost: Option<Spanned<f64>>,
+    /// Scrape each endpoint's metrics with this preset: vllm, sglang, tgi,
+    /// llamacpp, triton, nim, or generic (name the metrics below).
+    pub metrics: Option<Spanned<String>>,
+    /// Default `/metrics`.
+    pub metrics_path: Option<Spanned<String>>,
+    /// Default 5s.
+    pub metrics_interval: Option<Spanned<String>>,
+    /// generic preset: the KV-cache gauge (0..1).
+    pub kv_cache_metric: Option<Spanned<String>>,
+    /// generic preset: the waiting-requests gauge.
+    pub waiting_metric: Option<Spanned<String>>,
+    /// generic preset: the running-requests gauge.
+    pub running_metric: Option<Spanned<String>>,
+    /// generic preset: a utilisation gauge (0..1).
+    pub utilization_metric: Option<Spanned<String>>,
+    /// Reports older than this expire to unknown. Default 15s.
+    pub max_age: Option<Spanned<String>>,
+    /// Waiting requests that count as a full queue. Default 8.
+    pub queue_saturation: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,4 +383,22 @@ pub struct ServiceSection {
     /// Above this smoothed latency (completion, else probe) an endpoint's
     /// share of answers is lowered (degraded), not removed.
     pub max_latency: Option<Spanned<String>>,
+    /// Records per answer (capacity strategy; default 1).
+    pub records: Option<Spanned<u32>>,
+    /// The same client subnet keeps getting the same endpoints.
+    pub sticky: Option<bool>,
+    /// Utilisation watermarks: `{ prepare = 0.8, reduce = 0.9, remove = 0.95 }`.
+    pub watermarks: Option<Spanned<WatermarkSection>>,
+    /// Cost strategy: the least headroom a region needs to be chosen. Default 0.2.
+    pub min_headroom: Option<Spanned<f64>>,
+    /// Adaptive TTL: the TTL while weights move or a region is near a watermark.
+    pub ttl_min: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WatermarkSection {
+    pub prepare: Option<f64>,
+    pub reduce: Option<f64>,
+    pub remove: Option<f64>,
 }

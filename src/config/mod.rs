@@ -5,6 +5,7 @@
 //! parse → check → compile; every problem is reported at once as
 //! `file:line:col: message`. Must not open sockets or start tasks.
 
+mod capacity;
 mod check;
 pub mod file;
 mod probes;
@@ -69,6 +70,10 @@ pub enum Strategy {
     /// Within that tier, the regions with the lowest estimated latency for
     /// the client (within `tolerance` of the best).
     Proximity { tolerance: Duration },
+    /// Within that tier, endpoints drawn by capacity weight (headroom x size).
+    Capacity,
+    /// The cheapest fit region with at least `min_headroom`; ties by headroom.
+    Cost { min_headroom: f64 },
 }
 
 /// Where clients of a residency class may be sent.
@@ -153,6 +158,26 @@ pub struct Region {
     pub endpoints: Vec<Endpoint>,
     pub location: Option<Place>,
     pub jurisdictions: Vec<String>,
+    pub capacity: RegionCapacity,
+}
+
+/// Static capacity of a region and how its reports are read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionCapacity {
+    pub gpus: f64,
+    pub weight: f64,
+    pub cost: Option<f64>,
+    pub max_age: Duration,
+    pub queue_saturation: f64,
+}
+
+/// Scraping a model server's metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MetricsSpec {
+    pub path: String,
+    pub interval: Duration,
+    pub preset: crate::capacity::Preset,
+    pub preset_name: String,
 }
 
 /// What an endpoint contributes to an answer.
@@ -207,6 +232,7 @@ pub struct ProbeSpec {
     pub cooldown: Duration,
     /// Ramp of a recovered endpoint's share; zero is off.
     pub slow_start: Duration,
+    pub metrics: Option<MetricsSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -255,6 +281,12 @@ pub struct Service {
     /// Index of the fallback service.
     pub fallback: Option<usize>,
     pub max_latency: Option<Duration>,
+    /// Records per answer for the capacity strategy.
+    pub records: usize,
+    pub sticky: bool,
+    pub watermarks: crate::capacity::Watermarks,
+    /// Adaptive TTL floor; equal to `ttl` when off.
+    pub ttl_min: u32,
 }
 
 /// One problem found while loading, with its place.

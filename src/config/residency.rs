@@ -342,11 +342,39 @@ impl Checker {
                 }
                 Strategy::Proximity { tolerance }
             }
+            Some(("capacity", _)) => Strategy::Capacity,
+            Some(("cost", span)) => {
+                let min_headroom = match &s.min_headroom {
+                    Some(h) if !(0.0..1.0).contains(h.get_ref()) => {
+                        self.err(
+                            src,
+                            h.span(),
+                            format!("min-headroom {} must be in 0..1", h.get_ref()),
+                        );
+                        super::capacity::DEFAULT_MIN_HEADROOM
+                    }
+                    Some(h) => *h.get_ref(),
+                    None => super::capacity::DEFAULT_MIN_HEADROOM,
+                };
+                for &r in tiers.iter().flatten() {
+                    if ctx.regions[r].capacity.cost.is_none() {
+                        self.err(
+                            src,
+                            span.clone(),
+                            format!(
+                                "strategy cost needs capacity.cost for region {}",
+                                ctx.regions[r].id
+                            ),
+                        );
+                    }
+                }
+                Strategy::Cost { min_headroom }
+            }
             Some((other, span)) => {
                 self.err(
                     src,
                     span,
-                    format!("strategy {other:?} is not failover or proximity"),
+                    format!("strategy {other:?} is not failover, proximity, capacity or cost"),
                 );
                 Strategy::Failover
             }

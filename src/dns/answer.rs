@@ -9,6 +9,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
+use crate::capacity::rendezvous_score;
 use crate::geo::{Code, code_str, distance_km, rtt_ms_for_km};
 use crate::model::{Candidate, Node, RrSet, ServiceAnswer, Snapshot};
 
@@ -415,6 +416,24 @@ fn service_records<'a>(
             _ => &[],
         }
     };
+    // Capacity: `records` endpoints drawn by weight; the same client subnet
+    // draws the same ones when the service is sticky.
+    if let Some(drawn) = &class.drawn {
+        let (entries, counters) = match qtype {
+            RecordType::AAAA => (&drawn.aaaa, &drawn.aaaa_counters),
+            RecordType::A => (&drawn.a, &drawn.a_counters),
+            RecordType::ANY if !drawn.a.is_empty() => (&drawn.a, &drawn.a_counters),
+            RecordType::ANY => (&drawn.aaaa, &drawn.aaaa_counters),
+            _ => return None,
+        };
+        let key = if drawn.sticky {
+            subnet_key(client)
+        } else {
+            rand::random()
+        };
+        draw(out, entries, counters, drawn.records, key);
+        return None;
+    }
     match (service.tolerance_ms, located.and_then(|l| l.coords)) {
         (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
             for c in nearest(&class.candidates, coords, tolerance) {
@@ -437,6 +456,45 @@ fn service_records<'a>(
         }
     }
     None
+}
+
+/// The client's subnet (/24 or /56 of the ECS subnet, else of the resolver)
+/// as a key for sticky draws.
+fn subnet_key(client: &Client) -> u64 {
+    let ip = client
+        .ecs
+        .map(|n| n.addr())
+        .or(client.addr)
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u64::from(u32::from(v4) & 0xffff_ff00),
+        IpAddr::V6(v6) => ((u128::from(v6) >> 72) as u64) | (1 << 63),
+    }
+}
+
+/// The `k` entries with the lowest rendezvous scores for `key`.
+fn draw<'a>(
+    out: &mut Answer<'a>,
+    entries: &'a [(Record, f64, u64)],
+    counters: &'a [Option<prometheus::IntCounter>],
+    k: usize,
+    key: u64,
+) {
+    let score = |i: usize| rendezvous_score(key, entries[i].2, entries[i].1);
+    if k == 1 {
+        let best = (0..entries.len()).min_by(|a, b| score(*a).total_cmp(&score(*b)));
+        if let Some(i) = best {
+            out.answers.push(Cow::Borrowed(&entries[i].0));
+            out.answered.extend(counters[i].iter());
+        }
+        return;
+    }
+    let mut order: Vec<(f64, usize)> = (0..entries.len()).map(|i| (score(i), i)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (_, i) in order.into_iter().take(k) {
+        out.answers.push(Cow::Borrowed(&entries[i].0));
+        out.answered.extend(counters[i].iter());
+    }
 }
 
 /// Every record when `weights` is empty; else each record with probability

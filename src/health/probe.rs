@@ -34,15 +34,19 @@ pub enum Layer {
     Alive,
     Models,
     Completion,
+    /// The model server's Prometheus metrics (capacity).
+    Metrics,
 }
 
 /// What a successful probe learned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
     Alive,
     /// Model ids the endpoint lists.
     Models(Vec<String>),
     Completion,
+    /// The load the metrics show.
+    Load(crate::capacity::Load),
 }
 
 /// Why a probe failed; each type has its own rule.
@@ -112,7 +116,7 @@ impl std::fmt::Display for ProbeError {
 }
 
 /// The result of one probe.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProbeOutcome {
     pub result: Result<Payload, ProbeError>,
     /// Time from start to the answer (or to the failure).
@@ -392,6 +396,37 @@ impl Probe for CompletionProbe {
     }
 }
 
+/// Capacity: the model server's `/metrics`, read with a preset.
+pub struct MetricsProbe {
+    pub http: Http,
+    pub path: String,
+    pub preset: crate::capacity::Preset,
+}
+
+impl Probe for MetricsProbe {
+    fn layer(&self) -> Layer {
+        Layer::Metrics
+    }
+
+    async fn check(&self) -> Result<Payload, ProbeError> {
+        let response = self
+            .http
+            .request(reqwest::Method::GET, &self.path)
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(status_error(&response));
+        }
+        let body = read_body(response).await?;
+        let text = String::from_utf8_lossy(&body);
+        self.preset
+            .read(&text)
+            .map(Payload::Load)
+            .map_err(ProbeError::Malformed)
+    }
+}
+
 /// Builds the probes of one endpoint, one per configured layer.
 pub fn probes_for(spec: &ProbeSpec) -> Result<Vec<(AnyProbe, Duration, Duration)>, reqwest::Error> {
     let mut out = Vec::new();
@@ -421,6 +456,17 @@ pub fn probes_for(spec: &ProbeSpec) -> Result<Vec<(AnyProbe, Duration, Duration)
             spec.timeout,
         ));
     }
+    if let Some(m) = &spec.metrics {
+        out.push((
+            AnyProbe::Metrics(MetricsProbe {
+                http: Http::new(spec, spec.timeout)?,
+                path: m.path.clone(),
+                preset: m.preset.clone(),
+            }),
+            m.interval,
+            spec.timeout,
+        ));
+    }
     if let Some(c) = &spec.completion {
         out.push((
             AnyProbe::Completion(CompletionProbe {
@@ -441,6 +487,7 @@ pub enum AnyProbe {
     Tcp(TcpProbe),
     Models(ModelsProbe),
     Completion(CompletionProbe),
+    Metrics(MetricsProbe),
 }
 
 impl Probe for AnyProbe {
@@ -450,6 +497,7 @@ impl Probe for AnyProbe {
             AnyProbe::Tcp(p) => p.layer(),
             AnyProbe::Models(p) => p.layer(),
             AnyProbe::Completion(p) => p.layer(),
+            AnyProbe::Metrics(p) => p.layer(),
         }
     }
 
@@ -459,6 +507,7 @@ impl Probe for AnyProbe {
             AnyProbe::Tcp(p) => p.check().await,
             AnyProbe::Models(p) => p.check().await,
             AnyProbe::Completion(p) => p.check().await,
+            AnyProbe::Metrics(p) => p.check().await,
         }
     }
 }

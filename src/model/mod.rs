@@ -21,8 +21,9 @@ use crate::metrics::QueryTable;
 mod service;
 
 pub use service::{
-    Candidate, ClassAnswer, ClassView, Counters, Decision, EndpointInput, RegionShare,
-    ResidencyIndex, ServiceAnswer, ServiceView, service_answer,
+    Candidate, ClassAnswer, ClassView, Counters, Decision, Drawn, EndpointInput, RegionInputs,
+    RegionLoad, RegionShare, ResidencyIndex, ServiceAnswer, ServiceView, address_key,
+    service_answer,
 };
 
 /// What exists at one name of the zone.
@@ -93,6 +94,8 @@ pub struct Snapshot {
     pub explain_acl: Arc<Vec<ipnet::IpNet>>,
     /// How clients are located.
     pub geo: GeoView,
+    /// (region id, utilisation, GPUs) for status.
+    pub region_loads: Vec<(String, Option<f64>, f64)>,
 }
 
 /// Everything needed to locate a client.

@@ -10,6 +10,7 @@ use hickory_proto::rr::{RData, Record};
 use serde::Serialize;
 
 use super::{EndpointIndex, display_name};
+use crate::capacity::{self, Level};
 use crate::config::{AllDown, Allowed, Config, Residency, Strategy, Target};
 use crate::geo::Code;
 use crate::health::Status;
@@ -74,6 +75,60 @@ impl EndpointInput<'_> {
     }
 }
 
+/// What the publisher knows about a region's capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RegionLoad {
+    /// Utilisation 0..1; `None` when unknown or expired (static weight).
+    pub util: Option<f64>,
+    pub gpus: f64,
+    pub base: f64,
+    pub cost: Option<f64>,
+}
+
+/// Per-region inputs of one service's answer.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionInputs<'a> {
+    /// Measured latency of each region, in ms (proximity).
+    pub latency_ms: &'a [f64],
+    pub loads: &'a [RegionLoad],
+    /// This service's shedding level of each region.
+    pub levels: &'a [Level],
+    /// The TTL to answer with now (adaptive TTL).
+    pub ttl: u32,
+}
+
+impl RegionInputs<'_> {
+    /// Capacity weight of region `r` (headroom x size x base, shed by level).
+    pub fn weight(&self, r: usize) -> f64 {
+        let l = &self.loads[r];
+        capacity::weight(l.base, l.gpus, l.util, self.levels[r])
+    }
+}
+
+/// Endpoints to draw per query, with their weights.
+#[derive(Debug, Default, Clone)]
+pub struct Drawn {
+    /// (record, weight, stable key) per family.
+    pub a: Vec<(Record, f64, u64)>,
+    pub aaaa: Vec<(Record, f64, u64)>,
+    pub records: usize,
+    pub sticky: bool,
+    /// `inferdns_dns_answers_total` of the region of each entry, by family.
+    pub a_counters: Vec<Option<prometheus::IntCounter>>,
+    pub aaaa_counters: Vec<Option<prometheus::IntCounter>>,
+}
+
+/// A stable key of an address for rendezvous hashing.
+pub fn address_key(ip: &IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(*v4)),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(*v6);
+            (bits as u64) ^ ((bits >> 64) as u64)
+        }
+    }
+}
+
 /// Share of answers of an endpoint whose latency is above the service's
 /// `max-latency` (degraded, not removed).
 pub const DEGRADED_SHARE: f64 = 0.25;
@@ -126,6 +181,8 @@ pub struct ClassAnswer {
     pub answered: Vec<prometheus::IntCounter>,
     /// Proximity: the fit regions of the winning tier (two or more).
     pub candidates: Vec<Candidate>,
+    /// Capacity: endpoints drawn per query by weight.
+    pub drawn: Option<Drawn>,
     /// Lines of the `_explain` TXT answer (without the client lines).
     pub explain: Vec<String>,
 }
@@ -241,7 +298,7 @@ pub fn service_answer(
     index: &EndpointIndex,
     service: usize,
     inputs: &[EndpointInput<'_>],
-    latency_ms: &[f64],
+    regions: &RegionInputs<'_>,
     counters: &dyn Counters,
 ) -> (ServiceAnswer, ServiceView) {
     let s = &config.services[service];
@@ -261,7 +318,7 @@ pub fn service_answer(
     let mut views = Vec::with_capacity(classes.len());
     for (label, allowed) in &classes {
         let (answer, view) = class_answer(
-            config, index, service, inputs, latency_ms, counters, label, allowed,
+            config, index, service, inputs, regions, counters, label, allowed,
         );
         answers.push(answer);
         views.push(view);
@@ -272,7 +329,7 @@ pub fn service_answer(
     };
     let proximity = match s.strategy {
         Strategy::Proximity { tolerance } => Some(tolerance.as_secs_f64() * 1000.0),
-        Strategy::Failover => None,
+        _ => None,
     };
     let answer = ServiceAnswer {
         located: s.residency.is_some() || proximity.is_some(),
@@ -311,11 +368,13 @@ fn class_answer(
     index: &EndpointIndex,
     service: usize,
     inputs: &[EndpointInput<'_>],
-    latency_ms: &[f64],
+    regions: &RegionInputs<'_>,
     counters: &dyn Counters,
     label: &str,
     allowed: &Allowed,
 ) -> (ClassAnswer, ClassView) {
+    let latency_ms = regions.latency_ms;
+    let ttl = regions.ttl;
     let s = &config.services[service];
     let restricted = !matches!(allowed, Allowed::Any);
     let model = s.model.as_deref();
@@ -338,12 +397,60 @@ fn class_answer(
         };
     let mut decision = None;
     let mut chosen = Vec::new();
+    // Capacity: a region at the remove watermark is skipped (its share
+    // spills to the next tier by headroom), unless every fit region is.
+    let capacity = matches!(s.strategy, Strategy::Capacity);
+    let mut all_full = false;
     for (t, tier) in s.tiers.iter().enumerate() {
-        let fit = pick(tier, &|i| i.fit(model));
+        let mut fit = pick(tier, &|i| i.fit(model));
+        if capacity {
+            fit.retain(|(r, _)| regions.levels[*r] != Level::Removed);
+        }
         if !fit.is_empty() {
             decision = Some(Decision::Tier { tier: t });
             chosen = fit;
             break;
+        }
+    }
+    if capacity && decision.is_none() {
+        for (t, tier) in s.tiers.iter().enumerate() {
+            let fit = pick(tier, &|i| i.fit(model));
+            if !fit.is_empty() {
+                decision = Some(Decision::Tier { tier: t });
+                chosen = fit;
+                all_full = true;
+                break;
+            }
+        }
+    }
+    // Cost: the cheapest fit region (any tier) with enough headroom; ties
+    // by headroom; none with enough: the one with the most.
+    if let Strategy::Cost { min_headroom } = s.strategy {
+        let mut best: Option<(usize, usize, f64, f64)> = None; // (tier, region, cost, headroom)
+        let mut roomiest: Option<(usize, usize, f64)> = None;
+        for (t, tier) in s.tiers.iter().enumerate() {
+            for &r in tier {
+                if pick(&vec![r], &|i| i.fit(model)).is_empty() {
+                    continue;
+                }
+                let headroom = 1.0 - regions.loads[r].util.unwrap_or(0.0);
+                let cost = regions.loads[r].cost.unwrap_or(f64::INFINITY);
+                if roomiest.is_none_or(|(_, _, h)| headroom > h) {
+                    roomiest = Some((t, r, headroom));
+                }
+                let better =
+                    best.is_none_or(|(_, _, c, h)| cost < c || (cost == c && headroom > h));
+                if headroom >= min_headroom && better {
+                    best = Some((t, r, cost, headroom));
+                }
+            }
+        }
+        if let Some((t, r)) = best
+            .map(|(t, r, _, _)| (t, r))
+            .or(roomiest.map(|(t, r, _)| (t, r)))
+        {
+            decision = Some(Decision::Tier { tier: t });
+            chosen = pick(&vec![r], &|i| i.fit(model));
         }
     }
     let fallback = s.fallback.map(|f| &config.services[f]);
@@ -379,13 +486,13 @@ fn class_answer(
     if let (Decision::Fallback { .. }, Some(f)) = (&decision, fallback) {
         answer.cname = Some(Record::from_rdata(
             s.name.clone(),
-            s.ttl,
+            ttl,
             RData::CNAME(CNAME(f.name.clone())),
         ));
     }
     let record = |target: &IpAddr| match target {
-        IpAddr::V4(v4) => Record::from_rdata(s.name.clone(), s.ttl, RData::A(A(*v4))),
-        IpAddr::V6(v6) => Record::from_rdata(s.name.clone(), s.ttl, RData::AAAA(AAAA(*v6))),
+        IpAddr::V4(v4) => Record::from_rdata(s.name.clone(), ttl, RData::A(A(*v4))),
+        IpAddr::V6(v6) => Record::from_rdata(s.name.clone(), ttl, RData::AAAA(AAAA(*v6))),
     };
     // The weight of each chosen endpoint, in `chosen` order.
     let weight_of = |r: usize, target: &Target| -> f64 {
@@ -415,6 +522,50 @@ fn class_answer(
             }
         }
     }
+    if capacity && !chosen.is_empty() {
+        let mut per_region: HashMap<usize, usize> = HashMap::new();
+        for (r, _) in &chosen {
+            *per_region.entry(*r).or_default() += 1;
+        }
+        let mut drawn = Drawn {
+            records: s.records,
+            sticky: s.sticky,
+            ..Drawn::default()
+        };
+        for (r, target) in &chosen {
+            let Target::Address(ip) = target else {
+                continue;
+            };
+            let region_weight = if all_full {
+                let l = &regions.loads[*r];
+                l.base * l.gpus * 0.01
+            } else {
+                regions.weight(*r)
+            };
+            let w = region_weight / per_region[r] as f64 * weight_of(*r, target);
+            let counter = counters.answer(&s.id, &config.regions[*r].id);
+            let entry = (record(ip), w, address_key(ip));
+            match ip {
+                IpAddr::V4(_) => {
+                    drawn.a.push(entry);
+                    drawn.a_counters.push(counter);
+                }
+                IpAddr::V6(_) => {
+                    drawn.aaaa.push(entry);
+                    drawn.aaaa_counters.push(counter);
+                }
+            }
+        }
+        // Nothing has headroom (all at 100%): draw evenly rather than not at all.
+        for family in [&mut drawn.a, &mut drawn.aaaa] {
+            if family.iter().all(|(_, w, _)| *w <= 0.0) {
+                for entry in family.iter_mut() {
+                    entry.1 = 1.0;
+                }
+            }
+        }
+        answer.drawn = Some(drawn);
+    }
     // Every record in every answer: no weights to draw.
     for weights in [&mut answer.a_weights, &mut answer.aaaa_weights] {
         if weights.iter().all(|w| *w >= 1.0) {
@@ -430,7 +581,7 @@ fn class_answer(
         });
         answered_regions = first_cname.iter().map(|(r, _)| *r).collect();
         answer.cname = first_cname
-            .map(|(_, name)| Record::from_rdata(s.name.clone(), s.ttl, RData::CNAME(CNAME(name))));
+            .map(|(_, name)| Record::from_rdata(s.name.clone(), ttl, RData::CNAME(CNAME(name))));
     }
     answered_regions.sort_unstable();
     answered_regions.dedup();
@@ -532,6 +683,26 @@ fn class_answer(
                     region.id, endpoint.target
                 ));
             }
+        }
+    }
+    if matches!(s.strategy, Strategy::Capacity | Strategy::Cost { .. }) {
+        let mut seen = Vec::new();
+        for &r in s.tiers.iter().flatten() {
+            if seen.contains(&r) || !allows(allowed, &config.regions[r].jurisdictions) {
+                continue;
+            }
+            seen.push(r);
+            let l = &regions.loads[r];
+            let util = l.util.map_or("unknown (static weight)".to_string(), |u| {
+                format!("{:.0}%", u * 100.0)
+            });
+            explain.push(format!(
+                "capacity: region {} utilisation {util}, level {:?}, weight {:.3}{}",
+                config.regions[r].id,
+                regions.levels[r],
+                regions.weight(r),
+                l.cost.map(|c| format!(", cost {c}")).unwrap_or_default()
+            ));
         }
     }
     let result = match decision {

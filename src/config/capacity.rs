@@ -1,0 +1,181 @@
+//! Checks of the capacity settings: region size, weight, cost and metrics
+//! scraping; service records, stickiness, watermarks and adaptive TTL.
+
+use std::time::Duration;
+
+use super::check::Checker;
+use super::file::{CapacitySection, ServiceSection};
+use super::{MetricsSpec, RegionCapacity, Source};
+use crate::capacity::{Preset, Watermarks};
+
+/// Load reports older than this expire to "unknown".
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(15);
+const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
+/// Waiting requests that count as a full queue (GIE's detector uses 5).
+const DEFAULT_QUEUE_SATURATION: f64 = 8.0;
+/// Cost strategy: the least headroom a region needs to be chosen.
+pub(super) const DEFAULT_MIN_HEADROOM: f64 = 0.2;
+
+impl Checker {
+    pub(super) fn capacity(
+        &mut self,
+        src: &Source<'_>,
+        c: Option<&CapacitySection>,
+    ) -> (RegionCapacity, Option<MetricsSpec>) {
+        let default = CapacitySection::default();
+        let c = c.unwrap_or(&default);
+        let mut positive = |v: &Option<toml::Spanned<f64>>, what: &str, default: f64| match v {
+            Some(x) if !(x.get_ref().is_finite() && *x.get_ref() > 0.0 && *x.get_ref() <= 1e6) => {
+                self.err(
+                    src,
+                    x.span(),
+                    format!("capacity {what} {} must be a positive number", x.get_ref()),
+                );
+                default
+            }
+            Some(x) => *x.get_ref(),
+            None => default,
+        };
+        let gpus = positive(&c.gpus, "gpus", 1.0);
+        let weight = positive(&c.weight, "weight", 1.0);
+        let queue_saturation = positive(
+            &c.queue_saturation,
+            "queue-saturation",
+            DEFAULT_QUEUE_SATURATION,
+        );
+        let cost = c.cost.as_ref().map(|x| *x.get_ref());
+        if let Some(x) = &c.cost
+            && !(x.get_ref().is_finite() && *x.get_ref() >= 0.0)
+        {
+            self.err(src, x.span(), "capacity cost must be zero or more");
+        }
+        let max_age = match &c.max_age {
+            Some(a) => self
+                .duration(
+                    src,
+                    a,
+                    "capacity max-age",
+                    Duration::from_secs(1),
+                    Duration::from_secs(3600),
+                )
+                .unwrap_or(DEFAULT_MAX_AGE),
+            None => DEFAULT_MAX_AGE,
+        };
+        let metrics = c.metrics.as_ref().and_then(|name| {
+            let preset = match name.get_ref().as_str() {
+                "generic" => {
+                    let one = |m: &Option<toml::Spanned<String>>| m.iter().map(|n| n.get_ref().clone()).collect::<Vec<_>>();
+                    let preset = Preset {
+                        kv_cache: one(&c.kv_cache_metric).into_iter().map(|n| (n, None)).collect(),
+                        waiting: one(&c.waiting_metric),
+                        running: one(&c.running_metric),
+                        utilization: one(&c.utilization_metric),
+                    };
+                    if preset.kv_cache.is_empty() && preset.waiting.is_empty() && preset.utilization.is_empty() {
+                        self.err(
+                            src,
+                            name.span(),
+                            "the generic preset needs kv-cache-metric, waiting-metric or utilization-metric",
+                        );
+                        return None;
+                    }
+                    preset
+                }
+                other => match Preset::named(other) {
+                    Some(p) => p,
+                    None => {
+                        self.err(
+                            src,
+                            name.span(),
+                            format!("metrics preset {other:?} is not one of vllm, sglang, tgi, llamacpp, triton, nim, generic"),
+                        );
+                        return None;
+                    }
+                },
+            };
+            let interval = match &c.metrics_interval {
+                Some(i) => self.duration(src, i, "metrics-interval", Duration::from_millis(100), Duration::from_secs(3600))?,
+                None => DEFAULT_METRICS_INTERVAL,
+            };
+            let path = c.metrics_path.as_ref().map_or("/metrics".to_string(), |p| p.get_ref().clone());
+            if !path.starts_with('/') {
+                let span = c.metrics_path.as_ref().map_or(0..0, |p| p.span());
+                self.err(src, span, format!("metrics path {path:?} must start with '/'"));
+            }
+            Some(MetricsSpec {
+                path,
+                interval,
+                preset,
+                preset_name: name.get_ref().clone(),
+            })
+        });
+        (
+            RegionCapacity {
+                gpus,
+                weight,
+                cost,
+                max_age,
+                queue_saturation,
+            },
+            metrics,
+        )
+    }
+
+    /// Records, stickiness, watermarks and the adaptive TTL floor of a service.
+    pub(super) fn service_capacity(
+        &mut self,
+        src: &Source<'_>,
+        s: &ServiceSection,
+        ttl: u32,
+    ) -> (usize, bool, Watermarks, u32) {
+        let records = match &s.records {
+            Some(r) if *r.get_ref() == 0 || *r.get_ref() > 64 => {
+                self.err(
+                    src,
+                    r.span(),
+                    format!("records {} is out of range (1..=64)", r.get_ref()),
+                );
+                1
+            }
+            Some(r) => *r.get_ref() as usize,
+            None => 1,
+        };
+        let mut watermarks = Watermarks::default();
+        if let Some(w) = &s.watermarks {
+            let given = w.get_ref();
+            watermarks.prepare = given.prepare.unwrap_or(watermarks.prepare);
+            watermarks.reduce = given.reduce.unwrap_or(watermarks.reduce);
+            watermarks.remove = given.remove.unwrap_or(watermarks.remove);
+            let ordered = 0.0 < watermarks.prepare
+                && watermarks.prepare < watermarks.reduce
+                && watermarks.reduce < watermarks.remove
+                && watermarks.remove <= 1.0;
+            if !ordered {
+                self.err(
+                    src,
+                    w.span(),
+                    format!(
+                        "watermarks must rise: 0 < prepare ({}) < reduce ({}) < remove ({}) <= 1",
+                        watermarks.prepare, watermarks.reduce, watermarks.remove
+                    ),
+                );
+            }
+        }
+        let ttl_min = match &s.ttl_min {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > ttl => {
+                self.err(
+                    src,
+                    t.span(),
+                    format!(
+                        "ttl-min {} must be between 1 and the ttl ({ttl})",
+                        t.get_ref()
+                    ),
+                );
+                ttl
+            }
+            Some(t) => *t.get_ref(),
+            None => ttl,
+        };
+        (records, s.sticky.unwrap_or(false), watermarks, ttl_min)
+    }
+}
