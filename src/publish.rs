@@ -533,7 +533,7 @@ impl Publisher {
     fn region_load(&self, r: usize, now: Instant) -> RegionLoad {
         let region = &self.loaded.config.regions[r];
         let cap = &region.capacity;
-        let fresh = |at: Instant| now.saturating_duration_since(at) <= cap.max_age;
+        let fresh = |at: Instant| now.saturating_duration_since(at) < cap.max_age;
         let scraped: Vec<crate::capacity::Load> = self
             .health
             .iter()
@@ -1231,5 +1231,190 @@ tiers = [["pool"]]
             "no slow start: it never went down"
         );
         cancel.cancel();
+    }
+
+    const FLEET: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.cheap]
+endpoints = [{ address = "192.0.2.1" }]
+capacity = { gpus = 2, cost = 1.0, max-age = "10s" }
+[regions.dear]
+endpoints = [{ address = "192.0.2.2" }]
+capacity = { gpus = 2, cost = 3.0, max-age = "10s" }
+[services.fleet]
+tiers = [["cheap", "dear"]]
+strategy = "capacity"
+ttl = 60
+ttl-min = 10
+[services.batch]
+tiers = [["cheap", "dear"]]
+strategy = "cost"
+min-headroom = 0.25
+"#;
+
+    /// A publisher with both endpoints up, no probe tasks: reports are applied directly.
+    fn fleet() -> (Publisher, Arc<ArcSwap<Snapshot>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, FLEET).unwrap();
+        let config = Arc::new(crate::config::load(&path).unwrap());
+        let (mut publisher, snapshot, _) = Publisher::new(config, vec![0, 1], None, Metrics::new());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        publisher.publish();
+        (publisher, snapshot)
+    }
+
+    fn push(publisher: &mut Publisher, region: &str, utilization: f64) {
+        let (done, _) = oneshot::channel();
+        publisher.apply(Msg::Capacity {
+            region: region.into(),
+            report: PushReport {
+                utilization: Some(utilization),
+                ..PushReport::default()
+            },
+            done,
+        });
+    }
+
+    fn utilization(snapshot: &ArcSwap<Snapshot>, region: &str) -> Option<f64> {
+        snapshot
+            .load()
+            .region_loads
+            .iter()
+            .find(|l| l.0 == region)
+            .and_then(|l| l.1)
+    }
+
+    fn fleet_weights(snapshot: &ArcSwap<Snapshot>) -> Vec<(String, f64)> {
+        let snap = snapshot.load();
+        // Services are in id order: batch (0), fleet (1).
+        let drawn = snap.services[1].classes[0].drawn.as_ref().unwrap();
+        drawn
+            .a
+            .iter()
+            .map(|(r, w, _)| (r.data.to_string(), *w))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_expire_to_the_static_weight() {
+        let (mut publisher, snapshot) = fleet();
+        push(&mut publisher, "cheap", 0.5);
+        assert_eq!(utilization(&snapshot, "cheap"), Some(0.5));
+        assert_eq!(
+            fleet_weights(&snapshot),
+            [("192.0.2.1".into(), 1.0), ("192.0.2.2".into(), 2.0)]
+        );
+        tokio::time::advance(Duration::from_millis(9_900)).await;
+        publisher.publish();
+        assert_eq!(utilization(&snapshot, "cheap"), Some(0.5), "still fresh");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        publisher.publish();
+        assert_eq!(
+            utilization(&snapshot, "cheap"),
+            None,
+            "expired after max-age 10s"
+        );
+        assert_eq!(
+            fleet_weights(&snapshot)[0],
+            ("192.0.2.1".into(), 2.0),
+            "back to gpus x base"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_run_loop_wakes_to_expire_reports() {
+        let (publisher, snapshot) = fleet();
+        let (tx, rx) = mpsc::channel::<Msg>(8);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let (done, result) = oneshot::channel();
+        tx.send(Msg::Capacity {
+            region: "dear".into(),
+            report: PushReport {
+                kv_cache: Some(0.9),
+                ..PushReport::default()
+            },
+            done,
+        })
+        .await
+        .unwrap();
+        result.await.unwrap().unwrap();
+        assert_eq!(utilization(&snapshot, "dear"), Some(0.9));
+        tokio::time::sleep(Duration::from_millis(10_050)).await;
+        assert_eq!(
+            utilization(&snapshot, "dear"),
+            None,
+            "no message needed to expire it"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn saturated_regions_shed_and_every_full_region_still_answers() {
+        let (mut publisher, snapshot) = fleet();
+        push(&mut publisher, "cheap", 0.96);
+        push(&mut publisher, "dear", 0.30);
+        // cheap is removed (>= 95%): only dear is drawn.
+        assert_eq!(fleet_weights(&snapshot), [("192.0.2.2".into(), 2.0 * 0.7)]);
+        // Both full: both answer, on a small equal floor, rather than nothing.
+        push(&mut publisher, "dear", 0.97);
+        let w = fleet_weights(&snapshot);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w.iter().all(|(_, x)| *x > 0.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_ttl_stays_within_its_bounds() {
+        let (mut publisher, snapshot) = fleet();
+        let ttl = |s: &ArcSwap<Snapshot>| {
+            s.load().services[1].classes[0].drawn.as_ref().unwrap().a[0]
+                .0
+                .ttl
+        };
+        publisher.publish();
+        assert_eq!(ttl(&snapshot), 60, "calm: the configured TTL");
+        push(&mut publisher, "cheap", 0.85);
+        assert_eq!(ttl(&snapshot), 10, "near a watermark: ttl-min");
+        push(&mut publisher, "cheap", 0.2);
+        assert_eq!(ttl(&snapshot), 10, "weights just moved a lot");
+        publisher.publish();
+        assert_eq!(ttl(&snapshot), 60, "calm again");
+        for u in [0.1, 0.5, 0.92, 0.99, 0.0] {
+            push(&mut publisher, "dear", u);
+            assert!((10..=60).contains(&ttl(&snapshot)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cost_picks_the_cheapest_region_with_headroom() {
+        let (mut publisher, snapshot) = fleet();
+        let batch = |s: &ArcSwap<Snapshot>| s.load().service_views[0].answer.clone();
+        push(&mut publisher, "cheap", 0.5);
+        push(&mut publisher, "dear", 0.1);
+        assert_eq!(
+            batch(&snapshot),
+            ["192.0.2.1"],
+            "cheapest with >= 25% headroom"
+        );
+        push(&mut publisher, "cheap", 0.8);
+        assert_eq!(
+            batch(&snapshot),
+            ["192.0.2.2"],
+            "cheap has only 20% headroom left"
+        );
+        push(&mut publisher, "dear", 0.9);
+        assert_eq!(
+            batch(&snapshot),
+            ["192.0.2.1"],
+            "none has enough: the most headroom"
+        );
     }
 }
