@@ -43,6 +43,14 @@ endpoints = [{ address = "192.0.2.10" }, { address = "192.0.2.11" }, { address =
 endpoints = [{ address = "198.51.100.20" }]
 [services.chat]
 tiers = [["us-east"], ["us-west"]]
+[services.fleet]
+tiers = [["us-east", "us-west"]]
+strategy = "capacity"
+[services.sticky]
+tiers = [["us-east", "us-west"]]
+strategy = "capacity"
+sticky = true
+records = 2
 "#;
 
 const ZONE: &str =
@@ -115,6 +123,18 @@ fn bench(c: &mut Criterion) {
             },
         }));
     }
+    // Different loads, so the draw has real weights.
+    for (region, utilization) in [("us-east", 0.85), ("us-west", 0.4)] {
+        let (done, _) = tokio::sync::oneshot::channel();
+        publisher.apply(Msg::Capacity {
+            region: region.into(),
+            report: inferdns::capacity::PushReport {
+                utilization: Some(utilization),
+                ..Default::default()
+            },
+            done,
+        });
+    }
     publisher.publish();
 
     let client = inferdns::dns::answer::Client {
@@ -127,6 +147,16 @@ fn bench(c: &mut Criterion) {
         ("static_a", "www.inference.example.com.", RecordType::A),
         ("cname_chain", "docs.inference.example.com.", RecordType::A),
         ("nxdomain", "nope.inference.example.com.", RecordType::A),
+        (
+            "capacity_draw_1_of_4",
+            "fleet.inference.example.com.",
+            RecordType::A,
+        ),
+        (
+            "capacity_sticky_2_of_4",
+            "sticky.inference.example.com.",
+            RecordType::A,
+        ),
     ] {
         let qname = LowerName::from(Name::from_ascii(name).unwrap());
         group.bench_function(label, |b| {
