@@ -72,6 +72,7 @@ struct EndpointInfo {
     layers: Vec<Layer>,
     cooldown: Duration,
     slow_start: Duration,
+    completion_model: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -94,6 +95,9 @@ struct EndpointHealth {
     /// The last load its metrics showed, and when.
     load: Option<(crate::capacity::Load, Instant)>,
 }
+
+/// The longest a 429 takes an endpoint out, whatever its Retry-After says.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
 
 /// Weight of a new probe time in the smoothed latency.
 const LATENCY_SMOOTHING: f64 = 0.3;
@@ -145,6 +149,7 @@ impl Loaded {
                     layers,
                     cooldown: p.cooldown,
                     slow_start: p.slow_start,
+                    completion_model: p.completion.as_ref().map(|c| c.model.clone()),
                 });
             }
         }
@@ -201,6 +206,8 @@ pub struct Publisher {
     levels: HashMap<(String, String), Level>,
     /// Published weight by (service id, region id), for the adaptive TTL.
     weights: HashMap<(String, String), f64>,
+    /// When the last snapshot was built.
+    last_publish: Instant,
     /// Region utilisation in the published snapshot, by region index.
     published_util: Vec<Option<f64>>,
 }
@@ -271,6 +278,7 @@ impl Publisher {
             pushed: HashMap::new(),
             levels: HashMap::new(),
             weights: HashMap::new(),
+            last_publish: Instant::now(),
             published_util: Vec::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
@@ -322,6 +330,10 @@ impl Publisher {
                 if !self.loaded.config.regions.iter().any(|r| r.id == region) {
                     let _ = done.send(Err(format!("unknown region {region:?}")));
                     return false;
+                }
+                // An operator's drain is applied now, not after a pending reload settles.
+                if self.deferred.is_some() {
+                    self.settle(true);
                 }
                 let changed = if drained {
                     self.drained.insert(region.clone())
@@ -392,17 +404,22 @@ impl Publisher {
         // 429: rate limited is not dead. Out of answers for the cool-down,
         // and back afterwards without a rise count.
         if let Err(ProbeError::RateLimited { retry_after_s }) = &report.outcome.result {
-            let pause = retry_after_s.map_or(info.cooldown, Duration::from_secs);
+            // A hostile or silly Retry-After cannot take an endpoint out for long.
+            let pause = retry_after_s
+                .map_or(info.cooldown, Duration::from_secs)
+                .min(MAX_COOLDOWN);
             let until = now + pause;
+            let entering = h.cooling_until.is_none_or(|u| u <= now);
             if h.cooling_until.is_none_or(|u| u < until) {
-                if h.cooling_until.is_none_or(|u| u <= now) {
+                if entering {
                     tracing::info!(
                         region = %info.region, endpoint = %info.target, cooldown = ?pause,
                         "Endpoint rate limited; out of answers for the cool-down."
                     );
                 }
                 h.cooling_until = Some(until);
-                changed = true;
+                // Only entering the cool-down changes answers; the wake-up ends it.
+                changed |= entering;
             }
             if let Err(e) = report.outcome.result
                 && h.last_error.as_ref() != Some(&e)
@@ -490,8 +507,12 @@ impl Publisher {
     fn next_wake(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut next: Option<Instant> = None;
+        // A deadline passed since the last publish (a message won the race
+        // with the timer) is due now, not forgotten.
+        let since = self.last_publish;
         let mut consider = |t: Instant| {
-            if t > now && next.is_none_or(|n| t < n) {
+            let t = if t <= now && t > since { now } else { t };
+            if t >= now && t > since && next.is_none_or(|n| t < n) {
                 next = Some(t);
             }
         };
@@ -701,6 +722,7 @@ impl Publisher {
 
     fn publish_now(&mut self) {
         let started = std::time::Instant::now();
+        self.last_publish = Instant::now();
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
         let dynamic = self.dynamic();
@@ -831,6 +853,7 @@ fn build(
                 }),
             completion_ok: !info.layers.contains(&Layer::Completion)
                 || h.completion_state.status == Status::Up,
+            completion_model: info.completion_model.as_deref(),
             slow_start: h
                 .up_since
                 .filter(|_| !info.slow_start.is_zero())

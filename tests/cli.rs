@@ -231,11 +231,11 @@ fn demo_json_reports_measured_failover_times() {
     let geo: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "geo").collect();
     assert_eq!(
         (geo[0]["answer"][0].as_str(), geo[0]["scope"].as_u64()),
-        (Some("127.0.0.13"), Some(26))
+        (Some("127.0.0.13"), Some(24))
     );
     assert_eq!(
         (geo[1]["answer"][0].as_str(), geo[1]["scope"].as_u64()),
-        (Some("127.0.0.11"), Some(25))
+        (Some("127.0.0.11"), Some(24))
     );
     let summary = events.last().unwrap();
     for key in [
@@ -253,11 +253,11 @@ fn demo_json_reports_measured_failover_times() {
     let geo: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "geo").collect();
     assert_eq!(
         (geo[0]["answer"][0].as_str(), geo[0]["scope"].as_u64()),
-        (Some("127.0.0.13"), Some(26))
+        (Some("127.0.0.13"), Some(24))
     );
     assert_eq!(
         (geo[1]["answer"][0].as_str(), geo[1]["scope"].as_u64()),
-        (Some("127.0.0.11"), Some(25))
+        (Some("127.0.0.11"), Some(24))
     );
     for e in &events[1..events.len() - 1] {
         if e["event"] != "fault" && e["event"] != "geo" {

@@ -280,7 +280,11 @@ pub fn answer<'a>(
             None => {
                 // Nothing of the asked type at the last name: NODATA (after any CNAMEs).
                 if out.answers.len() == before {
-                    out.no_data(snap);
+                    if out.refused.is_some() {
+                        out.authority.push(&snap.zone.soa_uncached);
+                    } else {
+                        out.no_data(snap);
+                    }
                 }
                 return out;
             }
@@ -305,51 +309,73 @@ pub struct Located {
 /// Locates the client: the ECS subnet if any, else the resolver; network
 /// overrides first, then GeoIP.
 pub fn locate(snap: &Snapshot, client: &Client) -> Located {
-    let (ip, from_ecs, source_prefix) = match (client.ecs, client.addr) {
+    let (ip, from_ecs, used) = match (client.ecs, client.addr) {
         (Some(net), _) => (net.addr(), true, net.prefix_len()),
-        (None, Some(ip)) => (
-            ip.to_canonical(),
-            false,
-            if ip.is_ipv4() { 32 } else { 128 },
-        ),
+        (None, Some(ip)) => {
+            let ip = ip.to_canonical();
+            (ip, false, if ip.is_ipv4() { 32 } else { 128 })
+        }
         (None, None) => return Located::default(),
     };
+    let family_max = if ip.is_ipv4() { 32 } else { 128 };
     let geo = &snap.geo;
-    if let Some(o) = geo.overrides.iter().find(|o| o.network.contains(&ip)) {
-        return Located {
-            country: o.place.country,
-            continent: o.place.continent,
-            coords: o.place.coords,
-            scope: o.network.prefix_len(),
-            from_ecs,
-            by: "a network override",
+    // Overrides nested inside `network` make part of it different.
+    let nested = |network: ipnet::IpNet| {
+        geo.overrides
+            .iter()
+            .filter(|o| o.network != network && network.contains(&o.network))
+            .map(|o| o.network.prefix_len())
+            .max()
+            .unwrap_or(0)
+    };
+    let (place, decided, by) =
+        if let Some(o) = geo.overrides.iter().find(|o| o.network.contains(&ip)) {
+            let p = &o.place;
+            (
+                (p.country, p.continent, p.coords),
+                o.network.prefix_len().max(nested(o.network)),
+                "a network override",
+            )
+        } else if let Some(record) = geo.db.as_ref().and_then(|db| db.lookup(ip)) {
+            // An IPv6 tree without an IPv4 subtree can give a v6 prefix for a v4 address.
+            let prefix = if record.prefix > family_max {
+                record.prefix.saturating_sub(96).min(family_max)
+            } else {
+                record.prefix
+            };
+            let network = ipnet::IpNet::new(ip, prefix).map(|n| n.trunc()).ok();
+            let decided = prefix.max(network.map_or(0, nested));
+            (
+                (record.country, record.continent, record.coords),
+                decided,
+                "GeoIP",
+            )
+        } else {
+            return Located {
+                scope: used,
+                from_ecs,
+                by: "nothing (no GeoIP answer)",
+                ..Located::default()
+            };
         };
-    }
-    let Some(record) = geo.db.as_ref().and_then(|db| db.lookup(ip)) else {
+    // The subnet asked about is wider than the network that would decide:
+    // its clients may be in different places, so none of them is placed
+    // (fail closed), and the answer holds for exactly the subnet asked.
+    if decided > used {
         return Located {
-            scope: source_prefix,
+            scope: used,
             from_ecs,
-            by: "nothing (no GeoIP answer)",
+            by: "nothing (the subnet spans several networks)",
             ..Located::default()
         };
-    };
-    // An override inside the GeoIP network makes part of it different:
-    // never claim a scope wider than that override.
-    let network = ipnet::IpNet::new(ip, record.prefix).map(|n| n.trunc()).ok();
-    let narrower = geo
-        .overrides
-        .iter()
-        .filter(|o| network.is_some_and(|n| n.contains(&o.network)))
-        .map(|o| o.network.prefix_len())
-        .max()
-        .unwrap_or(0);
+    }
     Located {
-        country: record.country,
-        continent: record.continent,
-        coords: record.coords,
-        scope: record.prefix.max(narrower),
+        country: place.0,
+        continent: place.1,
+        coords: place.2,
+        scope: decided,
         from_ecs,
-        by: "GeoIP",
+        by,
     }
 }
 
@@ -390,7 +416,8 @@ fn service_records<'a>(
     let service = &snap.services[i];
     let located = service.located.then(|| locate(snap, client));
     if let Some(l) = &located {
-        out.scope = Some(l.scope);
+        // Along a CNAME chain the longest scope of its decisions holds (RFC 7871 7.2.1).
+        out.scope = Some(out.scope.map_or(l.scope, |s| s.max(l.scope)));
     }
     let class = &service.classes[class_of(service, located.as_ref())];
     if class.servfail {

@@ -130,8 +130,15 @@ impl RequestHandler for Handler {
         }
         // Echo the option with the scope of the network that decided, or 0
         // when the answer does not depend on the client's location.
-        if let (Some((mut echo, _)), Some(edns)) = (subnet, response_edns.as_mut()) {
-            echo.set_scope_prefix(result.scope.unwrap_or(0));
+        if let (Some((mut echo, used)), Some(edns)) = (subnet, response_edns.as_mut()) {
+            // Back in the option's family (an IPv4-mapped subnet was located as IPv4).
+            let mapped = used.is_some_and(|u| u.addr().is_ipv4()) && echo.addr().is_ipv6();
+            let scope = result.scope.unwrap_or(0);
+            echo.set_scope_prefix(if mapped && scope > 0 {
+                scope + 96
+            } else {
+                scope
+            });
             edns.options_mut().insert(EdnsOption::Subnet(echo));
         }
         let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
@@ -180,9 +187,15 @@ fn ecs(
         std::net::IpAddr::V4(_) => snapshot.geo.max_prefix_v4,
         std::net::IpAddr::V6(_) => snapshot.geo.max_prefix_v6,
     };
-    let used = ipnet::IpNet::new(subnet.addr(), source.min(max))
-        .map(|n| n.trunc())
-        .ok();
+    let cut = source.min(max);
+    // An IPv4-mapped IPv6 subnet is located as the IPv4 subnet it holds.
+    let used = match subnet.addr() {
+        std::net::IpAddr::V6(v6) if cut >= 96 && v6.to_ipv4_mapped().is_some() => v6
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::IpNet::new(v4.into(), cut - 96).ok()),
+        addr => ipnet::IpNet::new(addr, cut).ok(),
+    }
+    .map(|n| n.trunc());
     Ok(Some((*subnet, used)))
 }
 

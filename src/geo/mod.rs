@@ -199,22 +199,24 @@ mod tests {
     #[test]
     fn looks_up_v4_and_v6_with_their_networks() {
         let db = db();
-        let fr = db.lookup("192.0.2.70".parse().unwrap()).unwrap();
+        let fr = db.lookup("10.1.70.1".parse().unwrap()).unwrap();
         assert_eq!(fr.country, code("FR"));
         assert_eq!(fr.continent, code("EU"));
-        assert_eq!(fr.prefix, 26);
+        assert_eq!(fr.prefix, 16);
         assert_eq!(fr.coords, Some((48.86, 2.35)));
+        let de = db.lookup("192.0.2.200".parse().unwrap()).unwrap();
+        assert_eq!((de.country, de.prefix), (code("DE"), 24));
         let jp = db.lookup("2001:db8:3::42".parse().unwrap()).unwrap();
         assert_eq!((jp.country, jp.prefix), (code("JP"), 48));
         // IPv4-mapped IPv6 is looked up as IPv4.
-        let mapped = db.lookup("::ffff:198.51.100.200".parse().unwrap()).unwrap();
-        assert_eq!((mapped.country, mapped.prefix), (code("CA"), 26));
+        let mapped = db.lookup("::ffff:10.5.0.9".parse().unwrap()).unwrap();
+        assert_eq!((mapped.country, mapped.prefix), (code("CA"), 16));
     }
 
     #[test]
     fn registered_country_fills_in_and_gaps_are_unknown() {
         let db = db();
-        let gb = db.lookup("203.0.113.230".parse().unwrap()).unwrap();
+        let gb = db.lookup("10.9.1.1".parse().unwrap()).unwrap();
         assert_eq!(
             gb.country,
             code("GB"),

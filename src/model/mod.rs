@@ -50,6 +50,9 @@ pub struct Zone {
     pub soa: Record,
     /// The SOA with TTL min(SOA TTL, MINIMUM) for negative answers (RFC 2308 §3).
     pub soa_negative: Record,
+    /// The SOA with TTL 0, for residency refusals: resolvers cache a
+    /// negative answer for every client (RFC 7871 7.4), so it must not stick.
+    pub soa_uncached: Record,
     /// A/AAAA of in-zone name servers, for the additional section of NS answers.
     pub glue: Vec<Record>,
     pub names: HashMap<LowerName, Node>,
@@ -127,6 +130,8 @@ impl Zone {
         let soa = Record::from_rdata(z.apex.clone(), z.soa.ttl, RData::SOA(soa_rdata));
         let mut soa_negative = soa.clone();
         soa_negative.ttl = z.soa.ttl.min(z.soa.minimum);
+        let mut soa_uncached = soa.clone();
+        soa_uncached.ttl = 0;
 
         let mut grouped: HashMap<LowerName, Vec<RrSet>> = HashMap::new();
         let mut push = |record: Record| {
@@ -186,6 +191,7 @@ impl Zone {
             apex,
             soa,
             soa_negative,
+            soa_uncached,
             glue,
             names,
             has_wildcards,

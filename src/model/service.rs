@@ -30,6 +30,8 @@ pub struct EndpointInput<'a> {
     pub models: Option<&'a [String]>,
     /// The synthetic completion passes (or is not configured).
     pub completion_ok: bool,
+    /// The model the completion probe asks for.
+    pub completion_model: Option<&'a str>,
     /// Slow-start share, 0.1..=1.
     pub slow_start: f64,
     /// Smoothed completion time, else probe time, in ms.
@@ -59,7 +61,12 @@ impl EndpointInput<'_> {
         {
             return Some(format!("model {model} not listed"));
         }
-        if !self.completion_ok {
+        // A failing completion speaks for its own model only.
+        let same_model = match (model, self.completion_model) {
+            (Some(m), Some(c)) => m == c,
+            _ => true,
+        };
+        if !self.completion_ok && same_model {
             return Some("synthetic completion failing".into());
         }
         None
