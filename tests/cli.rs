@@ -224,6 +224,11 @@ fn demo_json_reports_measured_failover_times() {
             "model_failback",
             "geo",
             "geo",
+            "capacity",
+            "capacity",
+            "capacity",
+            "capacity",
+            "capacity",
             "summary"
         ]
     );
@@ -237,6 +242,16 @@ fn demo_json_reports_measured_failover_times() {
         (geo[1]["answer"][0].as_str(), geo[1]["scope"].as_u64()),
         (Some("127.0.0.11"), Some(24))
     );
+    // As us-east fills up, its share of fleet's answers falls, and it is
+    // out before it saturates.
+    let shares: Vec<f64> = events
+        .iter()
+        .filter(|e| e["event"] == "capacity")
+        .map(|e| e["us_east_share"].as_f64().unwrap())
+        .collect();
+    assert!(shares[0] > 0.3 && shares[0] < 0.7, "{shares:?}");
+    assert!(shares[2] < shares[0] && shares[3] < shares[2], "{shares:?}");
+    assert_eq!(shares[4], 0.0, "{shares:?}");
     let summary = events.last().unwrap();
     for key in [
         "failover_s",
@@ -260,7 +275,7 @@ fn demo_json_reports_measured_failover_times() {
         (Some("127.0.0.11"), Some(24))
     );
     for e in &events[1..events.len() - 1] {
-        if e["event"] != "fault" && e["event"] != "geo" {
+        if e["event"] != "fault" && e["event"] != "geo" && e["event"] != "capacity" {
             assert_eq!(e["empty_or_failed"], 0, "{e}");
         }
     }

@@ -43,6 +43,9 @@ const POLL_EVERY: Duration = Duration::from_millis(20);
 const ZONE_FILE: &str = include_str!("../../zones/inference.example.com.zone");
 const CHAT_POLICY: &str = include_str!("../../policies/chat.toml");
 const GEO_POLICY: &str = include_str!("../../policies/geo.toml");
+const FLEET_POLICY: &str = include_str!("../../policies/fleet.toml");
+/// The demo's capacity-weighted service.
+pub const FLEET_SERVICE: &str = "fleet.inference.example.com.";
 const GEOIP_DB: &[u8] = include_bytes!("../../geoip/test-city.mmdb");
 
 #[derive(Debug, Clone)]
@@ -75,12 +78,14 @@ database = "test-city.mmdb"
 [regions.us-east]
 endpoints = [{{ address = "{PRIMARY_IP}", port = {primary} }}]
 probe = {{ models-path = "/v1/models", models-interval = "500ms" }}
+capacity = {{ metrics = "vllm", metrics-interval = "250ms" }}
 location = {{ country = "US", lat = 38.90, lon = -77.04 }}
 jurisdictions = ["us"]
 
 [regions.us-west]
 endpoints = [{{ address = "{SECONDARY_IP}", port = {secondary} }}]
 probe = {{ models-path = "/v1/models", models-interval = "500ms" }}
+capacity = {{ metrics = "vllm", metrics-interval = "250ms" }}
 location = {{ country = "US", lat = 37.77, lon = -122.42 }}
 jurisdictions = ["us"]
 
@@ -97,6 +102,7 @@ pub fn write_demo_files(dir: &std::path::Path, main: &str) -> std::io::Result<Pa
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::write(dir.join("policies/chat.toml"), CHAT_POLICY)?;
     std::fs::write(dir.join("policies/geo.toml"), GEO_POLICY)?;
+    std::fs::write(dir.join("policies/fleet.toml"), FLEET_POLICY)?;
     std::fs::write(dir.join("test-city.mmdb"), GEOIP_DB)?;
     std::fs::write(dir.join("inference.example.com.zone"), ZONE_FILE)?;
     let path = dir.join("inferdns.toml");
@@ -227,6 +233,35 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
             format!("{GEO_SERVICE} A +subnet={subnet} ({who} client) -> {}   (ECS scope /{scope})", answer.join(" ")),
         );
     }
+    // Capacity: us-east's KV cache fills up; fleet's answers move to us-west
+    // before us-east saturates.
+    secondary.set_load(Load {
+        running: 4,
+        waiting: 0,
+        kv_cache: 0.30,
+    });
+    for kv in [0.30, 0.70, 0.85, 0.92, 0.97] {
+        primary.set_load(Load {
+            running: 8,
+            waiting: 0,
+            kv_cache: kv,
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let share = fleet_share(dns, 400).await?;
+        let watermarks = crate::capacity::Watermarks::default();
+        let level = watermarks.level(kv, crate::capacity::Level::Normal);
+        let east = crate::capacity::weight(1.0, 1.0, Some(kv), level);
+        let expected = east / (east + 0.7);
+        p.event(
+            json!({"event": "capacity", "us_east_kv_cache": kv, "us_east_share": round3(share), "expected_share": round3(expected)}),
+            format!(
+                "{FLEET_SERVICE} us-east KV cache {:>3.0}% (us-west 30%) -> us-east gets {:>5.1}% of 400 answers (weights say {:.1}%)",
+                kv * 100.0,
+                share * 100.0,
+                expected * 100.0
+            ),
+        );
+    }
     let within = failover <= bound.as_secs_f64() && hung <= bound.as_secs_f64();
     let port = dns.port();
     let host = dns.ip();
@@ -319,6 +354,17 @@ async fn ask_subnet(dns: SocketAddr, subnet: &str) -> Result<(Vec<String>, u8), 
         _ => 0,
     };
     Ok((client::answer_strings(&reply), scope))
+}
+
+/// Share of `n` answers of the capacity service that went to us-east.
+async fn fleet_share(dns: SocketAddr, n: u32) -> Result<f64, AppError> {
+    let ask = client::Ask::new(FLEET_SERVICE, RecordType::A);
+    let mut east = 0;
+    for _ in 0..n {
+        let m = client::query_udp(dns, &ask).await?;
+        east += u32::from(client::answer_strings(&m) == [PRIMARY_IP.to_string()]);
+    }
+    Ok(f64::from(east) / f64::from(n))
 }
 
 /// Applies `fault` at a random moment within one probe interval and
