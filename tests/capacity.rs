@@ -6,12 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Files, Server, ZONE, base_config, http};
+use common::{Server, base_config, http};
 use hickory_proto::op::{Edns, Message};
 use hickory_proto::rr::RecordType;
 use hickory_proto::rr::rdata::opt::EdnsOption;
-use inferdns::app::{self, StartOptions};
-use inferdns::config;
 use inferdns::demo::client::{Ask, answer_strings, exchange_udp};
 use inferdns::demo::{Load, MODEL, SimRegion};
 
@@ -50,21 +48,8 @@ strategy = "capacity"
         a.addr().port(),
         b.addr().port()
     );
-    let main = base_config(&text).replace(
-        "startup-grace = \"3s\"",
-        "startup-grace = \"3s\"\nadmin-token-file = \"token\"",
-    );
-    let files = Files::new();
-    files.write("token", TOKEN);
-    files.write("zone.db", ZONE);
-    let path = files.write("inferdns.toml", &main);
-    let config = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let running = app::start(config, StartOptions::default()).await.unwrap();
-    Fleet {
-        server: Server { running, files },
-        a,
-        _b: b,
-    }
+    let server = Server::start_with_token(&base_config(&text), TOKEN).await;
+    Fleet { server, a, _b: b }
 }
 
 impl Fleet {

@@ -25,6 +25,39 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts `inferdns run` with `args`, and reads its startup line:
+/// `inferdns listening dns=ADDR admin=ADDR`.
+async fn start_daemon(args: &[&std::ffi::OsStr]) -> (Daemon, SocketAddr, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let daemon = Daemon(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let rest = line
+        .trim()
+        .strip_prefix("inferdns listening ")
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let field = |key: &str| -> SocketAddr {
+        rest.split(' ')
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    (daemon, field("dns="), field("admin="))
+}
+
 #[test]
 fn check_accepts_the_example_and_rejects_with_positions() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/inferdns.toml");
@@ -82,48 +115,15 @@ async fn run_prints_its_addresses_serves_and_stops_on_sigterm() {
     // The flags must win over the file.
     .replace("127.0.0.1:0", "127.0.0.1:1");
     let path = files.write("inferdns.toml", &main);
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .args([
-            "--dns-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let daemon = Daemon(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    // inferdns listening dns=127.0.0.1:PORT admin=127.0.0.1:PORT
-    let mut fields = line
-        .trim()
-        .strip_prefix("inferdns listening ")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .split(' ');
-    let dns: SocketAddr = fields
-        .next()
-        .unwrap()
-        .strip_prefix("dns=")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let admin: SocketAddr = fields
-        .next()
-        .unwrap()
-        .strip_prefix("admin=")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (daemon, dns, admin) = start_daemon(&[
+        "--config".as_ref(),
+        path.as_os_str(),
+        "--dns-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--admin-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ])
+    .await;
     assert_ne!(dns.port(), 0);
 
     let ask = Ask::new("chat.inference.example.com.", RecordType::A);
@@ -293,40 +293,8 @@ async fn sighup_reloads_and_explain_asks_the_daemon() {
         region.addr().port()
     ));
     let path = files.write("inferdns.toml", &main);
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let daemon = Daemon(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let mut fields = line
-        .trim()
-        .strip_prefix("inferdns listening ")
-        .unwrap()
-        .split(' ');
-    let dns: SocketAddr = fields
-        .next()
-        .unwrap()
-        .strip_prefix("dns=")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let admin = fields
-        .next()
-        .unwrap()
-        .strip_prefix("admin=")
-        .unwrap()
-        .to_string();
+    let (daemon, dns, admin) = start_daemon(&["--config".as_ref(), path.as_os_str()]).await;
+    let admin = admin.to_string();
 
     // A new zone-file record appears after SIGHUP.
     let ask = Ask::new("new.inference.example.com.", RecordType::A);

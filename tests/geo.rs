@@ -5,12 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FAST_PROBE, Files, Server, ZONE, base_config, http};
+use common::{FAST_PROBE, Server, base_config, http};
 use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
-use inferdns::app::{self, StartOptions};
-use inferdns::config;
 use inferdns::demo::client::{Ask, answer_strings, exchange_udp};
 use inferdns::demo::{MODEL, SimRegion};
 
@@ -71,28 +69,8 @@ residency = { rules = [{ clients = ["eu"], allow = ["eu"] }], without-ecs = "unk
 tiers = [["us-east"], ["eu-central"]]
 "#,
     );
-    let main = base_config(&text).replace(
-        "startup-grace = \"3s\"",
-        "startup-grace = \"3s\"\nadmin-token-file = \"token\"",
-    );
-    let files = Files::new();
-    files.write("token", TOKEN);
-    files.write("zone.db", ZONE);
-    let path = files.write("inferdns.toml", &main);
-    let config = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let running = app::start(
-        config,
-        StartOptions {
-            config_path: Some(path),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    Geo {
-        server: Server { running, files },
-        regions,
-    }
+    let server = Server::start_with_token(&base_config(&text), TOKEN).await;
+    Geo { server, regions }
 }
 
 /// Asks `name` A with an ECS option; returns the message.

@@ -6,12 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FAST_PROBE, Files, Server, ZONE, base_config, http};
+use common::{FAST_PROBE, Server, base_config, http};
 use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption, NSIDPayload};
 use hickory_proto::rr::{RData, RecordType};
-use inferdns::app::{self, StartOptions};
-use inferdns::config;
 use inferdns::demo::client::{self, Ask, answer_strings, exchange_udp};
 use inferdns::demo::{MODEL, SimRegion};
 
@@ -51,24 +49,11 @@ tiers = [["primary"], ["secondary"]]
     );
     let main = base_config(&extra).replace(
         "startup-grace = \"3s\"",
-        &format!("startup-grace = \"3s\"\nadmin-token-file = \"token\"\nnsid = \"edge-test\"\n{server_extra}"),
+        &format!("startup-grace = \"3s\"\nnsid = \"edge-test\"\n{server_extra}"),
     );
-    let files = Files::new();
-    files.write("token", &format!("{TOKEN}\n"));
-    files.write("zone.db", ZONE);
-    let path = files.write("inferdns.toml", &main);
-    let config = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let running = app::start(
-        config,
-        StartOptions {
-            config_path: Some(path),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = Server::start_with_token(&main, TOKEN).await;
     Ops {
-        server: Server { running, files },
+        server,
         _primary: primary,
         _secondary: secondary,
     }

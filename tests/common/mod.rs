@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
-use inferdns::app::{self, Running, StartOptions};
+use inferdns::app::{self, Running};
 use inferdns::config;
 use inferdns::demo::client::{self, Ask};
 
@@ -95,13 +95,32 @@ impl Server {
     }
 
     pub async fn start_with_zone(main: &str, zone: &str) -> Server {
+        Self::start_files(main, zone, None).await
+    }
+
+    /// A server whose mutating admin routes take `token` (written to the
+    /// file `token`, named by `admin-token-file`).
+    pub async fn start_with_token(main: &str, token: &str) -> Server {
+        Self::start_files(main, ZONE, Some(token)).await
+    }
+
+    async fn start_files(main: &str, zone: &str, token: Option<&str>) -> Server {
         let files = Files::new();
         files.write("zone.db", zone);
-        let path = files.write("inferdns.toml", main);
+        let main = match token {
+            Some(token) => {
+                files.write("token", &format!("{token}\n"));
+                main.replace("[server]\n", "[server]\nadmin-token-file = \"token\"\n")
+            }
+            None => main.to_string(),
+        };
+        let path = files.write("inferdns.toml", &main);
         let config = config::load(&path).unwrap_or_else(|e| panic!("config should load:\n{e}"));
-        let running = app::start(config, StartOptions::default())
-            .await
-            .expect("server starts");
+        let options = app::StartOptions {
+            config_path: Some(path),
+            ..app::StartOptions::default()
+        };
+        let running = app::start(config, options).await.expect("server starts");
         Server { running, files }
     }
 
