@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -164,11 +164,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let geo_db = load_geo(&config, &metrics)
         .await
         .map_err(|e| AppError::Geo(e.to_string()))?;
-    let geo_watch = config
-        .geo
-        .database
-        .clone()
-        .map(|path| (path, config.geo.check_interval));
+    let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config, geo_db.as_deref()));
     let (publisher, snapshot, mut first_round) =
         Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
     {
@@ -186,18 +182,15 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         metrics: metrics.clone(),
         admin_token: admin_token.clone(),
         listen: (server.dns_listen.clone(), server.admin_listen),
+        geo_target,
     };
     tasks.spawn(reloader.run(reload_rx, cancel.clone()));
-    if let Some((path, every)) = geo_watch {
-        let watcher = GeoWatcher {
-            path,
-            every,
-            loaded: geo_db.as_ref().and_then(|db| db.modified),
-            publisher: tx.clone(),
-            metrics: metrics.clone(),
-        };
-        tasks.spawn(watcher.run(cancel.clone()));
-    }
+    let watcher = GeoWatcher {
+        target: geo_target_rx,
+        publisher: tx.clone(),
+        metrics: metrics.clone(),
+    };
+    tasks.spawn(watcher.run(cancel.clone()));
     let control = Control {
         publisher: tx,
         reload: reload_tx,
@@ -250,6 +243,8 @@ struct Reloader {
     admin_token: Arc<ArcSwap<Option<Secret>>>,
     /// The addresses bound at start; a reload cannot move them.
     listen: (Vec<SocketAddr>, SocketAddr),
+    /// Which GeoIP file the watcher watches (a reload may move it).
+    geo_target: watch::Sender<GeoTarget>,
 }
 
 impl Reloader {
@@ -313,6 +308,8 @@ impl Reloader {
         })?;
         self.admin_token
             .store(Arc::new(config.server.admin_token.clone()));
+        self.geo_target
+            .send_replace(GeoTarget::of(&config, geo.as_deref()));
         let (done, generation) = oneshot::channel();
         let msg = Msg::Reload {
             config: Arc::new(config),
@@ -349,29 +346,60 @@ async fn load_geo(config: &Config, metrics: &Metrics) -> Result<Option<Arc<GeoDb
 /// into place) and hands the new database to the publisher; a file that
 /// does not load is refused and the old database keeps serving.
 struct GeoWatcher {
-    path: PathBuf,
-    every: std::time::Duration,
-    loaded: Option<std::time::SystemTime>,
+    target: watch::Receiver<GeoTarget>,
     publisher: mpsc::Sender<Msg>,
     metrics: Arc<Metrics>,
 }
 
+/// The GeoIP file to watch, how often, and the modification time of the
+/// database in use.
+#[derive(Debug, Clone, Default)]
+struct GeoTarget {
+    path: Option<PathBuf>,
+    every: std::time::Duration,
+    loaded: Option<std::time::SystemTime>,
+}
+
+impl GeoTarget {
+    fn of(config: &Config, db: Option<&GeoDb>) -> Self {
+        Self {
+            path: config.geo.database.clone(),
+            every: config.geo.check_interval,
+            loaded: db.and_then(|db| db.modified),
+        }
+    }
+}
+
 impl GeoWatcher {
     async fn run(mut self, cancel: CancellationToken) -> std::io::Result<()> {
+        let mut target = self.target.borrow_and_update().clone();
         loop {
+            let every = if target.path.is_some() {
+                target.every
+            } else {
+                std::time::Duration::from_secs(3600)
+            };
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                () = tokio::time::sleep(self.every) => {}
+                changed = self.target.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    // A reload moved (or re-read) the database.
+                    target = self.target.borrow_and_update().clone();
+                    continue;
+                }
+                () = tokio::time::sleep(every) => {}
             }
-            let modified = std::fs::metadata(&self.path)
-                .and_then(|m| m.modified())
-                .ok();
-            if modified.is_none() || modified == self.loaded {
+            let Some(path) = target.path.clone() else {
+                continue;
+            };
+            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            if modified.is_none() || modified == target.loaded {
                 continue;
             }
             // Remember the attempt either way: a bad file is reported once, not every interval.
-            self.loaded = modified;
-            let path = self.path.clone();
+            target.loaded = modified;
             let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));

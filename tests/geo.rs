@@ -721,3 +721,119 @@ async fn thousands_of_ecs_queries_never_leave_the_jurisdiction() {
         "every country of the test database: {countries:?}"
     );
 }
+
+/// A one-network City database: `network` in `country` at (lat, lon).
+fn tiny_db(network: &str, country: &str, continent: &str, lat: f64, lon: f64) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Code<'a> {
+        iso_code: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Cont<'a> {
+        code: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Loc {
+        latitude: f64,
+        longitude: f64,
+    }
+    #[derive(serde::Serialize)]
+    struct Rec<'a> {
+        country: Code<'a>,
+        continent: Cont<'a>,
+        location: Loc,
+    }
+    let mut w = mmdb_writer::Writer::builder("GeoIP2-City")
+        .description(&[("en", "swap test")])
+        .build();
+    let rec = Rec {
+        country: Code { iso_code: country },
+        continent: Cont { code: continent },
+        location: Loc {
+            latitude: lat,
+            longitude: lon,
+        },
+    };
+    w.insert(network.parse::<ipnet::IpNet>().unwrap(), &rec)
+        .unwrap();
+    w.to_bytes().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_database_is_swapped_in_and_a_broken_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    std::fs::write(&db, tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68)).unwrap();
+    let mut regions = Vec::new();
+    let mut text = format!(
+        "[geoip]\ndatabase = \"{}\"\ncheck-interval = \"1s\"\n",
+        db.display()
+    );
+    for (id, ip, country, lat, lon, jurisdiction) in REGIONS {
+        let region = SimRegion::start(format!("{ip}:0").parse().unwrap(), MODEL)
+            .await
+            .unwrap();
+        text.push_str(&format!(
+            "[regions.{id}]\nendpoints = [{{ address = \"{ip}\", port = {} }}]\nlocation = {{ country = \"{country}\", lat = {lat}, lon = {lon} }}\njurisdictions = [\"{jurisdiction}\"]\n",
+            region.addr().port()
+        ));
+        regions.push(region);
+    }
+    text.push_str("[services.near]\ntiers = [[\"eu-central\", \"us-east\"]]\nstrategy = \"proximity\"\nproximity-tolerance = \"1ms\"\n");
+    let s = Server::start(&base_config(&text)).await;
+    let near = |s: &Server| {
+        let dns = s.dns();
+        async move {
+            let mut m = Ask::new("near.inference.example.com.", RecordType::A).message();
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            edns.options_mut()
+                .insert(EdnsOption::Subnet(subnet("192.0.2.0/24")));
+            m.set_edns(edns);
+            let bytes = exchange_udp(dns, &m.to_vec().unwrap(), Duration::from_secs(2))
+                .await
+                .unwrap();
+            answer_strings(&Message::from_vec(&bytes).unwrap())
+        }
+    };
+    assert_eq!(
+        near(&s).await,
+        ["127.0.0.71"],
+        "Frankfurt is nearest for DE"
+    );
+    // geoipupdate's way: write a new file, rename it over the old one.
+    let staged = dir.path().join("city.mmdb.new");
+    std::fs::write(&staged, tiny_db("192.0.2.0/24", "US", "NA", 38.9, -77.04)).unwrap();
+    std::fs::rename(&staged, &db).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while near(&s).await != ["127.0.0.73"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replaced database was never swapped in"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A truncated file is refused; the database in use keeps serving.
+    let good = tiny_db("192.0.2.0/24", "JP", "AS", 35.69, 139.69);
+    std::fs::write(&staged, &good[..good.len() / 2]).unwrap();
+    std::fs::rename(&staged, &db).unwrap();
+    let metrics_url = format!("http://{}/metrics", s.running.admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !http("GET", &metrics_url, None, None)
+        .await
+        .1
+        .contains("inferdns_geoip_loads_total{result=\"failure\"} 1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken file was never looked at"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        near(&s).await,
+        ["127.0.0.73"],
+        "still the last good database"
+    );
+    drop(regions);
+}

@@ -464,8 +464,13 @@ fn service_records<'a>(
     match (service.tolerance_ms, located.and_then(|l| l.coords)) {
         (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
             for c in nearest(&class.candidates, coords, tolerance) {
-                out.answers
-                    .extend(pick(&c.a, &c.aaaa).iter().map(Cow::Borrowed));
+                let records = pick(&c.a, &c.aaaa);
+                let weights = if std::ptr::eq(records, &c.a[..]) {
+                    &c.a_weights
+                } else {
+                    &c.aaaa_weights
+                };
+                push_weighted(out, records, weights);
                 out.answered.extend(c.answered.iter());
             }
         }
@@ -576,6 +581,8 @@ mod tests {
             latency_ms,
             a: Vec::new(),
             aaaa: Vec::new(),
+            a_weights: Vec::new(),
+            aaaa_weights: Vec::new(),
             answered: None,
         }
     }

@@ -167,6 +167,9 @@ pub struct Candidate {
     pub latency_ms: f64,
     pub a: Vec<Record>,
     pub aaaa: Vec<Record>,
+    /// Shares of `a` / `aaaa` (slow start, degraded); empty when all are full.
+    pub a_weights: Vec<f64>,
+    pub aaaa_weights: Vec<f64>,
     pub answered: Option<prometheus::IntCounter>,
 }
 
@@ -612,14 +615,29 @@ fn class_answer(
                 latency_ms: latency_ms.get(r).copied().unwrap_or(0.0),
                 a: Vec::new(),
                 aaaa: Vec::new(),
+                a_weights: Vec::new(),
+                aaaa_weights: Vec::new(),
                 answered: counters.answer(&s.id, &config.regions[r].id),
             };
             for (cr, target) in &chosen {
                 if let (true, Target::Address(ip)) = (*cr == r, target) {
+                    let w = weight_of(r, target);
                     match ip {
-                        IpAddr::V4(_) => candidate.a.push(record(ip)),
-                        IpAddr::V6(_) => candidate.aaaa.push(record(ip)),
+                        IpAddr::V4(_) => {
+                            candidate.a.push(record(ip));
+                            candidate.a_weights.push(w);
+                        }
+                        IpAddr::V6(_) => {
+                            candidate.aaaa.push(record(ip));
+                            candidate.aaaa_weights.push(w);
+                        }
                     }
+                }
+            }
+            // Slow start and degraded shares apply here as in failover.
+            for weights in [&mut candidate.a_weights, &mut candidate.aaaa_weights] {
+                if weights.iter().all(|w| *w >= 1.0) {
+                    weights.clear();
                 }
             }
             answer.candidates.push(candidate);
