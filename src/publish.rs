@@ -680,6 +680,32 @@ impl Publisher {
         );
         self.loaded = next;
         self.health = health;
+        // A drained region that the new config no longer has is forgotten.
+        let regions: HashSet<&str> = self
+            .loaded
+            .config
+            .regions
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        let gone: Vec<String> = self
+            .drained
+            .iter()
+            .filter(|r| !regions.contains(r.as_str()))
+            .cloned()
+            .collect();
+        for region in gone {
+            tracing::info!(region = %region, "Drain of a region the configuration no longer has dropped.");
+            self.drained.remove(&region);
+            let _ = self
+                .metrics
+                .region_drained
+                .remove_label_values(&[region.as_str()]);
+        }
+        // Removing the last endpoints the first round waited for completes it.
+        if self.pending_first.is_empty() && !*self.first_round.borrow() {
+            self.first_round_due = true;
+        }
         let deadline = Instant::now() + self.loaded.config.server.startup_grace;
         let deferred = self.deferred.get_or_insert(Deferred {
             deadline,

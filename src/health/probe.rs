@@ -194,6 +194,19 @@ impl Http {
         request
     }
 
+    /// GETs `path`; a 2xx answer's body (bounded), else the status's failure type.
+    async fn get_body(&self, path: &str) -> Result<Vec<u8>, ProbeError> {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(status_error(&response));
+        }
+        read_body(response).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -301,16 +314,7 @@ impl Probe for ModelsProbe {
     }
 
     async fn check(&self) -> Result<Payload, ProbeError> {
-        let response = self
-            .http
-            .request(reqwest::Method::GET, &self.path)
-            .send()
-            .await
-            .map_err(classify)?;
-        if !response.status().is_success() {
-            return Err(status_error(&response));
-        }
-        let body = read_body(response).await?;
+        let body = self.http.get_body(&self.path).await?;
         parse_models(&body).map(Payload::Models)
     }
 }
@@ -409,16 +413,7 @@ impl Probe for MetricsProbe {
     }
 
     async fn check(&self) -> Result<Payload, ProbeError> {
-        let response = self
-            .http
-            .request(reqwest::Method::GET, &self.path)
-            .send()
-            .await
-            .map_err(classify)?;
-        if !response.status().is_success() {
-            return Err(status_error(&response));
-        }
-        let body = read_body(response).await?;
+        let body = self.http.get_body(&self.path).await?;
         let text = String::from_utf8_lossy(&body);
         self.preset
             .read(&text)
