@@ -12,7 +12,7 @@ use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCod
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption, NSIDPayload};
 use hickory_proto::rr::{DNSClass, Record, RecordType};
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::{Time, TokioTime};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
@@ -23,6 +23,7 @@ use super::answer::{Client, answer};
 use crate::model::Snapshot;
 
 /// Answers every query from the snapshot loaded at its start.
+#[derive(Clone)]
 pub struct Handler {
     snapshot: Arc<ArcSwap<Snapshot>>,
     max_udp_payload: u16,
@@ -226,9 +227,12 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// The DNS listeners: UDP sockets and TCP listeners served by one handler.
+/// The DNS listeners. TCP goes through hickory's server; each UDP socket is
+/// served by one task that receives, answers and sends in turn (no task or
+/// channel per query: the answer never waits for anything).
 pub struct DnsServer {
     server: Server<Handler>,
+    udp: Vec<(UdpSocket, Handler)>,
 }
 
 impl DnsServer {
@@ -238,26 +242,153 @@ impl DnsServer {
         tcp: Vec<TcpListener>,
         tcp_idle_timeout: Duration,
     ) -> Self {
+        let udp = udp.into_iter().map(|s| (s, handler.clone())).collect();
         let mut server = Server::new(handler);
-        for socket in udp {
-            server.register_socket(socket);
-        }
         for listener in tcp {
             // 64 queued responses per connection, as hickory's own daemon uses.
             server.register_listener(listener, tcp_idle_timeout, 64);
         }
-        Self { server }
+        Self { server, udp }
     }
 
     /// Serves until `cancel` fires, then stops accepting and finishes.
     pub async fn run(mut self, cancel: CancellationToken) -> std::io::Result<()> {
-        tokio::select! {
-            result = self.server.block_until_done() => {
-                result.map_err(std::io::Error::other)
+        let mut udp = tokio::task::JoinSet::new();
+        for (socket, handler) in self.udp.drain(..) {
+            udp.spawn(serve_udp(socket, handler, cancel.clone()));
+        }
+        let tcp = async {
+            tokio::select! {
+                result = self.server.block_until_done() => result.map_err(std::io::Error::other),
+                () = cancel.cancelled() => {
+                    self.server.shutdown_gracefully().await.map_err(std::io::Error::other)
+                }
             }
-            () = cancel.cancelled() => {
-                self.server.shutdown_gracefully().await.map_err(std::io::Error::other)
+        };
+        let result = tcp.await;
+        while let Some(done) = udp.join_next().await {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
             }
         }
+        result
+    }
+}
+
+/// Receives, answers and sends on one UDP socket until `cancel` fires.
+async fn serve_udp(
+    socket: UdpSocket,
+    handler: Handler,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    // The largest UDP message hickory reads too.
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, src) = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed.");
+                    continue;
+                }
+            },
+        };
+        // Nobody to answer, or not a question (QR set): no reply.
+        if n < 12 || src.port() == 0 || src.ip().is_unspecified() || buf[2] & 0x80 != 0 {
+            continue;
+        }
+        let reply = match Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) {
+            Ok(request) => {
+                let max_size = request
+                    .edns
+                    .as_ref()
+                    .map_or(512, |e| e.max_payload().clamp(512, handler.max_udp_payload));
+                let capture = Encoded::new(max_size);
+                handler
+                    .handle_request::<_, TokioTime>(&request, capture.clone())
+                    .await;
+                capture.take()
+            }
+            // A message that does not parse: FORMERR with its id, no question.
+            Err(_) => {
+                let snapshot = handler.snapshot.load();
+                snapshot
+                    .queries
+                    .count(None, RecordType::Unknown(0), ResponseCode::FormErr);
+                Some(formerr(&buf[..n]))
+            }
+        };
+        if let Some(bytes) = reply
+            && let Err(e) = socket.send_to(&bytes, src).await
+        {
+            tracing::debug!(error = %e, "UDP send failed.");
+        }
+    }
+}
+
+/// A bare FORMERR header answering `packet` (at least 12 bytes).
+fn formerr(packet: &[u8]) -> Vec<u8> {
+    let opcode_and_rd = packet[2] & 0x79;
+    vec![
+        packet[0],
+        packet[1],
+        0x80 | opcode_and_rd,
+        0x01,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+}
+
+/// A response handler that encodes the response, truncating (TC=1) what
+/// does not fit `max_size`, for the UDP loop to send.
+#[derive(Clone)]
+struct Encoded {
+    max_size: u16,
+    bytes: Arc<std::sync::OnceLock<Vec<u8>>>,
+}
+
+impl Encoded {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            bytes: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    fn take(self) -> Option<Vec<u8>> {
+        Arc::try_unwrap(self.bytes)
+            .ok()
+            .and_then(std::sync::OnceLock::into_inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for Encoded {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut bytes);
+        encoder.set_max_size(self.max_size);
+        let info = response.destructive_emit(&mut encoder)?;
+        let _ = self.bytes.set(bytes);
+        Ok(info)
     }
 }
