@@ -143,7 +143,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let mut dns_addrs = Vec::new();
     for &addr in &server.dns_listen {
         let (u, t, bound) = bind_dns(addr)?;
-        udp.push(u);
+        udp.extend(u);
         tcp.push(t);
         dns_addrs.push(bound);
     }
@@ -426,11 +426,20 @@ impl GeoWatcher {
 }
 
 /// Binds UDP and TCP on the same address; with port 0, on the same free port.
-fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), AppError> {
+/// One UDP socket per CPU (SO_REUSEPORT: the kernel spreads clients over
+/// them), each served by its own task.
+fn bind_dns(addr: SocketAddr) -> Result<(Vec<UdpSocket>, TcpListener, SocketAddr), AppError> {
     let bind_error = |what, source| AppError::Bind { what, addr, source };
+    let sockets = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
     for _attempt in 0..20 {
-        let udp = bind_udp(addr).map_err(|e| bind_error("DNS over UDP", e))?;
-        let bound = udp.local_addr()?;
+        let first = bind_udp(addr).map_err(|e| bind_error("DNS over UDP", e))?;
+        let bound = first.local_addr()?;
+        let mut udp = vec![first];
+        for _ in 1..sockets {
+            udp.push(bind_udp(bound).map_err(|e| bind_error("DNS over UDP", e))?);
+        }
         match bind_tcp(bound) {
             Ok(tcp) => return Ok((udp, tcp, bound)),
             // The UDP port was free but its TCP twin is taken: try another port.
@@ -459,6 +468,7 @@ fn socket_for(addr: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Resu
 
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = socket_for(addr, Type::DGRAM, Protocol::UDP)?;
+    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
