@@ -246,7 +246,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
             waiting: 0,
             kv_cache: kv,
         });
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        wait_utilization(running.admin, "us-east", kv).await?;
         let share = fleet_share(dns, 400).await?;
         let watermarks = crate::capacity::Watermarks::default();
         let level = watermarks.level(kv, crate::capacity::Level::Normal);
@@ -354,6 +354,49 @@ async fn ask_subnet(dns: SocketAddr, subnet: &str) -> Result<(Vec<String>, u8), 
         _ => 0,
     };
     Ok((client::answer_strings(&reply), scope))
+}
+
+/// Waits until the server's status shows `region` at `utilization` (its
+/// metrics were scraped and a snapshot built with them).
+async fn wait_utilization(
+    admin: SocketAddr,
+    region: &str,
+    utilization: f64,
+) -> Result<(), AppError> {
+    crate::health::probe::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| AppError::Demo(e.to_string()))?;
+    let deadline = Instant::now() + STEP_DEADLINE;
+    loop {
+        let status: Option<serde_json::Value> =
+            match http.get(format!("http://{admin}/v1/status")).send().await {
+                Ok(r) => r
+                    .text()
+                    .await
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok()),
+                Err(_) => None,
+            };
+        let now = status.as_ref().and_then(|s| {
+            s["regions"]
+                .as_array()?
+                .iter()
+                .find(|r| r["id"] == region)?["utilization"]
+                .as_f64()
+        });
+        if now.is_some_and(|u| (u - utilization).abs() < 1e-6) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(AppError::Demo(format!(
+                "{region} never reported utilisation {utilization}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Share of `n` answers of the capacity service that went to us-east.
