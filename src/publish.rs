@@ -1466,4 +1466,93 @@ min-headroom = 0.25
             "none has enough: the most headroom"
         );
     }
+
+    const TIERS: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { slow-start = "10s" }
+[regions.secondary]
+endpoints = [{ address = "192.0.2.2" }]
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn failback_ramps_the_primary_up_while_the_secondary_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, TIERS).unwrap();
+        let config = Arc::new(crate::config::load(&path).unwrap());
+        let (publisher, snapshot, mut first) =
+            Publisher::new(config, vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let primary = Scripted::new(Scripted::OK);
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        tokio::spawn(probe_loop(
+            0,
+            primary.clone(),
+            schedule,
+            tx.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            schedule,
+            tx,
+            cancel.clone(),
+        ));
+        first.wait_for(|done| *done).await.unwrap();
+        let name = hickory_proto::rr::LowerName::from(
+            hickory_proto::rr::Name::from_ascii("chat.inference.example.com.").unwrap(),
+        );
+        let client = crate::dns::answer::Client::default();
+        let primary_share = |snapshot: &ArcSwap<Snapshot>| {
+            let snap = snapshot.load_full();
+            (0..2000)
+                .filter(|_| {
+                    crate::dns::answer::answer(
+                        &snap,
+                        &name,
+                        hickory_proto::rr::RecordType::A,
+                        &client,
+                    )
+                    .answers
+                    .iter()
+                    .any(|r| r.data.to_string() == "192.0.2.1")
+                })
+                .count() as f64
+                / 2000.0
+        };
+        assert_eq!(primary_share(&snapshot), 1.0);
+        primary.set(Scripted::REFUSE);
+        while primary_share(&snapshot) > 0.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        primary.set(Scripted::OK);
+        while primary_share(&snapshot) == 0.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let back = Instant::now();
+        // Binomial(2000, p): 5 standard deviations is at most 0.056.
+        let start = primary_share(&snapshot);
+        assert!((start - 0.1).abs() < 0.06, "about 10% at first: {start}");
+        tokio::time::sleep_until(back + Duration::from_secs(5)).await;
+        let mid = primary_share(&snapshot);
+        assert!((mid - 0.5).abs() < 0.07, "about half way: {mid}");
+        tokio::time::sleep_until(back + Duration::from_millis(10_600)).await;
+        assert_eq!(primary_share(&snapshot), 1.0, "all of it after the ramp");
+        cancel.cancel();
+    }
 }

@@ -474,6 +474,15 @@ fn service_records<'a>(
                 out.answered.extend(c.answered.iter());
             }
         }
+        // Failback under slow start: part of the answers still go to the next tier.
+        _ if class.spill > 0.0 && rand::random::<f64>() < class.spill => {
+            out.answers.extend(
+                pick(&class.spill_a, &class.spill_aaaa)
+                    .iter()
+                    .map(Cow::Borrowed),
+            );
+            out.answered.extend(class.spill_answered.iter());
+        }
         // Failover, or a client we cannot place: the winning tier, each
         // record drawn with its share (slow start, degraded).
         _ => {

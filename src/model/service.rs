@@ -193,6 +193,12 @@ pub struct ClassAnswer {
     pub candidates: Vec<Candidate>,
     /// Capacity: endpoints drawn per query by weight.
     pub drawn: Option<Drawn>,
+    /// Failover while the winning tier is ramping up (slow start) or
+    /// degraded: the share of answers that goes to the next fit tier instead.
+    pub spill: f64,
+    pub spill_a: Vec<Record>,
+    pub spill_aaaa: Vec<Record>,
+    pub spill_answered: Vec<prometheus::IntCounter>,
     /// Lines of the `_explain` TXT answer (without the client lines).
     pub explain: Vec<String>,
 }
@@ -575,6 +581,46 @@ fn class_answer(
             }
         }
         answer.drawn = Some(drawn);
+    }
+    // Failback under slow start: while the best endpoint of the winning tier
+    // has less than a full share, the rest goes to the next fit tier rather
+    // than all back at once.
+    if let (false, Decision::Tier { tier }) = (capacity, &decision) {
+        let best = answer
+            .a_weights
+            .iter()
+            .chain(&answer.aaaa_weights)
+            .copied()
+            .fold(0.0f64, f64::max);
+        let next = s
+            .tiers
+            .iter()
+            .skip(tier + 1)
+            .map(|t| pick(t, &|i| i.fit(model)))
+            .find(|f| !f.is_empty());
+        let weighted = !answer.a_weights.is_empty() || !answer.aaaa_weights.is_empty();
+        if best < 1.0
+            && weighted
+            && let Some(next) = next
+        {
+            answer.spill = 1.0 - best;
+            let mut regions = Vec::new();
+            for (r, target) in &next {
+                if let Target::Address(ip) = target {
+                    match ip {
+                        IpAddr::V4(_) => answer.spill_a.push(record(ip)),
+                        IpAddr::V6(_) => answer.spill_aaaa.push(record(ip)),
+                    }
+                    if !regions.contains(r) {
+                        regions.push(*r);
+                    }
+                }
+            }
+            answer.spill_answered = regions
+                .iter()
+                .filter_map(|&r| counters.answer(&s.id, &config.regions[r].id))
+                .collect();
+        }
     }
     // Every record in every answer: no weights to draw.
     for weights in [&mut answer.a_weights, &mut answer.aaaa_weights] {
