@@ -982,10 +982,11 @@ endpoints = [{ address = "192.0.2.2" }]
 tiers = [["primary"], ["secondary"]]
 "#;
 
-    fn config() -> Arc<Config> {
+    /// `text` loaded with the real loader.
+    fn load(text: &str) -> Arc<Config> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("inferdns.toml");
-        std::fs::write(&path, MAIN).unwrap();
+        std::fs::write(&path, text).unwrap();
         Arc::new(crate::config::load(&path).unwrap())
     }
 
@@ -1005,34 +1006,7 @@ tiers = [["primary"], ["secondary"]]
 
     #[tokio::test(start_paused = true)]
     async fn failover_and_failback_follow_fall_and_rise() {
-        let config = config();
-        let (publisher, snapshot, mut first) =
-            Publisher::new(config.clone(), vec![0, 1], None, Metrics::new());
-        let (tx, rx) = mpsc::channel::<Msg>(64);
-        let cancel = CancellationToken::new();
-        tokio::spawn(publisher.run(rx, cancel.clone()));
-        let primary = Scripted::new(Scripted::OK);
-        let secondary = Scripted::new(Scripted::OK);
-        let schedule = Schedule {
-            interval: Duration::from_millis(500),
-            timeout: Duration::from_millis(800),
-        };
-        tokio::spawn(probe_loop(
-            0,
-            primary.clone(),
-            schedule,
-            tx.clone(),
-            cancel.clone(),
-        ));
-        tokio::spawn(probe_loop(
-            1,
-            secondary.clone(),
-            schedule,
-            tx.clone(),
-            cancel.clone(),
-        ));
-
-        first.wait_for(|done| *done).await.unwrap();
+        let (snapshot, primary, cancel) = started(MAIN).await;
         assert_eq!(answer(&snapshot), ["192.0.2.1"]);
         assert_eq!(
             snapshot.load().service_views[0].decision,
@@ -1100,7 +1074,7 @@ tiers = [["primary"], ["secondary"]]
     #[test]
     fn a_single_lost_probe_does_not_move_the_answer() {
         let (mut publisher, snapshot, first) =
-            Publisher::new(config(), vec![0, 1], None, Metrics::new());
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
         for endpoint in [0, 1] {
             publisher.apply(report(endpoint, true));
         }
@@ -1133,7 +1107,7 @@ tiers = [["primary"], ["secondary"]]
     #[tokio::test(start_paused = true)]
     async fn unknown_endpoints_are_never_fit() {
         let (publisher, snapshot, first) =
-            Publisher::new(config(), vec![0, 1], None, Metrics::new());
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
         // Before any probe: every endpoint unknown, the all-down rule applies.
         assert_eq!(snapshot.load().generation, 1);
         assert_eq!(
@@ -1158,12 +1132,12 @@ probe = { interval = "500ms", timeout = "800ms", slow-start = "10s", cooldown = 
 tiers = [["pool"]]
 "#;
 
-    /// Publisher and two scripted endpoints of one region, started.
-    async fn pool() -> (Arc<ArcSwap<Snapshot>>, Scripted, CancellationToken) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inferdns.toml");
-        std::fs::write(&path, POOL).unwrap();
-        let config = Arc::new(crate::config::load(&path).unwrap());
+    /// A publisher for `config` (two endpoints) running with a scripted probe
+    /// loop per endpoint, after its first round. Returns the snapshot handle,
+    /// the first endpoint's script (the second always answers) and the token
+    /// that stops it all.
+    async fn started(config: &str) -> (Arc<ArcSwap<Snapshot>>, Scripted, CancellationToken) {
+        let config = load(config);
         let (publisher, snapshot, mut first) =
             Publisher::new(config, vec![0, 1], None, Metrics::new());
         let (tx, rx) = mpsc::channel::<Msg>(64);
@@ -1190,6 +1164,10 @@ tiers = [["pool"]]
         ));
         first.wait_for(|done| *done).await.unwrap();
         (snapshot, flaky, cancel)
+    }
+
+    async fn pool() -> (Arc<ArcSwap<Snapshot>>, Scripted, CancellationToken) {
+        started(POOL).await
     }
 
     /// Weight of 192.0.2.1 in the published answer (1 when all are equal), if present.
@@ -1308,11 +1286,8 @@ min-headroom = 0.25
 
     /// A publisher with both endpoints up, no probe tasks: reports are applied directly.
     fn fleet() -> (Publisher, Arc<ArcSwap<Snapshot>>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inferdns.toml");
-        std::fs::write(&path, FLEET).unwrap();
-        let config = Arc::new(crate::config::load(&path).unwrap());
-        let (mut publisher, snapshot, _) = Publisher::new(config, vec![0, 1], None, Metrics::new());
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(FLEET), vec![0, 1], None, Metrics::new());
         for endpoint in [0, 1] {
             publisher.apply(report(endpoint, true));
         }
@@ -1485,35 +1460,7 @@ tiers = [["primary"], ["secondary"]]
 
     #[tokio::test(start_paused = true)]
     async fn failback_ramps_the_primary_up_while_the_secondary_keeps_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("inferdns.toml");
-        std::fs::write(&path, TIERS).unwrap();
-        let config = Arc::new(crate::config::load(&path).unwrap());
-        let (publisher, snapshot, mut first) =
-            Publisher::new(config, vec![0, 1], None, Metrics::new());
-        let (tx, rx) = mpsc::channel::<Msg>(64);
-        let cancel = CancellationToken::new();
-        tokio::spawn(publisher.run(rx, cancel.clone()));
-        let primary = Scripted::new(Scripted::OK);
-        let schedule = Schedule {
-            interval: Duration::from_millis(500),
-            timeout: Duration::from_millis(800),
-        };
-        tokio::spawn(probe_loop(
-            0,
-            primary.clone(),
-            schedule,
-            tx.clone(),
-            cancel.clone(),
-        ));
-        tokio::spawn(probe_loop(
-            1,
-            Scripted::new(Scripted::OK),
-            schedule,
-            tx,
-            cancel.clone(),
-        ));
-        first.wait_for(|done| *done).await.unwrap();
+        let (snapshot, primary, cancel) = started(TIERS).await;
         let name = hickory_proto::rr::LowerName::from(
             hickory_proto::rr::Name::from_ascii("chat.inference.example.com.").unwrap(),
         );
