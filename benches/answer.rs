@@ -1,15 +1,16 @@
 //! The per-query answer path, without sockets:
 //! - `answer/*`: the pure lookup over a snapshot (what the query path adds
 //!   on top of hickory's decode and encode);
-//! - `query/*`: a whole query as the server handles it: decode the wire
-//!   bytes, one snapshot load, answer, encode the response.
+//! - `query/*`: a whole UDP query as the server's UDP loop handles it
+//!   (`Handler::answer_udp`): decode the wire bytes, one snapshot load,
+//!   answer, encode the response.
 //!
 //! Run: `cargo bench --bench answer`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -17,13 +18,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use hickory_proto::op::{Edns, Message, Query};
-use hickory_proto::rr::{LowerName, Name, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
-use hickory_server::net::NetError;
-use hickory_server::net::runtime::TokioTime;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_proto::rr::{LowerName, Name, RecordType};
 use inferdns::dns::Handler;
 use inferdns::dns::answer::answer;
 use inferdns::health::{ProbeOutcome, ProbeReport};
@@ -56,32 +51,7 @@ records = 2
 const ZONE: &str =
     "$ORIGIN inference.example.com.\n$TTL 300\nwww IN A 192.0.2.80\ndocs IN CNAME www\n";
 
-/// A capture that encodes the response the way the UDP path does.
-#[derive(Clone, Default)]
-struct Encode(Arc<Mutex<Vec<u8>>>);
-
-#[async_trait::async_trait]
-impl ResponseHandler for Encode {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let mut buf = self.0.lock().expect("not poisoned");
-        buf.clear();
-        let mut encoder = BinEncoder::new(&mut buf);
-        encoder.set_max_size(1232);
-        Ok(response.destructive_emit(&mut encoder)?)
-    }
-}
-
-/// Drives a future that never waits (the handler with `Encode` does not).
+/// Drives a future that never waits (the UDP answer path does not).
 fn ready<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
     match future
@@ -178,18 +148,11 @@ fn bench(c: &mut Criterion) {
         ("nxdomain", "nope.inference.example.com.", RecordType::A),
     ] {
         let bytes = query(name, qtype);
-        let out = Encode::default();
         group.bench_function(label, |b| {
-            b.iter(|| {
-                let request =
-                    Request::from_bytes(black_box(bytes.clone()), src, Protocol::Udp).unwrap();
-                ready(handler.handle_request::<_, TokioTime>(&request, out.clone()));
-            })
+            b.iter(|| black_box(ready(handler.answer_udp(black_box(&bytes), src))))
         });
         // The response is real: decode it once.
-        let request = Request::from_bytes(bytes.clone(), src, Protocol::Udp).unwrap();
-        ready(handler.handle_request::<_, TokioTime>(&request, out.clone()));
-        let reply = Message::from_vec(&out.0.lock().unwrap()).unwrap();
+        let reply = Message::from_vec(&ready(handler.answer_udp(&bytes, src)).unwrap()).unwrap();
         assert!(reply.metadata.authoritative, "{label}");
     }
     group.finish();

@@ -277,6 +277,43 @@ impl DnsServer {
     }
 }
 
+impl Handler {
+    /// The reply to one UDP datagram from `src`, as the UDP loop sends it:
+    /// `None` for what gets no reply (shorter than a header, from port 0 or
+    /// an unspecified address, or a response), FORMERR for a message that
+    /// does not parse, else the encoded answer truncated to the UDP size.
+    /// It never waits on anything: the loop needs no task per query.
+    pub async fn answer_udp(&self, packet: &[u8], src: std::net::SocketAddr) -> Option<Vec<u8>> {
+        if packet.len() < 12
+            || src.port() == 0
+            || src.ip().is_unspecified()
+            || packet[2] & 0x80 != 0
+        {
+            return None;
+        }
+        match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
+            Ok(request) => {
+                let max_size = request
+                    .edns
+                    .as_ref()
+                    .map_or(512, |e| e.max_payload().clamp(512, self.max_udp_payload));
+                let capture = Encoded::new(max_size);
+                self.handle_request::<_, TokioTime>(&request, capture.clone())
+                    .await;
+                capture.take()
+            }
+            // A message that does not parse: FORMERR with its id, no question.
+            Err(_) => {
+                let snapshot = self.snapshot.load();
+                snapshot
+                    .queries
+                    .count(None, RecordType::Unknown(0), ResponseCode::FormErr);
+                Some(formerr(packet))
+            }
+        }
+    }
+}
+
 /// Receives, answers and sends on one UDP socket until `cancel` fires.
 async fn serve_udp(
     socket: UdpSocket,
@@ -296,31 +333,7 @@ async fn serve_udp(
                 }
             },
         };
-        // Nobody to answer, or not a question (QR set): no reply.
-        if n < 12 || src.port() == 0 || src.ip().is_unspecified() || buf[2] & 0x80 != 0 {
-            continue;
-        }
-        let reply = match Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) {
-            Ok(request) => {
-                let max_size = request
-                    .edns
-                    .as_ref()
-                    .map_or(512, |e| e.max_payload().clamp(512, handler.max_udp_payload));
-                let capture = Encoded::new(max_size);
-                handler
-                    .handle_request::<_, TokioTime>(&request, capture.clone())
-                    .await;
-                capture.take()
-            }
-            // A message that does not parse: FORMERR with its id, no question.
-            Err(_) => {
-                let snapshot = handler.snapshot.load();
-                snapshot
-                    .queries
-                    .count(None, RecordType::Unknown(0), ResponseCode::FormErr);
-                Some(formerr(&buf[..n]))
-            }
-        };
+        let reply = handler.answer_udp(&buf[..n], src).await;
         if let Some(bytes) = reply
             && let Err(e) = socket.send_to(&bytes, src).await
         {
