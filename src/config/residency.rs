@@ -143,17 +143,13 @@ impl Checker {
         v: Option<&Spanned<String>>,
         ok: &mut bool,
     ) -> Option<Code> {
-        let v = v?;
-        let c = country(v.get_ref());
-        if c.is_none() {
-            self.err(
-                src,
-                v.span(),
-                format!("{:?} is not a two-letter country code like DE", v.get_ref()),
-            );
-            *ok = false;
-        }
-        c
+        self.code_field(
+            src,
+            v,
+            ok,
+            country,
+            "a two-letter country code like DE".into(),
+        )
     }
 
     fn continent_field(
@@ -162,21 +158,26 @@ impl Checker {
         v: Option<&Spanned<String>>,
         ok: &mut bool,
     ) -> Option<Code> {
+        let what = format!("a continent code ({})", CONTINENTS.join(", "));
+        self.code_field(src, v, ok, continent, what)
+    }
+
+    /// An optional code parsed by `parse`; a bad one is an error naming `what`.
+    fn code_field(
+        &mut self,
+        src: &Source<'_>,
+        v: Option<&Spanned<String>>,
+        ok: &mut bool,
+        parse: fn(&str) -> Option<Code>,
+        what: String,
+    ) -> Option<Code> {
         let v = v?;
-        let c = continent(v.get_ref());
-        if c.is_none() {
-            self.err(
-                src,
-                v.span(),
-                format!(
-                    "{:?} is not a continent code ({})",
-                    v.get_ref(),
-                    CONTINENTS.join(", ")
-                ),
-            );
+        let code = parse(v.get_ref());
+        if code.is_none() {
+            self.err(src, v.span(), format!("{:?} is not {what}", v.get_ref()));
             *ok = false;
         }
-        c
+        code
     }
 
     pub(super) fn overrides(
