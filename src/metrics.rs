@@ -38,12 +38,25 @@ const RCODE_NAMES: [&str; 5] = ["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "F
 const QTYPE_LABELS: usize = QTYPES.len() + 1;
 const RCODE_LABELS: usize = RCODES.len() + 1;
 
+/// The `reason` labels of `inferdns_dns_malformed_total`: what made a
+/// query FORMERR (the names `dns::query::Malformed::label` gives).
+pub const MALFORMED_REASONS: [&str; 6] = [
+    "question-count",
+    "question",
+    "record",
+    "trailing-data",
+    "edns",
+    "ecs",
+];
+
 /// The `service` label of queries that are not for a service name.
 pub const NO_SERVICE: &str = "-";
 
 pub struct Metrics {
     registry: Registry,
     queries: IntCounterVec,
+    malformed: IntCounterVec,
+    ignored: IntCounter,
     answers: IntCounterVec,
     pub endpoint_up: IntGaugeVec,
     pub probes: IntCounterVec,
@@ -78,6 +91,28 @@ impl Metrics {
                     "DNS queries answered, by service, query type and response code.",
                 ),
                 &["service", "qtype", "rcode"],
+            )
+            .expect("valid metric"),
+        );
+        let malformed = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_dns_malformed_total",
+                    "Malformed DNS messages answered with FORMERR, by what was wrong.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        for reason in MALFORMED_REASONS {
+            malformed.with_label_values(&[reason]).inc_by(0);
+        }
+        let ignored = register(
+            &r,
+            IntCounter::new(
+                "inferdns_dns_ignored_total",
+                "DNS packets that got no reply: shorter than a header, responses, or from port 0.",
             )
             .expect("valid metric"),
         );
@@ -249,6 +284,8 @@ impl Metrics {
         Arc::new(Metrics {
             registry: r,
             queries,
+            malformed,
+            ignored,
             answers,
             endpoint_up,
             probes,
@@ -280,7 +317,14 @@ impl Metrics {
                 }
             }
         }
-        QueryTable { cells }
+        QueryTable {
+            cells,
+            malformed: MALFORMED_REASONS
+                .iter()
+                .map(|reason| (*reason, self.malformed.with_label_values(&[reason])))
+                .collect(),
+            ignored: Some(self.ignored.clone()),
+        }
     }
 
     /// The counter of answers for `service` that carried `region`.
@@ -312,6 +356,8 @@ impl crate::model::Counters for Metrics {
 #[derive(Debug, Clone, Default)]
 pub struct QueryTable {
     cells: Vec<IntCounter>,
+    malformed: Vec<(&'static str, IntCounter)>,
+    ignored: Option<IntCounter>,
 }
 
 impl QueryTable {
@@ -328,6 +374,20 @@ impl QueryTable {
             .unwrap_or(RCODES.len());
         if let Some(cell) = self.cells.get((row * QTYPE_LABELS + q) * RCODE_LABELS + c) {
             cell.inc();
+        }
+    }
+
+    /// Counts one malformed query by `reason` (one of [`MALFORMED_REASONS`]).
+    pub fn malformed(&self, reason: &str) {
+        if let Some((_, counter)) = self.malformed.iter().find(|(r, _)| *r == reason) {
+            counter.inc();
+        }
+    }
+
+    /// Counts one packet that got no reply.
+    pub fn ignored(&self) {
+        if let Some(counter) = &self.ignored {
+            counter.inc();
         }
     }
 }

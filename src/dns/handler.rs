@@ -1,26 +1,43 @@
-//! The only file that knows hickory-server's handler and server types.
+//! The DNS listeners and the function that turns one received message into
+//! one reply: read the query ([`super::query`]), answer it from the current
+//! snapshot ([`super::answer`]), write the reply ([`super::reply`]).
 //!
-//! Turns a hickory `Request` into a call of [`super::answer::answer`] on the
-//! current snapshot and writes the response: header flags, EDNS(0) (payload
-//! size, BADVERS), REFUSED outside the zone, FORMERR for malformed queries.
+//! Header flags, EDNS(0) (payload size, DO, BADVERS), NSID, ECS, REFUSED
+//! outside the zone, NOTIMP for other opcodes and FORMERR for malformed
+//! queries are decided here. Nothing here logs above DEBUG or grows with
+//! what a sender sends.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption, NSIDPayload};
-use hickory_proto::rr::{DNSClass, Record, RecordType};
-use hickory_server::Server;
-use hickory_server::net::runtime::{Time, TokioTime};
-use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
-use tokio::net::{TcpListener, UdpSocket};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::{LowerName, Name, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{Client, answer};
+use super::query::{self, ClientSubnet, Ecs, Query, Question};
+use super::reply::{Header, Opt, Section, Writer};
 use crate::model::Snapshot;
+
+/// The class IN; every other class is refused.
+const CLASS_IN: u16 = 1;
+/// Largest message over TCP.
+const TCP_MAX: usize = u16::MAX as usize;
+/// Pause after a failed accept (EMFILE, ENFILE): the error does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How a query arrived: it decides the largest reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
 
 /// Answers every query from the snapshot loaded at its start.
 #[derive(Clone)]
@@ -36,90 +53,149 @@ impl Handler {
             max_udp_payload,
         }
     }
+
+    /// The reply to one UDP datagram from `src`, or `None` for what gets
+    /// no reply (shorter than a header, a response, from port 0 or an
+    /// unspecified address).
+    pub fn answer_udp(&self, packet: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(512);
+        self.respond(packet, src, Transport::Udp, &mut out)
+            .then_some(out)
+    }
+
+    /// Writes the reply to `packet` into `out`; `false` when it gets none.
+    pub fn respond(
+        &self,
+        packet: &[u8],
+        src: SocketAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let snapshot = self.snapshot.load();
+        if transport == Transport::Udp && (src.port() == 0 || src.ip().is_unspecified()) {
+            snapshot.queries.ignored();
+            return false;
+        }
+        let Ok(query) = query::parse(packet) else {
+            snapshot.queries.ignored();
+            return false;
+        };
+        let max_size = match (transport, query.edns) {
+            (Transport::Tcp, _) => TCP_MAX,
+            (Transport::Udp, None) => 512,
+            (Transport::Udp, Some(edns)) => {
+                usize::from(edns.payload.clamp(512, self.max_udp_payload.max(512)))
+            }
+        };
+        let response_payload = self.max_udp_payload.max(512);
+        let reply = Reply {
+            query: &query,
+            out,
+            max_size,
+            payload: response_payload,
+        };
+
+        if let Some(reason) = query.malformed {
+            snapshot.queries.malformed(reason.label());
+            return reply.error(&snapshot, ResponseCode::FormErr);
+        }
+        let Some(question) = query.question else {
+            return reply.error(&snapshot, ResponseCode::FormErr);
+        };
+        let qtype = RecordType::from(question.qtype);
+        if let Some(edns) = query.edns {
+            if edns.version > 0 {
+                return reply.error(&snapshot, ResponseCode::BADVERS);
+            }
+            if edns.ecs == Ecs::Malformed && snapshot.geo.ecs {
+                snapshot.queries.malformed(query::Malformed::Ecs.label());
+                return reply.error(&snapshot, ResponseCode::FormErr);
+            }
+        }
+        if query.opcode != 0 {
+            return reply.error(&snapshot, ResponseCode::NotImp);
+        }
+        let Some(qname) = lower_name(&question) else {
+            snapshot.queries.malformed(query::Malformed::Question.label());
+            return reply.error(&snapshot, ResponseCode::FormErr);
+        };
+        let in_zone = question.qclass == CLASS_IN && snapshot.zone.apex.zone_of(&qname);
+        if !in_zone || matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            return reply.error(&snapshot, ResponseCode::Refused);
+        }
+        reply.answer(&snapshot, &question, &qname, qtype, src.ip())
+    }
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let snapshot = self.snapshot.load_full();
-        let qtype = request
-            .queries
-            .queries()
-            .first()
-            .map_or(RecordType::Unknown(0), |q| q.query_type());
-        // RFC 6891: an OPT in the response only if the query had one.
-        let mut response_edns = request.edns.as_ref().map(|query_edns| {
-            let mut edns = Edns::new();
-            let payload = match request.protocol() {
-                Protocol::Udp => query_edns.max_payload().clamp(512, self.max_udp_payload),
-                _ => self.max_udp_payload,
-            };
-            edns.set_max_payload(payload);
-            edns.set_version(0);
-            // RFC 5001: our identity, only when asked.
-            if query_edns.option(EdnsCode::NSID).is_some()
-                && let Some(nsid) = &snapshot.nsid
-                && let Ok(payload) = NSIDPayload::new(nsid.clone())
-            {
-                edns.options_mut().insert(EdnsOption::NSID(payload));
-            }
-            edns
-        });
-        let refuse = |rcode: ResponseCode| {
-            snapshot.queries.count(None, qtype, rcode);
-            rcode
-        };
+/// The question's name, lowercased for lookups.
+fn lower_name(question: &Question<'_>) -> Option<LowerName> {
+    let mut decoder = BinDecoder::new(&question.wire[..question.name_len]);
+    Name::read(&mut decoder).ok().map(|n| LowerName::new(&n))
+}
 
-        if let (Some(query_edns), Some(edns)) = (&request.edns, &response_edns)
-            && query_edns.version() > 0
-        {
-            let mut edns = edns.clone();
-            edns.set_rcode_high(ResponseCode::BADVERS.high());
-            let response = MessageResponseBuilder::new(&request.queries, Some(&edns))
-                .error_msg(&request.metadata, refuse(ResponseCode::BADVERS));
-            return send(&mut response_handle, response, request).await;
-        }
-        let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
-        // RFC 7871: read (and check) the client subnet, unless ECS is off.
-        let subnet = match ecs(request, &snapshot) {
-            Ok(subnet) => subnet,
-            Err(()) => {
-                let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
-                return send(&mut response_handle, response, request).await;
-            }
-        };
+/// One reply being written.
+struct Reply<'q, 'o> {
+    query: &'q Query<'q>,
+    out: &'o mut Vec<u8>,
+    max_size: usize,
+    /// The UDP payload size we announce.
+    payload: u16,
+}
 
-        if request.metadata.message_type != MessageType::Query {
-            // hickory drops responses before we see them; be safe anyway.
-            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
-            return send(&mut response_handle, response, request).await;
+impl Reply<'_, '_> {
+    fn header(&self, rcode: ResponseCode, authoritative: bool) -> Header {
+        Header {
+            id: self.query.id,
+            opcode: self.query.opcode,
+            authoritative,
+            recursion_desired: self.query.recursion_desired,
+            checking_disabled: self.query.checking_disabled,
+            rcode: u16::from(rcode),
         }
-        if request.metadata.op_code != OpCode::Query {
-            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::NotImp));
-            return send(&mut response_handle, response, request).await;
-        }
-        // Exactly one question, or FORMERR.
-        let Ok(info) = request.request_info() else {
-            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::FormErr));
-            return send(&mut response_handle, response, request).await;
-        };
-        let qname = info.query.name();
-        let in_zone = info.query.query_class() == DNSClass::IN && snapshot.zone.apex.zone_of(qname);
-        let transfer = matches!(qtype, RecordType::AXFR | RecordType::IXFR);
-        if !in_zone || transfer {
-            let response = builder.error_msg(&request.metadata, refuse(ResponseCode::Refused));
-            return send(&mut response_handle, response, request).await;
-        }
+    }
 
+    /// The OPT record of the reply: only when the query had one (RFC 6891).
+    fn opt<'n>(&self, nsid: Option<&'n [u8]>) -> Option<Opt<'n>> {
+        self.query.edns.map(|edns| Opt {
+            payload: self.payload,
+            dnssec_ok: edns.dnssec_ok,
+            nsid: nsid.filter(|_| edns.nsid),
+            ecs: None,
+        })
+    }
+
+    /// An error reply: the question (when it could be read) and the OPT
+    /// record (when the query's could be read), no records. Always fits
+    /// 512 bytes: a name is at most 255.
+    fn error(self, snapshot: &Snapshot, rcode: ResponseCode) -> bool {
+        let question = self.query.question;
+        let qtype = question.map_or(RecordType::Unknown(0), |q| RecordType::from(q.qtype));
+        snapshot.queries.count(None, qtype, rcode);
+        let header = self.header(rcode, false);
+        let opt = self.opt(snapshot.nsid.as_deref());
+        Writer::new(self.out, header, question.as_ref(), opt, self.max_size).finish();
+        true
+    }
+
+    fn answer(
+        self,
+        snapshot: &Snapshot,
+        question: &Question<'_>,
+        qname: &LowerName,
+        qtype: RecordType,
+        resolver: IpAddr,
+    ) -> bool {
+        // RFC 7871: the client subnet, unless ECS is off (then the option is ignored).
+        let subnet = match self.query.edns.map(|e| e.ecs) {
+            Some(Ecs::Subnet(subnet)) if snapshot.geo.ecs => Some(subnet),
+            _ => None,
+        };
+        let located = subnet.and_then(|s| located_subnet(s, snapshot));
         let client = Client {
-            addr: Some(request.src().ip().to_canonical()),
-            ecs: subnet.and_then(|(_, used)| used),
+            addr: Some(resolver.to_canonical()),
+            ecs: located,
         };
-        let result = answer(&snapshot, qname, qtype, &client);
+        let result = answer(snapshot, qname, qtype, &client);
         snapshot.queries.count(result.service, qtype, result.rcode);
         if !result.answers.is_empty() && !result.explained {
             for counter in &result.answered {
@@ -129,110 +205,81 @@ impl RequestHandler for Handler {
         if let Some(refused) = result.refused {
             refused.inc();
         }
-        // Echo the option with the scope of the network that decided, or 0
-        // when the answer does not depend on the client's location.
-        if let (Some((mut echo, used)), Some(edns)) = (subnet, response_edns.as_mut()) {
-            // Back in the option's family (an IPv4-mapped subnet was located as IPv4).
-            let mapped = used.is_some_and(|u| u.addr().is_ipv4()) && echo.addr().is_ipv6();
-            let scope = result.scope.unwrap_or(0);
-            echo.set_scope_prefix(if mapped && scope > 0 {
-                scope + 96
-            } else {
-                scope
-            });
-            edns.options_mut().insert(EdnsOption::Subnet(echo));
+        let mut opt = self.opt(snapshot.nsid.as_deref());
+        if let (Some(subnet), Some(opt)) = (subnet, opt.as_mut()) {
+            opt.ecs = Some(ecs_echo(subnet, located, result.scope.unwrap_or(0)));
         }
-        let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = true;
-        metadata.response_code = result.rcode;
-        let response = builder.build(
-            metadata,
-            result.answers.iter().map(|r| &**r),
-            std::iter::empty::<&Record>(),
-            result.authority.iter().copied(),
-            result.additionals.iter().copied(),
-        );
-        send(&mut response_handle, response, request).await
+        let header = self.header(result.rcode, true);
+        let mut writer = Writer::new(self.out, header, Some(question), opt, self.max_size);
+        let whole = writer
+            .whole(Section::Answer, result.answers.iter().map(|r| &**r))
+            .and_then(|()| writer.whole(Section::Authority, result.authority.iter().copied()));
+        if whole.is_ok() {
+            writer.optional(Section::Additional, result.additionals.iter().copied());
+        }
+        writer.finish();
+        true
     }
 }
 
-/// The query's ECS option, if ECS is on: the option to echo and the subnet
-/// to locate (source prefix cut to the configured maximum; `None` for a
-/// source prefix of 0, which asks us not to use it). `Err` for a malformed
-/// option: a non-zero SCOPE or address bits beyond the SOURCE PREFIX.
-#[allow(clippy::type_complexity)]
-fn ecs(
-    request: &Request,
-    snapshot: &Snapshot,
-) -> Result<Option<(ClientSubnet, Option<ipnet::IpNet>)>, ()> {
-    if !snapshot.geo.ecs {
-        return Ok(None);
+/// The subnet to locate: the source prefix cut to the configured maximum;
+/// `None` for a source prefix of 0, which asks us not to use it. An
+/// IPv4-mapped IPv6 subnet is located as the IPv4 subnet it holds.
+fn located_subnet(subnet: ClientSubnet, snapshot: &Snapshot) -> Option<ipnet::IpNet> {
+    if subnet.source_prefix == 0 {
+        return None;
     }
-    let Some(EdnsOption::Subnet(subnet)) = request
-        .edns
-        .as_ref()
-        .and_then(|e| e.option(EdnsCode::Subnet))
-    else {
-        return Ok(None);
+    let max = match subnet.addr {
+        IpAddr::V4(_) => snapshot.geo.max_prefix_v4,
+        IpAddr::V6(_) => snapshot.geo.max_prefix_v6,
     };
-    let source = subnet.source_prefix();
-    let net = ipnet::IpNet::new(subnet.addr(), source).map_err(|_| ())?;
-    if subnet.scope_prefix() != 0 || net.trunc().addr() != subnet.addr() {
-        return Err(());
-    }
-    if source == 0 {
-        return Ok(Some((*subnet, None)));
-    }
-    let max = match subnet.addr() {
-        std::net::IpAddr::V4(_) => snapshot.geo.max_prefix_v4,
-        std::net::IpAddr::V6(_) => snapshot.geo.max_prefix_v6,
-    };
-    let cut = source.min(max);
-    // An IPv4-mapped IPv6 subnet is located as the IPv4 subnet it holds.
-    let used = match subnet.addr() {
-        std::net::IpAddr::V6(v6) if cut >= 96 && v6.to_ipv4_mapped().is_some() => v6
+    let cut = subnet.source_prefix.min(max);
+    match subnet.addr {
+        IpAddr::V6(v6) if cut >= 96 && v6.to_ipv4_mapped().is_some() => v6
             .to_ipv4_mapped()
             .and_then(|v4| ipnet::IpNet::new(v4.into(), cut - 96).ok()),
         addr => ipnet::IpNet::new(addr, cut).ok(),
     }
-    .map(|n| n.trunc());
-    Ok(Some((*subnet, used)))
+    .map(|n| n.trunc())
 }
 
-async fn send<'a, R: ResponseHandler>(
-    handle: &mut R,
-    response: MessageResponse<
-        '_,
-        'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-        impl Iterator<Item = &'a Record> + Send + 'a,
-    >,
-    request: &Request,
-) -> ResponseInfo {
-    match handle.send_response(response).await {
-        Ok(info) => info,
-        Err(e) => {
-            tracing::debug!(error = %e, "Failed to send a DNS response.");
-            let mut metadata = Metadata::response_from_request(&request.metadata);
-            metadata.response_code = ResponseCode::ServFail;
-            Header {
-                metadata,
-                counts: HeaderCounts::default(),
-            }
-            .into()
+/// The ECS option to echo: the query's family, source prefix and address,
+/// with the scope of the network that decided (0: the answer does not
+/// depend on the client's location), back in the option's family when an
+/// IPv4-mapped subnet was located as IPv4.
+fn ecs_echo(
+    subnet: ClientSubnet,
+    located: Option<ipnet::IpNet>,
+    scope: u8,
+) -> (u16, u8, u8, [u8; 16]) {
+    let mut addr = [0u8; 16];
+    let family = match subnet.addr {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            1
         }
-    }
+        IpAddr::V6(v6) => {
+            addr.copy_from_slice(&v6.octets());
+            2
+        }
+    };
+    let mapped = family == 2 && located.is_some_and(|l| l.addr().is_ipv4());
+    let scope = if mapped && scope > 0 {
+        scope.saturating_add(96)
+    } else {
+        scope
+    };
+    (family, subnet.source_prefix, scope, addr)
 }
 
-/// The DNS listeners. TCP goes through hickory's server; each UDP socket is
-/// served by one task that receives, answers and sends in turn (no task or
-/// channel per query: the answer never waits for anything).
+/// The DNS listeners: one task per UDP socket (receive, answer, send in
+/// turn: the answer never waits for anything), one accept task per TCP
+/// listener with a task per connection.
 pub struct DnsServer {
-    server: Server<Handler>,
-    udp: Vec<(UdpSocket, Handler)>,
+    handler: Handler,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    tcp_idle_timeout: Duration,
 }
 
 impl DnsServer {
@@ -242,75 +289,43 @@ impl DnsServer {
         tcp: Vec<TcpListener>,
         tcp_idle_timeout: Duration,
     ) -> Self {
-        let udp = udp.into_iter().map(|s| (s, handler.clone())).collect();
-        let mut server = Server::new(handler);
-        for listener in tcp {
-            // 64 queued responses per connection, as hickory's own daemon uses.
-            server.register_listener(listener, tcp_idle_timeout, 64);
+        Self {
+            handler,
+            udp,
+            tcp,
+            tcp_idle_timeout,
         }
-        Self { server, udp }
     }
 
-    /// Serves until `cancel` fires, then stops accepting and finishes.
-    pub async fn run(mut self, cancel: CancellationToken) -> std::io::Result<()> {
-        let mut udp = tokio::task::JoinSet::new();
-        for (socket, handler) in self.udp.drain(..) {
-            udp.spawn(serve_udp(socket, handler, cancel.clone()));
+    /// Serves until `cancel` fires. Returns an error as soon as any
+    /// listener task ends on its own (an error or a panic): the server
+    /// cannot serve every client without it, so the daemon must stop.
+    pub async fn run(self, cancel: CancellationToken) -> std::io::Result<()> {
+        let mut tasks = JoinSet::new();
+        for socket in self.udp {
+            tasks.spawn(serve_udp(socket, self.handler.clone(), cancel.clone()));
         }
-        let tcp = async {
-            tokio::select! {
-                result = self.server.block_until_done() => result.map_err(std::io::Error::other),
-                () = cancel.cancelled() => {
-                    self.server.shutdown_gracefully().await.map_err(std::io::Error::other)
-                }
-            }
-        };
-        let result = tcp.await;
-        while let Some(done) = udp.join_next().await {
-            if let Err(e) = done
-                && e.is_panic()
-            {
-                std::panic::resume_unwind(e.into_panic());
-            }
+        for listener in self.tcp {
+            tasks.spawn(serve_tcp(
+                listener,
+                self.handler.clone(),
+                self.tcp_idle_timeout,
+                cancel.clone(),
+            ));
         }
-        result
-    }
-}
-
-impl Handler {
-    /// The reply to one UDP datagram from `src`, as the UDP loop sends it:
-    /// `None` for what gets no reply (shorter than a header, from port 0 or
-    /// an unspecified address, or a response), FORMERR for a message that
-    /// does not parse, else the encoded answer truncated to the UDP size.
-    /// It never waits on anything: the loop needs no task per query.
-    pub async fn answer_udp(&self, packet: &[u8], src: std::net::SocketAddr) -> Option<Vec<u8>> {
-        if packet.len() < 12
-            || src.port() == 0
-            || src.ip().is_unspecified()
-            || packet[2] & 0x80 != 0
-        {
-            return None;
-        }
-        match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
-            Ok(request) => {
-                let max_size = request
-                    .edns
-                    .as_ref()
-                    .map_or(512, |e| e.max_payload().clamp(512, self.max_udp_payload));
-                let capture = Encoded::new(max_size);
-                self.handle_request::<_, TokioTime>(&request, capture.clone())
-                    .await;
-                capture.take()
+        while let Some(done) = tasks.join_next().await {
+            if cancel.is_cancelled() {
+                continue;
             }
-            // A message that does not parse: FORMERR with its id, no question.
-            Err(_) => {
-                let snapshot = self.snapshot.load();
-                snapshot
-                    .queries
-                    .count(None, RecordType::Unknown(0), ResponseCode::FormErr);
-                Some(formerr(packet))
-            }
+            // Dropping `tasks` stops the other listeners.
+            return Err(match done {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => std::io::Error::other("a DNS listener stopped"),
+                Err(e) if e.is_panic() => std::io::Error::other("a DNS listener task panicked"),
+                Err(_) => std::io::Error::other("a DNS listener task was cancelled"),
+            });
         }
+        Ok(())
     }
 }
 
@@ -320,8 +335,9 @@ async fn serve_udp(
     handler: Handler,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    // The largest UDP message hickory reads too.
+    // Larger datagrams are cut to this and then fail to parse (FORMERR).
     let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(4096);
     loop {
         let (n, src) = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -333,75 +349,78 @@ async fn serve_udp(
                 }
             },
         };
-        let reply = handler.answer_udp(&buf[..n], src).await;
-        if let Some(bytes) = reply
-            && let Err(e) = socket.send_to(&bytes, src).await
+        if handler.respond(&buf[..n], src, Transport::Udp, &mut out)
+            && let Err(e) = socket.send_to(&out, src).await
         {
             tracing::debug!(error = %e, "UDP send failed.");
         }
     }
 }
 
-/// A bare FORMERR header answering `packet` (at least 12 bytes).
-fn formerr(packet: &[u8]) -> Vec<u8> {
-    let opcode_and_rd = packet[2] & 0x79;
-    vec![
-        packet[0],
-        packet[1],
-        0x80 | opcode_and_rd,
-        0x01,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
-}
-
-/// A response handler that encodes the response, truncating (TC=1) what
-/// does not fit `max_size`, for the UDP loop to send.
-#[derive(Clone)]
-struct Encoded {
-    max_size: u16,
-    bytes: Arc<std::sync::OnceLock<Vec<u8>>>,
-}
-
-impl Encoded {
-    fn new(max_size: u16) -> Self {
-        Self {
-            max_size,
-            bytes: Arc::new(std::sync::OnceLock::new()),
+/// Accepts TCP connections until `cancel` fires; each is served by its own task.
+async fn serve_tcp(
+    listener: TcpListener,
+    handler: Handler,
+    idle: Duration,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_connection(stream, peer, handler.clone(), idle));
+                }
+                Err(e) => {
+                    // Out of descriptors or buffers: wait rather than spin.
+                    tracing::debug!(error = %e, "TCP accept failed.");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
     }
-
-    fn take(self) -> Option<Vec<u8>> {
-        Arc::try_unwrap(self.bytes)
-            .ok()
-            .and_then(std::sync::OnceLock::into_inner)
-    }
 }
 
-#[async_trait::async_trait]
-impl ResponseHandler for Encoded {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = hickory_proto::serialize::binary::BinEncoder::new(&mut bytes);
-        encoder.set_max_size(self.max_size);
-        let info = response.destructive_emit(&mut encoder)?;
-        let _ = self.bytes.set(bytes);
-        Ok(info)
+/// Answers the queries of one TCP connection in order (RFC 7766), until
+/// the client closes it or is idle for `idle`.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    handler: Handler,
+    idle: Duration,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut packet = Vec::new();
+    let mut out = Vec::with_capacity(512);
+    let mut frame = Vec::with_capacity(514);
+    loop {
+        let mut length = [0u8; 2];
+        let read = async {
+            stream.read_exact(&mut length).await?;
+            packet.resize(usize::from(u16::from_be_bytes(length)), 0);
+            stream.read_exact(&mut packet).await
+        };
+        match tokio::time::timeout(idle, read).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+        if !handler.respond(&packet, peer, Transport::Tcp, &mut out) {
+            continue;
+        }
+        frame.clear();
+        frame.extend_from_slice(&(out.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&out);
+        match tokio::time::timeout(idle, stream.write_all(&frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
     }
 }

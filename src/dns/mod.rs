@@ -7,5 +7,7 @@
 
 pub mod answer;
 mod handler;
+pub mod query;
+pub mod reply;
 
-pub use handler::{DnsServer, Handler};
+pub use handler::{DnsServer, Handler, Transport};
