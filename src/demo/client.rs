@@ -89,8 +89,108 @@ pub async fn exchange_tcp(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no DNS answer over TCP"))?
 }
 
-fn decode(bytes: &[u8]) -> std::io::Result<Message> {
-    Message::from_vec(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+/// Decodes a reply strictly: every byte must belong to a section (see
+/// [`check_wire`]), then hickory decodes it.
+pub fn decode(bytes: &[u8]) -> std::io::Result<Message> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    check_wire(bytes).map_err(invalid)?;
+    Message::from_vec(bytes).map_err(|e| invalid(e.to_string()))
+}
+
+/// Walks a DNS message as its counts describe it and accounts for every
+/// byte: names well-formed with pointers only backwards, the RDATA of
+/// A, AAAA, CNAME, NS, PTR, MX, SOA, TXT and OPT exactly as long as its
+/// fields, nothing after the last record.
+pub fn check_wire(m: &[u8]) -> Result<(), String> {
+    let header = m.get(..12).ok_or("shorter than a header")?;
+    let count = |i: usize| usize::from(u16::from_be_bytes([header[4 + 2 * i], header[5 + 2 * i]]));
+    let mut at = 12;
+    for _ in 0..count(0) {
+        at = wire_name(m, at)? + 4;
+        if at > m.len() {
+            return Err("question cut short".into());
+        }
+    }
+    for i in 0..count(1) + count(2) + count(3) {
+        at = wire_name(m, at)?;
+        let fixed = m.get(at..at + 10).ok_or(format!("record {i} cut short"))?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let len = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let start = at + 10;
+        let end = start + len;
+        if end > m.len() {
+            return Err(format!("record {i}: RDATA runs past the end"));
+        }
+        let used = match rtype {
+            1 => start + 4,
+            28 => start + 16,
+            2 | 5 | 12 => wire_name(m, start)?,
+            15 => wire_name(m, start + 2)?,
+            6 => wire_name(m, wire_name(m, start)?)? + 20,
+            16 | 41 => {
+                // TXT: length-prefixed strings; OPT: (code, length, data) options.
+                let mut p = start;
+                while p < end {
+                    p += if rtype == 16 {
+                        1 + usize::from(m[p])
+                    } else {
+                        let l = m.get(p + 2..p + 4).ok_or("OPT option cut short")?;
+                        4 + usize::from(u16::from_be_bytes([l[0], l[1]]))
+                    };
+                }
+                p
+            }
+            _ => end,
+        };
+        if used != end {
+            return Err(format!(
+                "record {i} (type {rtype}): RDATA is {len} bytes, its fields {}",
+                used as isize - start as isize
+            ));
+        }
+        at = end;
+    }
+    if at != m.len() {
+        return Err(format!(
+            "{} bytes after the last record (message is {} bytes)",
+            m.len() - at,
+            m.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the name at `at`; returns where it ends in place.
+fn wire_name(m: &[u8], at: usize) -> Result<usize, String> {
+    let mut p = at;
+    let mut end = None;
+    let mut length = 0;
+    for _ in 0..128 {
+        let len = *m.get(p).ok_or("name runs past the end")?;
+        match len & 0xc0 {
+            0xc0 => {
+                let low = *m.get(p + 1).ok_or("pointer cut short")?;
+                let target = usize::from(u16::from_be_bytes([len & 0x3f, low]));
+                if target >= p {
+                    return Err(format!("pointer at {p} to {target} does not point back"));
+                }
+                end.get_or_insert(p + 2);
+                p = target;
+            }
+            0x00 => {
+                length += 1 + usize::from(len);
+                if length > 255 {
+                    return Err("name longer than 255 bytes".into());
+                }
+                p += 1 + usize::from(len);
+                if len == 0 {
+                    return Ok(*end.get_or_insert(p));
+                }
+            }
+            _ => return Err(format!("label type {len:#x} at {p}")),
+        }
+    }
+    Err("name with too many labels or pointers".into())
 }
 
 pub async fn query_udp(server: SocketAddr, ask: &Ask) -> std::io::Result<Message> {

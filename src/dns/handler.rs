@@ -116,7 +116,9 @@ impl Handler {
             return reply.error(&snapshot, ResponseCode::NotImp);
         }
         let Some(qname) = lower_name(&question) else {
-            snapshot.queries.malformed(query::Malformed::Question.label());
+            snapshot
+                .queries
+                .malformed(query::Malformed::Question.label());
             return reply.error(&snapshot, ResponseCode::FormErr);
         };
         let in_zone = question.qclass == CLASS_IN && snapshot.zone.apex.zone_of(&qname);

@@ -388,7 +388,10 @@ mod tests {
                 "{reason:?}"
             );
         }
-        assert_eq!(Malformed::ALL.len(), crate::metrics::MALFORMED_REASONS.len());
+        assert_eq!(
+            Malformed::ALL.len(),
+            crate::metrics::MALFORMED_REASONS.len()
+        );
     }
 
     #[test]
@@ -452,7 +455,11 @@ mod tests {
             (query(&opt_rr(0, &[0, 3, 0, 9, 1]), 1), Malformed::Edns),
         ];
         for (packet, reason) in cases {
-            assert_eq!(parse(&packet).unwrap().malformed, Some(reason), "{packet:?}");
+            assert_eq!(
+                parse(&packet).unwrap().malformed,
+                Some(reason),
+                "{packet:?}"
+            );
         }
     }
 
@@ -511,10 +518,7 @@ mod tests {
 
     #[test]
     fn every_prefix_of_a_valid_query_parses_without_panic() {
-        let packet = query(
-            &opt_rr(0, &ecs_option(1, 24, 0, &[192, 0, 2])),
-            1,
-        );
+        let packet = query(&opt_rr(0, &ecs_option(1, 24, 0, &[192, 0, 2])), 1);
         for end in 0..packet.len() {
             let _ = parse(&packet[..end]);
         }

@@ -148,7 +148,11 @@ impl<'b, 'o> Writer<'b, 'o> {
 
     /// Appends what fits of an optional section (additional): the rest is
     /// left out without truncating.
-    pub fn optional<'r>(&mut self, section: Section, records: impl IntoIterator<Item = &'r Record>) {
+    pub fn optional<'r>(
+        &mut self,
+        section: Section,
+        records: impl IntoIterator<Item = &'r Record>,
+    ) {
         for record in records {
             if self.record(section, record).is_err() {
                 return;
