@@ -583,3 +583,86 @@ async fn serve(mut running: Running) -> Result<(), AppError> {
     running.shutdown();
     running.wait().await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// One region on a TEST-NET address (never answers), one service.
+    const CONFIG: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+admin-listen = "127.0.0.1:0"
+startup-grace = "50ms"
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+[services.chat]
+tiers = [["primary"]]
+"#;
+
+    fn config() -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        config::load(&path).unwrap()
+    }
+
+    /// Makes the real publisher task panic: a reload whose probe ids do not
+    /// match its endpoints breaks the publisher's invariant.
+    async fn kill_the_publisher(running: &Running) {
+        let (done, _) = oneshot::channel();
+        let msg = Msg::Reload {
+            config: Arc::new(config()),
+            ids: Vec::new(),
+            geo: None,
+            done,
+        };
+        running.control.publisher.send(msg).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_task_is_noticed_by_name_and_counted() {
+        let mut running = start(config(), StartOptions::default()).await.unwrap();
+        kill_the_publisher(&running).await;
+        let error = tokio::time::timeout(Duration::from_secs(30), running.failed())
+            .await
+            .expect("the death is noticed");
+        assert!(
+            matches!(&error, AppError::Task { task: "publisher", reason } if reason.starts_with("panicked: ")),
+            "{error}"
+        );
+        let failures = |task| {
+            running
+                .metrics
+                .task_failures
+                .with_label_values(&[task])
+                .get()
+        };
+        assert_eq!(failures("publisher"), 1);
+        assert_eq!(failures("admin"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_daemon_stops_with_exit_code_2_when_a_task_dies() {
+        let running = start(config(), StartOptions::default()).await.unwrap();
+        let admin = running.admin;
+        kill_the_publisher(&running).await;
+        let result = tokio::time::timeout(Duration::from_secs(30), serve(running))
+            .await
+            .expect("serve returns once a task died");
+        let error = result.unwrap_err();
+        assert!(
+            error.to_string().starts_with("the publisher task panicked"),
+            "{error}"
+        );
+        assert_eq!(error.exit_code(), 2);
+        // Everything else was stopped: the admin API no longer answers.
+        assert!(tokio::net::TcpStream::connect(admin).await.is_err());
+    }
+}

@@ -285,7 +285,18 @@ async fn sticky_services_keep_a_subnet_on_the_same_endpoint() {
 #[tokio::test]
 async fn status_names_the_strategy_of_each_service() {
     let f = fleet(
-        "\n[services.batch]\ntiers = [[\"a\", \"b\"]]\nstrategy = \"cost\"\n\n[services.chat]\ntiers = [[\"a\"], [\"b\"]]\n",
+        r#"
+[regions.cheap]
+endpoints = [{ address = "127.0.0.93", port = 9 }]
+capacity = { cost = 1.0 }
+
+[services.batch]
+tiers = [["cheap"]]
+strategy = "cost"
+
+[services.chat]
+tiers = [["a"], ["b"]]
+"#,
     )
     .await;
     let (code, body) = http("GET", &f.url("/v1/status"), None, None).await;

@@ -275,6 +275,7 @@ async fn current_log_level() -> Response {
 /// 415, 422): their plain-text body becomes the reason.
 async fn json_errors(request: Request, next: Next) -> Response {
     let method = request.method().clone();
+    let path = request.uri().path().to_string();
     let response = next.run(request).await;
     let status = response.status();
     let is_json = response
@@ -290,16 +291,15 @@ async fn json_errors(request: Request, next: Next) -> Response {
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let allow = parts.headers.get(header::ALLOW).cloned();
-    let reason = match (&allow, text.is_empty()) {
-        (Some(allow), _) if status == StatusCode::METHOD_NOT_ALLOWED => format!(
-            "method {method} is not allowed here; allowed: {}",
-            allow.to_str().unwrap_or_default()
-        ),
-        (_, false) => text,
-        (_, true) => status
+    let reason = if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("method {method} is not allowed on {path}")
+    } else if text.is_empty() {
+        status
             .canonical_reason()
             .unwrap_or("client error")
-            .to_lowercase(),
+            .to_lowercase()
+    } else {
+        text
     };
     let mut out = error(status, reason);
     if let Some(allow) = allow {

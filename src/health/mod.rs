@@ -377,6 +377,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_probe_task_that_dies_is_noticed_and_a_stopped_one_is_not() {
+        let metrics = Metrics::new();
+        let (tx, _rx) = mpsc::channel::<ProbeReport>(4);
+        let cancel = CancellationToken::new();
+        let dying = tokio::spawn(probe_loop(
+            0,
+            Scripted::new(Scripted::PANIC),
+            schedule(),
+            tx.clone(),
+            cancel.clone(),
+        ));
+        watch_probe(
+            dying,
+            "192.0.2.1 in region a".into(),
+            Layer::Alive,
+            metrics.clone(),
+        )
+        .await;
+        let failures = || metrics.task_failures.with_label_values(&["probe"]).get();
+        assert_eq!(failures(), 1);
+        // Stopped by its token (endpoint removed, shutdown): not a failure.
+        let stopped = tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            schedule(),
+            tx,
+            cancel.clone(),
+        ));
+        cancel.cancel();
+        watch_probe(
+            stopped,
+            "192.0.2.2 in region a".into(),
+            Layer::Alive,
+            metrics.clone(),
+        )
+        .await;
+        assert_eq!(failures(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn cancel_stops_the_loop() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(4);
         let cancel = CancellationToken::new();
