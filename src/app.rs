@@ -7,6 +7,7 @@
 //!
 //! Shutdown cancels everything and waits for the listeners to finish.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
@@ -64,6 +65,51 @@ impl Control {
     }
 }
 
+/// The long-lived tasks of a running server, each with its name, so that
+/// the death of any one (an error, a panic, or an end nobody asked for) is
+/// noticed and said by name.
+struct Tasks {
+    set: JoinSet<std::io::Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+        }
+    }
+
+    fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, by name, with how it ended.
+    async fn join_next(
+        &mut self,
+    ) -> Option<(&'static str, Result<std::io::Result<()>, JoinError>)> {
+        let (id, joined) = match self.set.join_next_with_id().await? {
+            Ok((id, result)) => (id, Ok(result)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        Some((self.names.remove(&id).unwrap_or("server"), joined))
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// A started server.
 pub struct Running {
     /// Where DNS is served (UDP and TCP share each address).
@@ -71,7 +117,8 @@ pub struct Running {
     pub admin: SocketAddr,
     pub control: Control,
     cancel: CancellationToken,
-    tasks: JoinSet<std::io::Result<()>>,
+    tasks: Tasks,
+    metrics: Arc<Metrics>,
 }
 
 impl Running {
@@ -91,21 +138,31 @@ impl Running {
     }
 
     /// Resolves when any task ends on its own (before a shutdown was asked):
-    /// the daemon cannot serve correctly without every one of them.
+    /// the daemon cannot serve correctly without every one of them. The
+    /// error names the task and is counted in `inferdns_task_failures_total`.
     pub async fn failed(&mut self) -> AppError {
-        match self.tasks.join_next().await {
-            Some(Ok(Err(e))) => AppError::Io(e),
-            Some(Err(e)) if e.is_panic() => {
-                AppError::Io(std::io::Error::other("a server task panicked"))
+        let Some((task, joined)) = self.tasks.join_next().await else {
+            return AppError::Task {
+                task: "server",
+                reason: "set is empty".into(),
+            };
+        };
+        self.metrics.task_failures.with_label_values(&[task]).inc();
+        let reason = match joined {
+            Ok(Ok(())) => "ended unexpectedly".to_string(),
+            Ok(Err(e)) => format!("failed: {e}"),
+            Err(e) if e.is_panic() => {
+                format!("panicked: {}", panic_message(e.into_panic().as_ref()))
             }
-            _ => AppError::Io(std::io::Error::other("a server task ended unexpectedly")),
-        }
+            Err(e) => format!("was cancelled: {e}"),
+        };
+        AppError::Task { task, reason }
     }
 
     /// Waits for every task; the first error wins.
     pub async fn wait(mut self) -> Result<(), AppError> {
         let mut result = Ok(());
-        while let Some(joined) = self.tasks.join_next().await {
+        while let Some((_, joined)) = self.tasks.join_next().await {
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -155,10 +212,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let admin_addr = admin_listener.local_addr()?;
 
     let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let mut tasks = Tasks::new();
     let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(1024);
-    let mut probes = ProbeSet::new(cancel.clone());
+    let mut probes = ProbeSet::new(cancel.clone(), metrics.clone());
     let ids = probes.sync(&config, &tx)?;
     let admin_token = Arc::new(ArcSwap::from_pointee(server.admin_token.clone()));
     let geo_db = load_geo(&config, &metrics)
@@ -169,7 +226,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
     {
         let cancel = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("publisher", async move {
             publisher.run(rx, cancel).await;
             Ok(())
         });
@@ -184,13 +241,13 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         listen: (server.dns_listen.clone(), server.admin_listen),
         geo_target,
     };
-    tasks.spawn(reloader.run(reload_rx, cancel.clone()));
+    tasks.spawn("reloader", reloader.run(reload_rx, cancel.clone()));
     let watcher = GeoWatcher {
         target: geo_target_rx,
         publisher: tx.clone(),
         metrics: metrics.clone(),
     };
-    tasks.spawn(watcher.run(cancel.clone()));
+    tasks.spawn("geoip-watcher", watcher.run(cancel.clone()));
     let control = Control {
         publisher: tx,
         reload: reload_tx,
@@ -214,14 +271,17 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         tcp,
         server.tcp_idle_timeout,
     );
-    tasks.spawn(dns.run(cancel.clone()));
+    tasks.spawn("dns", dns.run(cancel.clone()));
     let admin_state = AdminState {
         snapshot,
         ready: ready.clone(),
-        metrics,
+        metrics: metrics.clone(),
         control: control.clone(),
     };
-    tasks.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
+    tasks.spawn(
+        "admin",
+        admin::serve(admin_listener, admin_state, cancel.clone()),
+    );
     ready.store(true, Ordering::Release);
 
     Ok(Running {
@@ -230,6 +290,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         control,
         cancel,
         tasks,
+        metrics,
     })
 }
 
@@ -484,9 +545,16 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// `inferdns run`: load, start, print the listening line, serve until
 /// SIGTERM or SIGINT; SIGHUP reloads.
 pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
-    let mut running = start(config, options).await?;
+    let running = start(config, options).await?;
     println!("{}", running.listening_line());
     tracing::info!(dns = ?running.dns, admin = %running.admin, "Serving.");
+    serve(running).await
+}
+
+/// Serves until SIGTERM or SIGINT (then stops cleanly), or until a task
+/// dies: then everything stops and its error comes back (exit code 2), so
+/// systemd restarts a whole process rather than one that limps along.
+async fn serve(mut running: Running) -> Result<(), AppError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
@@ -514,4 +582,87 @@ pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> 
     tracing::info!("Shutting down.");
     running.shutdown();
     running.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// One region on a TEST-NET address (never answers), one service.
+    const CONFIG: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+admin-listen = "127.0.0.1:0"
+startup-grace = "50ms"
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+[services.chat]
+tiers = [["primary"]]
+"#;
+
+    fn config() -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        config::load(&path).unwrap()
+    }
+
+    /// Makes the real publisher task panic: a reload whose probe ids do not
+    /// match its endpoints breaks the publisher's invariant.
+    async fn kill_the_publisher(running: &Running) {
+        let (done, _) = oneshot::channel();
+        let msg = Msg::Reload {
+            config: Arc::new(config()),
+            ids: Vec::new(),
+            geo: None,
+            done,
+        };
+        running.control.publisher.send(msg).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_task_is_noticed_by_name_and_counted() {
+        let mut running = start(config(), StartOptions::default()).await.unwrap();
+        kill_the_publisher(&running).await;
+        let error = tokio::time::timeout(Duration::from_secs(30), running.failed())
+            .await
+            .expect("the death is noticed");
+        assert!(
+            matches!(&error, AppError::Task { task: "publisher", reason } if reason.starts_with("panicked: ")),
+            "{error}"
+        );
+        let failures = |task| {
+            running
+                .metrics
+                .task_failures
+                .with_label_values(&[task])
+                .get()
+        };
+        assert_eq!(failures("publisher"), 1);
+        assert_eq!(failures("admin"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_daemon_stops_with_exit_code_2_when_a_task_dies() {
+        let running = start(config(), StartOptions::default()).await.unwrap();
+        let admin = running.admin;
+        kill_the_publisher(&running).await;
+        let result = tokio::time::timeout(Duration::from_secs(30), serve(running))
+            .await
+            .expect("serve returns once a task died");
+        let error = result.unwrap_err();
+        assert!(
+            error.to_string().starts_with("the publisher task panicked"),
+            "{error}"
+        );
+        assert_eq!(error.exit_code(), 2);
+        // Everything else was stopped: the admin API no longer answers.
+        assert!(tokio::net::TcpStream::connect(admin).await.is_err());
+    }
 }

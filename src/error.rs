@@ -27,6 +27,10 @@ pub enum AppError {
     Explain(String),
     #[error("{0}")]
     Geo(String),
+    /// A long-lived task (publisher, reloader, GeoIP watcher, admin API,
+    /// DNS listeners) ended on its own: the daemon cannot serve correctly.
+    #[error("the {task} task {reason}")]
+    Task { task: &'static str, reason: String },
 }
 
 impl AppError {

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub region_utilization: prometheus::GaugeVec,
     pub region_weight: prometheus::GaugeVec,
     pub capacity_reports: IntCounterVec,
+    /// Long-lived tasks that died (error or panic), by task.
+    pub task_failures: IntCounterVec,
+    /// Probe layers that sent no result for longer than their silence limit.
+    pub probe_layers_silent: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -79,6 +83,16 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
         .expect("metric names are unique and valid");
     metric
 }
+
+/// The `task` labels of `inferdns_task_failures_total`.
+pub const TASKS: [&str; 6] = [
+    "publisher",
+    "reloader",
+    "geoip-watcher",
+    "admin",
+    "dns",
+    "probe",
+];
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
@@ -267,6 +281,28 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let task_failures = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_task_failures_total",
+                    "Long-lived tasks that ended on their own (error or panic), by task.",
+                ),
+                &["task"],
+            )
+            .expect("valid metric"),
+        );
+        for task in TASKS {
+            task_failures.with_label_values(&[task]).inc_by(0);
+        }
+        let probe_layers_silent = register(
+            &r,
+            IntGauge::new(
+                "inferdns_probe_layers_silent",
+                "Probe layers with no result for longer than 3 x interval + timeout (their endpoints are unfit).",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -300,6 +336,8 @@ impl Metrics {
             region_utilization,
             region_weight,
             capacity_reports,
+            task_failures,
+            probe_layers_silent,
         })
     }
 

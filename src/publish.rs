@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capacity::{self, Level, PushReport};
 use crate::config::Config;
 use crate::geo::GeoDb;
-use crate::health::{HealthState, Layer, Payload, ProbeError, ProbeReport, Status};
+use crate::health::{HealthState, Layer, Payload, ProbeError, ProbeReport, Status, silence_limit};
 use crate::metrics::{Metrics, QueryTable};
 use crate::model::{
     self, EndpointIndex, EndpointInput, EndpointView, GeoView, RegionInputs, RegionLoad, Snapshot,
@@ -70,6 +70,8 @@ struct EndpointInfo {
     rise: u32,
     fall: u32,
     layers: Vec<Layer>,
+    /// The health layers with their silence limits (3 x interval + timeout).
+    silence: Vec<(Layer, Duration)>,
     cooldown: Duration,
     slow_start: Duration,
     completion_model: Option<String>,
@@ -94,6 +96,47 @@ struct EndpointHealth {
     up_since: Option<Instant>,
     /// The last load its metrics showed, and when.
     load: Option<(crate::capacity::Load, Instant)>,
+    /// When each health layer last reported (or its probe started).
+    heard: Vec<(Layer, Instant)>,
+}
+
+impl EndpointHealth {
+    /// A new endpoint whose probes were started about `now`.
+    fn watching(info: &EndpointInfo, now: Instant) -> Self {
+        Self {
+            heard: info.silence.iter().map(|(l, _)| (*l, now)).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The first health layer silent for longer than its limit at `now`,
+    /// with that limit.
+    fn silent(&self, info: &EndpointInfo, now: Instant) -> Option<(Layer, Duration)> {
+        info.silence.iter().copied().find(|(layer, limit)| {
+            self.heard
+                .iter()
+                .find(|(l, _)| l == layer)
+                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= *limit)
+        })
+    }
+}
+
+fn layer_name(layer: Layer) -> &'static str {
+    match layer {
+        Layer::Alive => "alive",
+        Layer::Models => "model list",
+        Layer::Completion => "completion",
+        Layer::Metrics => "metrics",
+    }
+}
+
+/// The reason shown in status and explain for a silent layer.
+fn silence_reason(layer: Layer, limit: Duration) -> String {
+    format!(
+        "no {} probe result for over {:.1} s",
+        layer_name(layer),
+        limit.as_secs_f64()
+    )
 }
 
 /// The longest a 429 takes an endpoint out, whatever its Retry-After says.
@@ -135,6 +178,17 @@ impl Loaded {
                 let mut layers = vec![Layer::Alive];
                 layers.extend(p.models.as_ref().map(|_| Layer::Models));
                 layers.extend(p.completion.as_ref().map(|_| Layer::Completion));
+                let mut silence = vec![(Layer::Alive, silence_limit(p.interval, p.timeout))];
+                silence.extend(
+                    p.models
+                        .as_ref()
+                        .map(|m| (Layer::Models, silence_limit(m.interval, p.timeout))),
+                );
+                silence.extend(
+                    p.completion
+                        .as_ref()
+                        .map(|c| (Layer::Completion, silence_limit(c.interval, c.timeout))),
+                );
                 info.push(EndpointInfo {
                     region: region.id.clone(),
                     target: endpoint.target.to_string(),
@@ -147,6 +201,7 @@ impl Loaded {
                     rise: p.rise,
                     fall: p.fall,
                     layers,
+                    silence,
                     cooldown: p.cooldown,
                     slow_start: p.slow_start,
                     completion_model: p.completion.as_ref().map(|c| c.model.clone()),
@@ -210,6 +265,8 @@ pub struct Publisher {
     last_publish: Instant,
     /// Region utilisation in the published snapshot, by region index.
     published_util: Vec<Option<f64>>,
+    /// Probe layers (id, layer) silent past their limit, as last published.
+    silent: HashSet<(u64, Layer)>,
 }
 
 impl Publisher {
@@ -224,7 +281,12 @@ impl Publisher {
     ) -> (Self, Arc<ArcSwap<Snapshot>>, watch::Receiver<bool>) {
         let loaded = Loaded::new(config, ids, &metrics);
         let (first_round, first_round_rx) = watch::channel(loaded.ids.is_empty());
-        let health = vec![EndpointHealth::default(); loaded.ids.len()];
+        let now = Instant::now();
+        let health: Vec<EndpointHealth> = loaded
+            .info
+            .iter()
+            .map(|info| EndpointHealth::watching(info, now))
+            .collect();
         let drained = BTreeSet::new();
         let published_latency = region_latency(&loaded, &health);
         let dynamic = Dynamic {
@@ -280,6 +342,7 @@ impl Publisher {
             weights: HashMap::new(),
             last_publish: Instant::now(),
             published_util: Vec::new(),
+            silent: HashSet::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
@@ -382,6 +445,19 @@ impl Publisher {
             // Said only once the snapshot with these results is stored.
             self.first_round_due = true;
             changed = true;
+        }
+        if report.layer != Layer::Metrics {
+            let silent_before = h.silent(info, now).is_some();
+            if let Some(at) = h.heard.iter_mut().find(|(l, _)| *l == report.layer) {
+                at.1 = now;
+            }
+            if silent_before && h.silent(info, now).is_none() {
+                tracing::info!(
+                    region = %info.region, endpoint = %info.target, probe = layer_name(report.layer),
+                    "Probe results arrive again."
+                );
+                changed = true;
+            }
         }
         // Capacity reports move weights, not health.
         if report.layer == Layer::Metrics {
@@ -533,6 +609,12 @@ impl Publisher {
             }
         }
         for (h, info) in self.health.iter().zip(&self.loaded.info) {
+            // A probe layer falls silent (its endpoint becomes unfit).
+            for (layer, limit) in &info.silence {
+                if let Some((_, at)) = h.heard.iter().find(|(l, _)| l == layer) {
+                    consider(*at + *limit);
+                }
+            }
             if let Some(until) = h.cooling_until {
                 consider(until);
             }
@@ -650,7 +732,7 @@ impl Publisher {
                 None => {
                     self.pending_first
                         .extend(info.layers.iter().map(|l| (*id, *l)));
-                    health.push(EndpointHealth::default());
+                    health.push(EndpointHealth::watching(info, Instant::now()));
                 }
             }
         }
@@ -751,6 +833,7 @@ impl Publisher {
         self.last_publish = Instant::now();
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
+        self.note_silence();
         let dynamic = self.dynamic();
         let next = build(
             &self.loaded,
@@ -781,6 +864,36 @@ impl Publisher {
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Logs probe layers that fell silent since the last publish and counts
+    /// them in a gauge. (Their endpoints are taken out by `build`.)
+    fn note_silence(&mut self) {
+        let now = Instant::now();
+        let mut silent = HashSet::new();
+        for ((h, info), id) in self
+            .health
+            .iter()
+            .zip(&self.loaded.info)
+            .zip(&self.loaded.ids)
+        {
+            for (layer, limit) in &info.silence {
+                let heard = h.heard.iter().find(|(l, _)| l == layer);
+                if heard.is_none_or(|(_, at)| now.saturating_duration_since(*at) < *limit) {
+                    continue;
+                }
+                silent.insert((*id, *layer));
+                if !self.silent.contains(&(*id, *layer)) {
+                    tracing::warn!(
+                        region = %info.region, endpoint = %info.target, probe = layer_name(*layer),
+                        limit = ?limit,
+                        "Probe sends no results (task dead or stuck); endpoint taken out of answers."
+                    );
+                }
+            }
+        }
+        self.metrics.probe_layers_silent.set(silent.len() as i64);
+        self.silent = silent;
     }
 
     /// Runs until the channel closes or `cancel` fires. Messages that arrive
@@ -858,11 +971,20 @@ fn build(
         .map(|h| h.last_error.as_ref().map(ToString::to_string))
         .collect();
     let now = Instant::now();
+    let silent: Vec<Option<String>> = health
+        .iter()
+        .zip(&loaded.info)
+        .map(|(h, info)| {
+            h.silent(info, now)
+                .map(|(layer, limit)| silence_reason(layer, limit))
+        })
+        .collect();
     let inputs: Vec<EndpointInput<'_>> = health
         .iter()
         .zip(&loaded.info)
         .zip(&errors)
-        .map(|((h, info), error)| EndpointInput {
+        .zip(&silent)
+        .map(|(((h, info), error), silent)| EndpointInput {
             status: h.state.status,
             last_error: error.as_deref(),
             drained: drained.contains(&info.region),
@@ -888,6 +1010,7 @@ fn build(
                 })
                 .unwrap_or(1.0),
             latency_ms: h.completion_ms.or(h.latency_ms),
+            silent: silent.as_deref(),
         })
         .collect();
     let mut services = Vec::with_capacity(config.services.len());
@@ -909,7 +1032,8 @@ fn build(
         .iter()
         .zip(&loaded.info)
         .zip(errors)
-        .map(|((h, info), last_error)| EndpointView {
+        .zip(silent)
+        .map(|(((h, info), last_error), silent)| EndpointView {
             region: info.region.clone(),
             target: info.target.clone(),
             probe: info.probe.clone(),
@@ -919,6 +1043,7 @@ fn build(
             cooling: h.cooling_until.is_some_and(|u| u > now),
             latency_ms: h.completion_ms.or(h.latency_ms),
             last_error,
+            silent,
             since_unix_s: h
                 .since
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -1040,14 +1165,16 @@ tiers = [["primary"], ["secondary"]]
             "failback after {back:?}"
         );
 
-        // Hung: each probe takes the whole 800ms timeout, two are needed.
+        // Hung: each probe takes the whole 800ms timeout, two are needed,
+        // and the second starts an interval after the first timed out.
         tokio::time::sleep(Duration::from_millis(321)).await;
         let hung = Instant::now();
         primary.set(Scripted::HANG);
         let moved = until(&snapshot, "192.0.2.2").await - hung;
         assert!(
-            moved >= Duration::from_millis(1600) && moved <= Duration::from_millis(2150),
-            "hung failover after {moved:?}, expected 2 timeouts plus at most one interval"
+            moved >= Duration::from_millis(800 + 450 + 800)
+                && moved <= Duration::from_millis(550 + 800 + 550 + 800),
+            "hung failover after {moved:?}, expected 2 timeouts and one to two intervals"
         );
         assert_eq!(
             snapshot.load().endpoints[0].last_error.as_deref(),
@@ -1108,14 +1235,187 @@ tiers = [["primary"], ["secondary"]]
     async fn unknown_endpoints_are_never_fit() {
         let (publisher, snapshot, first) =
             Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
-        // Before any probe: every endpoint unknown, the all-down rule applies.
+        // Before any probe: every endpoint unknown. Not fail-open (that
+        // would answer endpoints nobody has probed): SERVFAIL.
         assert_eq!(snapshot.load().generation, 1);
         assert_eq!(
             snapshot.load().service_views[0].decision,
-            Decision::FailOpen
+            Decision::Unprobed
         );
+        assert!(snapshot.load().services[0].classes[0].servfail);
+        assert!(snapshot.load().service_views[0].answer.is_empty());
         assert!(!*first.borrow());
         drop(publisher);
+    }
+
+    /// Fail-open answers endpoints known to be down, never unprobed ones.
+    #[tokio::test(start_paused = true)]
+    async fn fail_open_waits_until_every_endpoint_is_known_down() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        let view = |s: &ArcSwap<Snapshot>| {
+            let snap = s.load();
+            (
+                snap.service_views[0].decision.clone(),
+                snap.service_views[0].answer.clone(),
+                snap.services[0].classes[0].servfail,
+            )
+        };
+        // The primary is known down; the secondary has no result yet.
+        publisher.apply(report(0, false));
+        publisher.publish();
+        assert_eq!(view(&snapshot), (Decision::Unprobed, vec![], true));
+        // Both known down: now fail-open answers the first tier.
+        publisher.apply(report(1, false));
+        publisher.publish();
+        assert_eq!(
+            view(&snapshot),
+            (Decision::FailOpen, vec!["192.0.2.1".to_string()], false)
+        );
+        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        assert!(explain.contains("fail-open"), "{explain}");
+    }
+
+    /// A probe layer whose probe never reports (its task stuck from the
+    /// start) is given up on at its silence limit: then fail-open may answer it.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_never_heard_from_stops_holding_fail_open() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        publisher.apply(report(0, false));
+        publisher.publish();
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::Unprobed
+        );
+        // Defaults: 3 x 500 ms + 800 ms.
+        tokio::time::advance(Duration::from_millis(2300)).await;
+        publisher.publish();
+        let snap = snapshot.load();
+        assert_eq!(snap.service_views[0].decision, Decision::FailOpen);
+        assert_eq!(
+            snap.endpoints[1].silent.as_deref(),
+            Some("no alive probe result for over 2.3 s")
+        );
+    }
+
+    #[test]
+    fn status_names_the_real_strategy() {
+        let (_, snapshot) = fleet();
+        let strategies: Vec<&str> = snapshot
+            .load()
+            .service_views
+            .iter()
+            .map(|v| v.strategy)
+            .collect();
+        assert_eq!(strategies, ["cost", "capacity"]);
+        let (_, main, _) = Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        assert_eq!(main.load().service_views[0].strategy, "failover");
+    }
+
+    /// A backend that hung and wakes up (SIGSTOP, SIGCONT) answers the probe
+    /// it held at once. `rise 2` must still take a second success an
+    /// interval later, not a back-to-back probe in the same instant.
+    #[tokio::test(start_paused = true)]
+    async fn a_hang_that_clears_needs_rise_successes_spaced_by_the_interval() {
+        let (publisher, snapshot, mut first) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        // The primary's reports pass through here, so the test knows when
+        // each one arrived.
+        let (relay_tx, mut relay_rx) = mpsc::channel::<ProbeReport>(64);
+        let (seen_tx, mut seen) = mpsc::unbounded_channel::<(Instant, bool)>();
+        {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(report) = relay_rx.recv().await {
+                    let _ = seen_tx.send((Instant::now(), report.outcome.result.is_ok()));
+                    if tx.send(Msg::Probe(report)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let primary = Scripted::new(Scripted::OK);
+        tokio::spawn(probe_loop(
+            0,
+            primary.clone(),
+            schedule,
+            relay_tx,
+            cancel.clone(),
+        ));
+        tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            schedule,
+            tx,
+            cancel.clone(),
+        ));
+        first.wait_for(|done| *done).await.unwrap();
+        primary.set(Scripted::HANG);
+        until(&snapshot, "192.0.2.2").await;
+        // The next timeout report from now on.
+        while seen.try_recv().is_ok() {}
+        let timed_out = loop {
+            let (at, ok) = seen.recv().await.unwrap();
+            if !ok {
+                break at;
+            }
+        };
+        // 700 ms after it (longer than an interval), the backend wakes up.
+        tokio::time::sleep_until(timed_out + Duration::from_millis(700)).await;
+        primary.set(Scripted::OK);
+        let cleared = Instant::now();
+        let back = until(&snapshot, "192.0.2.1").await;
+        assert!(
+            back - cleared >= Duration::from_millis(450),
+            "up {:?} after the hang cleared: the second success did not wait an interval",
+            back - cleared
+        );
+        assert!(
+            back - cleared <= Duration::from_millis(550 + 10),
+            "up {:?} after the hang cleared",
+            back - cleared
+        );
+        cancel.cancel();
+    }
+
+    /// A probe task that dies (here: panics) sends no more results; its
+    /// endpoint must not keep its last state (up) forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_layer_that_stops_reporting_makes_the_endpoint_unfit() {
+        let (snapshot, primary, cancel) = started(MAIN).await;
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        primary.set(Scripted::PANIC);
+        let stopped = Instant::now();
+        // Its last result came at most one interval (+10%) before; the
+        // limit is 3 x 500 ms + 800 ms after it.
+        tokio::time::sleep_until(stopped + Duration::from_millis(2300 - 550 - 10)).await;
+        assert_eq!(answer(&snapshot), ["192.0.2.1"], "not before the limit");
+        tokio::time::sleep_until(stopped + Duration::from_millis(2300 + 10)).await;
+        let snap = snapshot.load();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"], "failed over at the limit");
+        assert_eq!(snap.service_views[0].decision, Decision::Tier { tier: 1 });
+        let primary = &snap.endpoints[0];
+        assert_eq!(primary.status, Status::Up, "its last result was a success");
+        assert_eq!(
+            primary.silent.as_deref(),
+            Some("no alive probe result for over 2.3 s")
+        );
+        let explain = snap.services[0].classes[0].explain.join("\n");
+        assert!(
+            explain.contains(
+                "endpoint 192.0.2.1: up -> removed at eligible: no alive probe result for over 2.3 s"
+            ),
+            "{explain}"
+        );
+        cancel.cancel();
     }
 
     const POOL: &str = r#"

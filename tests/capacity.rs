@@ -210,6 +210,25 @@ async fn pushes_are_authenticated_validated_and_all_or_nothing() {
             "{body}: nothing partly applied"
         );
     }
+    // Every pushed value is bounded; the JSON error names the field.
+    for (body, field) in [
+        (r#"{"gpus_total": 18446744073709551615}"#, "gpus_total"),
+        (
+            r#"{"utilization": 0.2, "queue_depth": 1e12}"#,
+            "queue_depth",
+        ),
+        (r#"{"kv_cache": -0.1}"#, "kv_cache"),
+    ] {
+        let (code, reply) = http("POST", &url, Some(TOKEN), Some(body.into())).await;
+        assert_eq!(code, 400, "{body}: {reply}");
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(reply["field"], field, "{body}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(field),
+            "{body}: {reply}"
+        );
+        assert_eq!(f.utilization("b").await, None, "{body}: nothing applied");
+    }
     let (code, reply) = http(
         "POST",
         &f.url("/v1/regions/mars/capacity"),
@@ -260,5 +279,46 @@ async fn sticky_services_keep_a_subnet_on_the_same_endpoint() {
         seen.len(),
         2,
         "different subnets land on both regions: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn status_names_the_strategy_of_each_service() {
+    let f = fleet(
+        r#"
+[regions.cheap]
+endpoints = [{ address = "127.0.0.93", port = 9 }]
+capacity = { cost = 1.0 }
+
+[services.batch]
+tiers = [["cheap"]]
+strategy = "cost"
+
+[services.chat]
+tiers = [["a"], ["b"]]
+"#,
+    )
+    .await;
+    let (code, body) = http("GET", &f.url("/v1/status"), None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let strategies: Vec<(String, String)> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["strategy"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        strategies,
+        [
+            ("batch".to_string(), "cost".to_string()),
+            ("chat".to_string(), "failover".to_string()),
+            ("fleet".to_string(), "capacity".to_string()),
+        ]
     );
 }

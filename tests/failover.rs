@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{FAST_PROBE, Server, base_config};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use inferdns::demo::client::answer_strings;
 use inferdns::demo::{Fault, MODEL, SimRegion};
@@ -105,6 +106,45 @@ async fn the_first_answer_already_reflects_the_probes() {
             "dead primary ({fault:?}) never answered as alive"
         );
     }
+}
+
+/// With no startup grace, DNS is served before the first probe result: an
+/// endpoint nobody has probed yet is never answered (not even by
+/// fail-open); SERVFAIL sends the resolver to another edge. Once the probe
+/// has timed out it is known down, and fail-open may answer it.
+#[tokio::test]
+async fn an_unprobed_endpoint_is_never_answered_even_by_fail_open() {
+    let hung = SimRegion::start("127.0.0.36:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    hung.set_fault(Fault::Hung);
+    let extra = format!(
+        r#"
+[regions.r]
+endpoints = [{{ address = "127.0.0.36", port = {} }}]
+probe = {{ path = "/health", interval = "1s", timeout = "5s", rise = 2, fall = 2 }}
+
+[services.chat]
+tiers = [["r"]]
+when-all-down = "fail-open"
+"#,
+        hung.addr().port()
+    );
+    let main = base_config(&extra).replace("startup-grace = \"3s\"", "startup-grace = \"0s\"");
+    let server = Server::start(&main).await;
+    // The first probe takes its whole 5 s timeout.
+    let m = server.udp(CHAT, RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(answer_strings(&m).is_empty());
+    let url = format!("http://{}/v1/status", server.running.admin);
+    let status: serde_json::Value = serde_json::from_str(&common::http_get(&url).await.1).unwrap();
+    assert_eq!(status["services"][0]["decision"]["state"], "unprobed");
+    assert_eq!(status["endpoints"][0]["status"], "unknown");
+    // Known down after its timeout: fail-open answers it.
+    server.wait_answer(CHAT, &["127.0.0.36"], LIMIT).await;
+    let status: serde_json::Value = serde_json::from_str(&common::http_get(&url).await.1).unwrap();
+    assert_eq!(status["services"][0]["decision"]["state"], "fail-open");
+    assert_eq!(status["endpoints"][0]["status"], "down");
 }
 
 #[tokio::test]

@@ -221,10 +221,11 @@ async fn hung_and_slow_drip_backends_time_out_without_delaying_the_others() {
     s.server
         .wait_answer("llama.inference.example.com.", &["127.0.0.81"], LIMIT)
         .await;
-    let probes_of_b = |metrics: &str| -> f64 {
+    let count = |metrics: &str, region: &str, result: &str| -> f64 {
+        let series = format!("inferdns_probes_total{{region=\"{region}\",result=\"{result}\"}}");
         metrics
             .lines()
-            .find(|l| l.starts_with("inferdns_probes_total{region=\"b\",result=\"ok\"}"))
+            .find(|l| l.starts_with(&series))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     };
@@ -234,14 +235,28 @@ async fn hung_and_slow_drip_backends_time_out_without_delaying_the_others() {
         s.server
             .wait_answer("llama.inference.example.com.", &["127.0.0.82"], LIMIT)
             .await;
-        let before = probes_of_b(&http("GET", &metrics_url, None, None).await.1);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let after = probes_of_b(&http("GET", &metrics_url, None, None).await.1);
-        // b's two probes every ~100 ms keep going while a's time out.
+        // Counted, not timed: while a's probes time out four more times,
+        // b's probes (every ~100 ms, a's every 300 ms timeout + 100 ms) must
+        // finish more often than that. Were b's probes held up behind a's,
+        // b could not finish more probes than a times out.
+        let metrics = http("GET", &metrics_url, None, None).await.1;
+        let (a_before, b_before) = (count(&metrics, "a", "timeout"), count(&metrics, "b", "ok"));
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let (a_timeouts, b_ok) = loop {
+            let metrics = http("GET", &metrics_url, None, None).await.1;
+            let a = count(&metrics, "a", "timeout") - a_before;
+            if a >= 4.0 {
+                break (a, count(&metrics, "b", "ok") - b_before);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{fault:?}: a's probes stopped timing out"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert!(
-            after - before >= 10.0,
-            "{fault:?}: b probed {} times in 1 s",
-            after - before
+            b_ok > a_timeouts,
+            "{fault:?}: b finished {b_ok} probes while a timed out {a_timeouts} times"
         );
         let a = endpoint(&status(&s.server).await, "127.0.0.81");
         assert!(

@@ -60,9 +60,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/explain", get(explain::explain))
+        .route("/v1/log-level", get(current_log_level))
         .merge(mutating)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -119,7 +121,8 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     // Regions in config order, with their endpoint counts.
     let mut regions: Vec<serde_json::Value> = Vec::new();
     for e in &snap.endpoints {
-        let up = u64::from(e.status == crate::health::Status::Up);
+        // A silent probe layer makes an endpoint unfit whatever its last status.
+        let up = u64::from(e.status == crate::health::Status::Up && e.silent.is_none());
         match regions.iter_mut().find(|r| r["id"] == e.region.as_str()) {
             Some(r) => {
                 r["endpoints"] = json!(r["endpoints"].as_u64().unwrap_or(0) + 1);
@@ -205,8 +208,12 @@ async fn push_capacity(
             );
         }
     };
-    if let Err(reason) = report.validate() {
-        return error(StatusCode::BAD_REQUEST, reason);
+    if let Err(refused) = report.validate() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": refused.reason, "field": refused.field })),
+        )
+            .into_response();
     }
     let (done, result) = oneshot::channel();
     let msg = Msg::Capacity {
@@ -238,12 +245,67 @@ async fn reload(State(state): State<AdminState>) -> Response {
     }
 }
 
-/// Body: a tracing filter such as `debug` or `info,inferdns=debug`.
+/// Body: a tracing filter such as `debug` or `info,inferdns=debug`, where
+/// every directive names a level. A refused filter leaves the old one.
 async fn log_level(body: String) -> Response {
     match crate::log::set_filter(body.trim()) {
         Ok(()) => Json(json!({ "filter": body.trim() })).into_response(),
-        Err(reason) => error(StatusCode::BAD_REQUEST, reason),
+        Err(e @ crate::log::FilterError::Invalid(_)) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e @ crate::log::FilterError::NotInitialised) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     }
+}
+
+/// The log filter in force.
+async fn current_log_level() -> Response {
+    match crate::log::current_filter() {
+        Some(filter) => Json(json!({ "filter": filter })).into_response(),
+        None => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::log::FilterError::NotInitialised.to_string(),
+        ),
+    }
+}
+
+/// Every client error is JSON with a reason, including those axum answers
+/// itself (405 wrong method, 400 bad query string, 413 body too large,
+/// 415, 422): their plain-text body becomes the reason.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let allow = parts.headers.get(header::ALLOW).cloned();
+    let reason = if status == StatusCode::METHOD_NOT_ALLOWED {
+        format!("method {method} is not allowed on {path}")
+    } else if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("client error")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut out = error(status, reason);
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
 }
 
 /// Serves the admin API on `listener` until `cancel` fires.

@@ -382,53 +382,71 @@ vllm:num_requests_running{engine="0",model_name="llama"} 10
     }
 }
 
+/// The largest GPU count a pushed report may give for one region (the
+/// largest clusters today hold a few hundred thousand).
+pub const MAX_PUSHED_GPUS: f64 = 1_000_000.0;
+/// The largest queue depth a pushed report may give for one region.
+pub const MAX_PUSHED_QUEUE: f64 = 1_000_000.0;
+
 /// A capacity report pushed by a region over the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushReport {
+    /// 0..=[`MAX_PUSHED_GPUS`]
     pub gpus_total: Option<f64>,
+    /// 0..=`gpus_total`
     pub gpus_free: Option<f64>,
-    /// 0..1
+    /// 0..=1
     pub utilization: Option<f64>,
+    /// 0..=[`MAX_PUSHED_QUEUE`]
     pub queue_depth: Option<f64>,
-    /// 0..1
+    /// 0..=1
     pub kv_cache: Option<f64>,
 }
 
+/// Why a pushed report was refused, and the field at fault (if one is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushError {
+    pub field: Option<&'static str>,
+    pub reason: String,
+}
+
 impl PushReport {
-    /// Nonsense is refused whole, with the reason.
-    pub fn validate(&self) -> Result<(), String> {
-        let ratio = |v: Option<f64>, what: &str| match v {
-            Some(x) if !(x.is_finite() && (0.0..=1.0).contains(&x)) => {
-                Err(format!("{what} must be between 0 and 1, got {x}"))
-            }
+    /// Nonsense is refused whole, naming the field: every value must be a
+    /// finite number within its documented bounds.
+    pub fn validate(&self) -> Result<(), PushError> {
+        let within = |v: Option<f64>, field: &'static str, max: f64| match v {
+            Some(x) if !(x.is_finite() && (0.0..=max).contains(&x)) => Err(PushError {
+                field: Some(field),
+                reason: format!("{field} must be between 0 and {max}, got {x}"),
+            }),
             _ => Ok(()),
         };
-        let count = |v: Option<f64>, what: &str| match v {
-            Some(x) if !(x.is_finite() && x >= 0.0) => {
-                Err(format!("{what} must be zero or more, got {x}"))
-            }
-            _ => Ok(()),
-        };
-        ratio(self.utilization, "utilization")?;
-        ratio(self.kv_cache, "kv_cache")?;
-        count(self.queue_depth, "queue_depth")?;
-        count(self.gpus_total, "gpus_total")?;
-        count(self.gpus_free, "gpus_free")?;
+        within(self.utilization, "utilization", 1.0)?;
+        within(self.kv_cache, "kv_cache", 1.0)?;
+        within(self.queue_depth, "queue_depth", MAX_PUSHED_QUEUE)?;
+        within(self.gpus_total, "gpus_total", MAX_PUSHED_GPUS)?;
+        within(self.gpus_free, "gpus_free", MAX_PUSHED_GPUS)?;
         if let (Some(total), Some(free)) = (self.gpus_total, self.gpus_free)
             && free > total
         {
-            return Err(format!(
-                "gpus_free ({free}) is more than gpus_total ({total})"
-            ));
+            return Err(PushError {
+                field: Some("gpus_free"),
+                reason: format!("gpus_free ({free}) is more than gpus_total ({total})"),
+            });
         }
         if self.gpus_free.is_some() && self.gpus_total.is_none() {
-            return Err("gpus_free needs gpus_total".into());
+            return Err(PushError {
+                field: Some("gpus_free"),
+                reason: "gpus_free needs gpus_total".into(),
+            });
         }
         if *self == PushReport::default() {
-            return Err(
-                "the report says nothing: give utilization, kv_cache, queue_depth or gpus".into(),
-            );
+            return Err(PushError {
+                field: None,
+                reason: "the report says nothing: give utilization, kv_cache, queue_depth or gpus"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -519,14 +537,15 @@ mod pick_tests {
             .validate()
             .is_ok()
         );
-        assert!(
+        assert_eq!(
             PushReport {
                 utilization: Some(1.3),
                 ..PushReport::default()
             }
             .validate()
             .unwrap_err()
-            .contains("utilization")
+            .field,
+            Some("utilization")
         );
         assert!(
             PushReport {
@@ -553,6 +572,7 @@ mod pick_tests {
             too_free
                 .validate()
                 .unwrap_err()
+                .reason
                 .contains("more than gpus_total")
         );
         assert!(PushReport::default().validate().is_err());
@@ -562,5 +582,49 @@ mod pick_tests {
             ..PushReport::default()
         };
         assert_eq!(gpus.load().utilization, Some(0.75));
+    }
+
+    #[test]
+    fn pushed_values_are_bounded() {
+        // 2^64 - 1 GPUs, as a JSON number: parses, and is refused.
+        let huge: PushReport =
+            serde_json::from_str(r#"{"gpus_total": 18446744073709551615}"#).unwrap();
+        assert_eq!(huge.validate().unwrap_err().field, Some("gpus_total"));
+        let at_max = PushReport {
+            gpus_total: Some(MAX_PUSHED_GPUS),
+            gpus_free: Some(0.0),
+            ..PushReport::default()
+        };
+        assert!(at_max.validate().is_ok());
+        let over = |report: PushReport| report.validate().unwrap_err().field;
+        assert_eq!(
+            over(PushReport {
+                gpus_total: Some(MAX_PUSHED_GPUS + 1.0),
+                ..PushReport::default()
+            }),
+            Some("gpus_total")
+        );
+        assert_eq!(
+            over(PushReport {
+                queue_depth: Some(MAX_PUSHED_QUEUE * 2.0),
+                ..PushReport::default()
+            }),
+            Some("queue_depth")
+        );
+        assert_eq!(
+            over(PushReport {
+                kv_cache: Some(f64::INFINITY),
+                ..PushReport::default()
+            }),
+            Some("kv_cache")
+        );
+        assert_eq!(
+            over(PushReport {
+                gpus_free: Some(-1.0),
+                gpus_total: Some(4.0),
+                ..PushReport::default()
+            }),
+            Some("gpus_free")
+        );
     }
 }

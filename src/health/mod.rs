@@ -9,6 +9,7 @@ pub mod probe;
 pub mod state;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::AppError;
+use crate::metrics::Metrics;
 pub use probe::{Layer, Payload, Probe, ProbeError, ProbeOutcome};
 pub use state::{HealthState, Status};
 
@@ -36,6 +38,15 @@ pub struct Schedule {
     pub timeout: Duration,
 }
 
+/// How long a probe layer may go without a result before its endpoint
+/// counts as unfit: three intervals plus the timeout. A healthy layer
+/// reports at least every timeout + 1.1 x interval (the next probe starts
+/// an interval, with jitter, after the previous one ended), so only a dead
+/// or stuck probe task (or one starved of probe slots) reaches it.
+pub fn silence_limit(interval: Duration, timeout: Duration) -> Duration {
+    interval * 3 + timeout
+}
+
 /// Up to 10% either way, so endpoints probed at the same interval drift
 /// apart instead of probing in lock-step.
 pub fn jittered(interval: Duration) -> Duration {
@@ -43,9 +54,13 @@ pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(factor)
 }
 
-/// Probes one endpoint until `cancel` fires. The first probe runs at once;
-/// each next one starts an interval (with jitter) after the previous one
-/// started, or at once when the previous one took longer than that.
+/// Probes one layer of one endpoint until `cancel` fires. The first probe
+/// runs at once; each next one starts an interval (with jitter) after the
+/// previous one *finished* (answered, failed or timed out), as HAProxy and
+/// gdnsd schedule checks. Probes of one layer therefore never overlap or
+/// run back to back: a hung probe counts as exactly one failure, and when a
+/// hang clears, `rise` successes are spaced by the interval (sustained
+/// health), not answered together by a backend that wakes up.
 pub async fn probe_loop<P, M>(
     endpoint: u64,
     probe: P,
@@ -62,7 +77,6 @@ pub async fn probe_loop<P, M>(
             () = cancel.cancelled() => return,
             () = sleep_until(next) => {}
         }
-        let started = Instant::now();
         let outcome = tokio::select! {
             () = cancel.cancelled() => return,
             outcome = probe::run_once(&probe, schedule.timeout) => outcome,
@@ -76,7 +90,7 @@ pub async fn probe_loop<P, M>(
         if tx.send(report.into()).await.is_err() {
             return;
         }
-        next = started + jittered(schedule.interval);
+        next = Instant::now() + jittered(schedule.interval);
     }
 }
 
@@ -95,15 +109,17 @@ pub struct ProbeSet {
     running: HashMap<EndpointKey, (u64, CancellationToken)>,
     next_id: u64,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 impl ProbeSet {
-    /// Probe tasks are children of `cancel`.
-    pub fn new(cancel: CancellationToken) -> Self {
+    /// Probe tasks are children of `cancel`; their deaths are counted in `metrics`.
+    pub fn new(cancel: CancellationToken, metrics: Arc<Metrics>) -> Self {
         Self {
             running: HashMap::new(),
             next_id: 1,
             cancel,
+            metrics,
         }
     }
 
@@ -150,12 +166,36 @@ impl ProbeSet {
             // One loop per layer, each on its own schedule.
             for (probe, interval, timeout) in probes {
                 let schedule = Schedule { interval, timeout };
-                tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+                let layer = probe.layer();
+                let task = tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+                let endpoint = format!("{} in region {}", key.target, key.region);
+                tokio::spawn(watch_probe(task, endpoint, layer, self.metrics.clone()));
             }
             keep.insert(key, (id, token));
         }
         self.running = keep;
         Ok(ids)
+    }
+}
+
+/// Notices the death of a probe task. A probe loop ends on its own only by
+/// panicking (in debug builds; release builds abort): that is logged and
+/// counted, and the publisher's silence limit takes the endpoint out of
+/// answers instead of keeping its last state.
+async fn watch_probe(
+    task: tokio::task::JoinHandle<()>,
+    endpoint: String,
+    layer: Layer,
+    metrics: Arc<Metrics>,
+) {
+    if let Err(e) = task.await
+        && e.is_panic()
+    {
+        metrics.task_failures.with_label_values(&["probe"]).inc();
+        tracing::error!(
+            endpoint = %endpoint, layer = ?layer,
+            "Probe task panicked; the endpoint is unfit until the daemon is restarted."
+        );
     }
 }
 
@@ -166,24 +206,33 @@ pub(crate) mod testing {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    use tokio::sync::Notify;
+
     use super::{Probe, ProbeError};
 
+    /// The backend's mode, and a wake-up for requests it holds while hung.
     #[derive(Clone, Default)]
-    pub struct Scripted(Arc<AtomicU32>);
+    pub struct Scripted(Arc<(AtomicU32, Notify)>);
 
     impl Scripted {
         pub const OK: u32 = 0;
         pub const REFUSE: u32 = 1;
+        /// Holds every request until the mode changes, then answers it in
+        /// the new mode: a stopped process that is continued (SIGSTOP,
+        /// SIGCONT) answers the requests it queued all at once.
         pub const HANG: u32 = 2;
         /// 429 with Retry-After: 2.
         pub const RATE_LIMITED: u32 = 3;
+        /// The probe task panics (a bug in a probe).
+        pub const PANIC: u32 = 4;
 
         pub fn new(mode: u32) -> Self {
-            Self(Arc::new(AtomicU32::new(mode)))
+            Self(Arc::new((AtomicU32::new(mode), Notify::new())))
         }
 
         pub fn set(&self, mode: u32) {
-            self.0.store(mode, Ordering::SeqCst);
+            self.0.0.store(mode, Ordering::SeqCst);
+            self.0.1.notify_waiters();
         }
     }
 
@@ -193,13 +242,19 @@ pub(crate) mod testing {
         }
 
         async fn check(&self) -> Result<super::Payload, ProbeError> {
-            match self.0.load(Ordering::SeqCst) {
-                Self::OK => Ok(super::Payload::Alive),
-                Self::REFUSE => Err(ProbeError::Refused),
-                Self::RATE_LIMITED => Err(ProbeError::RateLimited {
-                    retry_after_s: Some(2),
-                }),
-                _ => std::future::pending().await,
+            loop {
+                let released = self.0.1.notified();
+                match self.0.0.load(Ordering::SeqCst) {
+                    Self::OK => return Ok(super::Payload::Alive),
+                    Self::REFUSE => return Err(ProbeError::Refused),
+                    Self::RATE_LIMITED => {
+                        return Err(ProbeError::RateLimited {
+                            retry_after_s: Some(2),
+                        });
+                    }
+                    Self::PANIC => panic!("scripted probe panics"),
+                    _ => released.await,
+                }
             }
         }
     }
@@ -263,20 +318,102 @@ mod tests {
             }
         }
         cancel.cancel();
-        // The hung probe takes longer than the interval, so probes run back to back.
-        assert_eq!(
-            hung_reports,
-            vec![
-                Duration::from_millis(800),
-                Duration::from_millis(1600),
-                Duration::from_millis(2400)
-            ]
-        );
+        // Each hung probe times out on its own; the next one starts an
+        // interval (± 10%) after it, never back to back.
+        assert_eq!(hung_reports[0], Duration::from_millis(800));
+        for pair in hung_reports.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(800 + 450) && gap <= Duration::from_millis(800 + 550),
+                "gap {gap:?}: timeout plus one interval"
+            );
+        }
         // Meanwhile the healthy endpoint kept its own schedule (~every 500 ms).
         assert!(
             fine_reports >= 5,
             "only {fine_reports} probes of the healthy endpoint"
         );
+    }
+
+    /// A backend that hangs and then wakes up answers the probe it held at
+    /// once; the next success must still wait an interval, so `rise 2`
+    /// means two successes spaced by the interval, not two at one instant.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_hang_clears_successes_are_spaced_by_the_interval() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let cancel = CancellationToken::new();
+        let backend = Scripted::new(Scripted::HANG);
+        tokio::spawn(probe_loop(
+            0,
+            backend.clone(),
+            schedule(),
+            tx,
+            cancel.clone(),
+        ));
+        for _ in 0..2 {
+            let report = rx.recv().await.unwrap();
+            assert_eq!(report.outcome.result, Err(ProbeError::Timeout));
+        }
+        let timed_out = Instant::now();
+        // 700 ms after a timeout: more than an interval since it ended.
+        tokio::time::sleep_until(timed_out + Duration::from_millis(700)).await;
+        backend.set(Scripted::OK);
+        let cleared = Instant::now();
+        let mut successes = Vec::new();
+        while successes.len() < 3 {
+            let report = rx.recv().await.unwrap();
+            assert_eq!(report.outcome.result, Ok(Payload::Alive));
+            successes.push(Instant::now());
+        }
+        cancel.cancel();
+        assert_eq!(successes[0], cleared, "the held probe is answered at once");
+        for pair in successes.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(450),
+                "successes {gap:?} apart: probes ran back to back"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_task_that_dies_is_noticed_and_a_stopped_one_is_not() {
+        let metrics = Metrics::new();
+        let (tx, _rx) = mpsc::channel::<ProbeReport>(4);
+        let cancel = CancellationToken::new();
+        let dying = tokio::spawn(probe_loop(
+            0,
+            Scripted::new(Scripted::PANIC),
+            schedule(),
+            tx.clone(),
+            cancel.clone(),
+        ));
+        watch_probe(
+            dying,
+            "192.0.2.1 in region a".into(),
+            Layer::Alive,
+            metrics.clone(),
+        )
+        .await;
+        let failures = || metrics.task_failures.with_label_values(&["probe"]).get();
+        assert_eq!(failures(), 1);
+        // Stopped by its token (endpoint removed, shutdown): not a failure.
+        let stopped = tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            schedule(),
+            tx,
+            cancel.clone(),
+        ));
+        cancel.cancel();
+        watch_probe(
+            stopped,
+            "192.0.2.2 in region a".into(),
+            Layer::Alive,
+            metrics.clone(),
+        )
+        .await;
+        assert_eq!(failures(), 1);
     }
 
     #[tokio::test(start_paused = true)]

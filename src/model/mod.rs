@@ -74,6 +74,9 @@ pub struct EndpointView {
     /// Smoothed completion time, else probe time, in ms.
     pub latency_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// Why the last status is not trusted: a probe layer sent no result for
+    /// longer than 3 x interval + timeout (the endpoint is unfit meanwhile).
+    pub silent: Option<String>,
     /// When the status last changed (seconds since the Unix epoch).
     pub since_unix_s: Option<u64>,
 }

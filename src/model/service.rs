@@ -36,9 +36,18 @@ pub struct EndpointInput<'a> {
     pub slow_start: f64,
     /// Smoothed completion time, else probe time, in ms.
     pub latency_ms: Option<f64>,
+    /// A probe layer has sent no result for longer than its silence limit
+    /// (its task is dead or stuck): why the last state is not trusted.
+    pub silent: Option<&'a str>,
 }
 
 impl EndpointInput<'_> {
+    /// Not probed yet, and still within its first probes' time: nothing is
+    /// known about it, so it is neither answered nor failed open to.
+    fn unprobed(&self) -> bool {
+        self.status == Status::Unknown && self.silent.is_none()
+    }
+
     fn fit(&self, model: Option<&str>) -> bool {
         self.removed_by(model).is_none()
     }
@@ -47,6 +56,9 @@ impl EndpointInput<'_> {
     fn removed_by(&self, model: Option<&str>) -> Option<String> {
         if self.drained {
             return Some("drained by an operator".into());
+        }
+        if let Some(why) = self.silent {
+            return Some(why.to_string());
         }
         match self.status {
             Status::Up => {}
@@ -152,6 +164,10 @@ pub enum Decision {
     NoData,
     /// Nothing is fit; answering SERVFAIL.
     ServFail,
+    /// Nothing is fit because endpoints have no probe result yet (just
+    /// started or added): SERVFAIL, so the resolver asks another edge.
+    /// Fail-open applies only to endpoints known to be down.
+    Unprobed,
     /// Nothing these clients may be sent to is fit: NODATA, never elsewhere.
     ResidencyNoData,
     /// No region can serve this service's model: CNAME to the fallback.
@@ -357,10 +373,11 @@ pub fn service_answer(
     let view = ServiceView {
         id: s.id.clone(),
         name: s.name.to_string(),
-        strategy: if proximity.is_some() {
-            "proximity"
-        } else {
-            "failover"
+        strategy: match s.strategy {
+            Strategy::Failover => "failover",
+            Strategy::Proximity { .. } => "proximity",
+            Strategy::Capacity => "capacity",
+            Strategy::Cost { .. } => "cost",
         },
         decision: shown.decision.clone(),
         answer: shown.answer.clone(),
@@ -474,6 +491,14 @@ fn class_answer(
         Some(d) => d,
         // Residency always wins over fail-open: never outside the allowed set.
         None if restricted => Decision::ResidencyNoData,
+        // Not known to be down, only not probed yet: no answer from ignorance.
+        None if s
+            .tiers
+            .iter()
+            .any(|tier| !pick(tier, &|i| !i.drained && i.unprobed()).is_empty()) =>
+        {
+            Decision::Unprobed
+        }
         // Model fallback: the other service's name, answered in the same response.
         None if fallback.is_some() => Decision::Fallback {
             service: fallback.map(|f| f.id.clone()).unwrap_or_default(),
@@ -495,7 +520,7 @@ fn class_answer(
     };
 
     let mut answer = ClassAnswer {
-        servfail: decision == Decision::ServFail,
+        servfail: matches!(decision, Decision::ServFail | Decision::Unprobed),
         refused: decision == Decision::ResidencyNoData,
         ..ClassAnswer::default()
     };
@@ -781,6 +806,9 @@ fn class_answer(
         Decision::FailOpen => format!("decision: nothing fit, fail-open -> {}", shown.join(" ")),
         Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
         Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
+        Decision::Unprobed => {
+            "decision: nothing fit, endpoints not probed yet -> SERVFAIL".to_string()
+        }
         Decision::ResidencyNoData => {
             "decision: nothing these clients may use is fit -> NODATA (residency)".to_string()
         }
