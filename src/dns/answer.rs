@@ -482,7 +482,15 @@ fn service_records<'a>(
             RecordType::ANY => (&drawn.aaaa, &drawn.aaaa_counters),
             _ => return None,
         };
+        // A sticky draw depends on the client's subnet (when there are more
+        // endpoints than it answers): ECS scope is the width of the key. A
+        // random draw does not depend on the client and adds no scope.
         let key = if drawn.sticky {
+            if entries.len() > drawn.records
+                && let Some(width) = sticky_scope(client)
+            {
+                out.scope = Some(out.scope.map_or(width, |s| s.max(width)));
+            }
             subnet_key(client)
         } else {
             rand::random()
@@ -528,6 +536,26 @@ fn service_records<'a>(
     None
 }
 
+/// Width of the sticky key: the /24 (IPv4) or /56 (IPv6) a client is in.
+const STICKY_V4: u8 = 24;
+const STICKY_V6: u8 = 56;
+
+/// ECS scope of a sticky draw: the width of its key, but no longer than the
+/// subnet asked about. The key is taken from the subnet as given (its bits
+/// beyond the prefix are zero), so the draw holds for the whole of a
+/// shorter subnet; RFC 7871 lets SCOPE exceed SOURCE, but a resolver caches
+/// such an answer for SOURCE anyway, and it would only ask resolvers to
+/// reveal longer prefixes. `None` without ECS (nothing is echoed).
+fn sticky_scope(client: &Client) -> Option<u8> {
+    let net = client.ecs?;
+    let width = if net.addr().is_ipv4() {
+        STICKY_V4
+    } else {
+        STICKY_V6
+    };
+    Some(width.min(net.prefix_len()))
+}
+
 /// The client's subnet (/24 or /56 of the ECS subnet, else of the resolver)
 /// as a key for sticky draws.
 fn subnet_key(client: &Client) -> u64 {
@@ -537,8 +565,8 @@ fn subnet_key(client: &Client) -> u64 {
         .or(client.addr)
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     match ip.to_canonical() {
-        IpAddr::V4(v4) => u64::from(u32::from(v4) & 0xffff_ff00),
-        IpAddr::V6(v6) => ((u128::from(v6) >> 72) as u64) | (1 << 63),
+        IpAddr::V4(v4) => u64::from(u32::from(v4) & (u32::MAX << (32 - STICKY_V4))),
+        IpAddr::V6(v6) => ((u128::from(v6) >> (128 - STICKY_V6)) as u64) | (1 << 63),
     }
 }
 
