@@ -1115,15 +1115,25 @@ async fn thousands_of_ecs_queries_never_leave_the_jurisdiction() {
                 "{asked}: scope {block} holds the override {o}"
             );
         }
-        if !by_override {
-            for n in &db {
-                assert!(
-                    Some(n.net) == deciding_net || !block.contains(&n.net),
-                    "{asked}: scope {block} holds the database network {}",
-                    n.net
-                );
-            }
-        }
+        let clear = |block: &ipnet::IpNet| {
+            overrides
+                .iter()
+                .all(|(o, _)| Some(*o) == deciding_net || !block.contains(o))
+                && (by_override
+                    || db
+                        .iter()
+                        .all(|n| Some(n.net) == deciding_net || !block.contains(&n.net)))
+        };
+        assert!(
+            clear(&block),
+            "{asked}: scope {block} holds another network"
+        );
+        // ... and no narrower than that: the widest such prefix, found by
+        // trying each one from the deciding network's down to the subnet's.
+        let widest = (deciding_net.map_or(0, |n| n.prefix_len())..=used.prefix_len())
+            .find(|&l| clear(&ipnet::IpNet::new(used.addr(), l).unwrap().trunc()))
+            .unwrap();
+        assert_eq!(scope, widest, "{asked}: the widest true scope");
     }
     eprintln!("residency: {seen:?}");
     assert!(
