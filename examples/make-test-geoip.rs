@@ -19,15 +19,21 @@ struct Source {
 struct Entry {
     network: ipnet::IpNet,
     country: Option<String>,
+    /// `is_in_european_union` of the `country` record.
+    country_in_eu: Option<bool>,
     registered_country: Option<String>,
+    /// `is_in_european_union` of the `registered_country` record.
+    registered_country_in_eu: Option<bool>,
     continent: Option<String>,
     lat: Option<f64>,
     lon: Option<f64>,
 }
 
 #[derive(Serialize)]
-struct IsoCode<'a> {
+struct Country<'a> {
     iso_code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_in_european_union: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -46,9 +52,9 @@ struct Location {
 #[derive(Serialize)]
 struct CityRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    country: Option<IsoCode<'a>>,
+    country: Option<Country<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    registered_country: Option<IsoCode<'a>>,
+    registered_country: Option<Country<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     continent: Option<ContinentCode<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,11 +70,14 @@ fn build(json: &str) -> Vec<u8> {
         .build();
     for e in &source.networks {
         let record = CityRecord {
-            country: e.country.as_deref().map(|c| IsoCode { iso_code: c }),
-            registered_country: e
-                .registered_country
-                .as_deref()
-                .map(|c| IsoCode { iso_code: c }),
+            country: e.country.as_deref().map(|c| Country {
+                iso_code: c,
+                is_in_european_union: e.country_in_eu,
+            }),
+            registered_country: e.registered_country.as_deref().map(|c| Country {
+                iso_code: c,
+                is_in_european_union: e.registered_country_in_eu,
+            }),
             continent: e.continent.as_deref().map(|c| ContinentCode { code: c }),
             location: e.lat.zip(e.lon).map(|(latitude, longitude)| Location {
                 latitude,

@@ -87,8 +87,12 @@ pub enum Allowed {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResidencyRule {
+    /// Country codes it names, directly or through a group (`eu` included).
     pub countries: Vec<crate::geo::Code>,
     pub continents: Vec<crate::geo::Code>,
+    /// It names the built-in group `eu`: it also holds clients the GeoIP
+    /// database flags `is_in_european_union`, whatever their code.
+    pub eu: bool,
     pub allow: Allowed,
     /// The clients as written, for explanations.
     pub label: String,

@@ -81,6 +81,8 @@ impl Checker {
         groups: &BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     ) -> HashMap<String, Vec<Code>> {
         let mut out = HashMap::new();
+        // The one list of codes (crate::geo::EU_EEA); a rule naming `eu` also
+        // holds clients the database flags (ResidencyRule::eu).
         out.insert(
             "eu".to_string(),
             EU_EEA.iter().filter_map(|c| code(c)).collect(),
@@ -421,8 +423,10 @@ impl Checker {
             let allow = self.allowed_list(src, &allow_list, &carried);
             let mut countries = Vec::new();
             let mut continents = Vec::new();
+            let mut eu = false;
             for client in &rule.clients {
                 let named = client.get_ref();
+                eu |= named == "eu";
                 let selectors: Vec<Selector> = if let Some(c) = named.strip_prefix("continent:") {
                     match continent(c) {
                         Some(c) => vec![Selector::Continent(c)],
@@ -481,6 +485,7 @@ impl Checker {
             rules.push(ResidencyRule {
                 countries,
                 continents,
+                eu,
                 allow,
                 label: label.join(","),
             });

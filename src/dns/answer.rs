@@ -10,7 +10,7 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::capacity::rendezvous_score;
-use crate::geo::{Code, code_str, distance_km, rtt_ms_for_km};
+use crate::geo::{Code, code_str, distance_km, in_eu_eea, rtt_ms_for_km};
 use crate::model::{Candidate, Node, RrSet, ServiceAnswer, Snapshot};
 
 /// The label that asks for an explanation: `_explain.<service>`.
@@ -300,7 +300,12 @@ pub struct Located {
     pub country: Option<Code>,
     pub continent: Option<Code>,
     pub coords: Option<(f64, f64)>,
-    /// The prefix of the network that decided (override or GeoIP network).
+    /// In the built-in group `eu`: the database flags the client
+    /// `is_in_european_union`, or its country is on the `EU_EEA` list (the
+    /// list alone for network overrides, which carry no flag).
+    pub eu: bool,
+    /// The prefix of the network the answer holds for: inside the network
+    /// that decided (override or GeoIP network), clear of any other override.
     pub scope: u8,
     pub from_ecs: bool,
     pub by: &'static str,
@@ -309,45 +314,36 @@ pub struct Located {
 /// Locates the client: the ECS subnet if any, else the resolver; network
 /// overrides first, then GeoIP.
 pub fn locate(snap: &Snapshot, client: &Client) -> Located {
-    let (ip, from_ecs, used) = match (client.ecs, client.addr) {
-        (Some(net), _) => (net.addr(), true, net.prefix_len()),
-        (None, Some(ip)) => {
-            let ip = ip.to_canonical();
-            (ip, false, if ip.is_ipv4() { 32 } else { 128 })
-        }
+    let (subnet, from_ecs) = match (client.ecs, client.addr) {
+        (Some(net), _) => (net.trunc(), true),
+        (None, Some(ip)) => (ipnet::IpNet::from(ip.to_canonical()), false),
         (None, None) => return Located::default(),
     };
-    let family_max = if ip.is_ipv4() { 32 } else { 128 };
+    let (ip, used) = (subnet.addr(), subnet.prefix_len());
     let geo = &snap.geo;
-    // Overrides nested inside `network` make part of it different.
-    let nested = |network: ipnet::IpNet| {
-        geo.overrides
-            .iter()
-            .filter(|o| o.network != network && network.contains(&o.network))
-            .map(|o| o.network.prefix_len())
-            .max()
-            .unwrap_or(0)
-    };
-    let (place, decided, by) =
+    let (place, eu, network, by) =
         if let Some(o) = geo.overrides.iter().find(|o| o.network.contains(&ip)) {
             let p = &o.place;
+            let eu = p.country.is_some_and(in_eu_eea);
             (
                 (p.country, p.continent, p.coords),
-                o.network.prefix_len().max(nested(o.network)),
+                eu,
+                o.network,
                 "a network override",
             )
         } else if let Some(record) = geo.db.as_ref().and_then(|db| db.lookup(ip)) {
             // An IPv6 tree without an IPv4 subtree can give a v6 prefix for a v4 address.
+            let family_max = subnet.max_prefix_len();
             let prefix = if record.prefix > family_max {
                 record.prefix.saturating_sub(96).min(family_max)
             } else {
                 record.prefix
             };
-            let network = ipnet::IpNet::new(ip, prefix).map(|n| n.trunc()).ok();
-            let decided = prefix.max(network.map_or(0, nested));
+            let eu = record.eu || record.country.is_some_and(in_eu_eea);
             (
                 (record.country, record.continent, record.coords),
-                decided,
+                eu,
+                ipnet::IpNet::new(ip, prefix).map_or(subnet, |n| n.trunc()),
                 "GeoIP",
             )
         } else {
@@ -358,10 +354,16 @@ pub fn locate(snap: &Snapshot, client: &Client) -> Located {
                 ..Located::default()
             };
         };
-    // The subnet asked about is wider than the network that would decide:
-    // its clients may be in different places, so none of them is placed
-    // (fail closed), and the answer holds for exactly the subnet asked.
-    if decided > used {
+    // The subnet asked about is wider than the network that decides, or
+    // holds an override of its own: its clients may be in different places,
+    // so none of them is placed (fail closed), and the answer holds for
+    // exactly the subnet asked.
+    let spans = network.prefix_len() > used
+        || geo
+            .overrides
+            .iter()
+            .any(|o| o.network != network && subnet.contains(&o.network));
+    if spans {
         return Located {
             scope: used,
             from_ecs,
@@ -373,17 +375,44 @@ pub fn locate(snap: &Snapshot, client: &Client) -> Located {
         country: place.0,
         continent: place.1,
         coords: place.2,
-        scope: decided,
+        eu,
+        scope: clear_of_overrides(geo.overrides.iter().map(|o| o.network), network, ip),
         from_ecs,
         by,
     }
+}
+
+/// The widest prefix around `ip`, inside `network`, that holds none of the
+/// overrides nested in `network` (they place their clients elsewhere, and a
+/// resolver must not cache this answer for them). None of them overlaps the
+/// client's subnet (the caller checked), so the result is no longer than
+/// the subnet's prefix.
+fn clear_of_overrides(
+    overrides: impl Iterator<Item = ipnet::IpNet>,
+    network: ipnet::IpNet,
+    ip: IpAddr,
+) -> u8 {
+    overrides
+        .filter(|o| *o != network && network.contains(o))
+        .map(|o| common_prefix(ip, o.addr()) + 1)
+        .fold(network.prefix_len(), u8::max)
+}
+
+/// Number of leading bits `a` and `b` share (0 across families).
+fn common_prefix(a: IpAddr, b: IpAddr) -> u8 {
+    let bits = match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) ^ u32::from(b)).leading_zeros(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a) ^ u128::from(b)).leading_zeros(),
+        _ => 0,
+    };
+    bits as u8
 }
 
 /// The residency class of a located client.
 fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
     match (&service.residency, located) {
         (Some(index), Some(l)) if !l.from_ecs && index.without_ecs_unknown => index.unknown,
-        (Some(index), Some(l)) => index.class(l.country, l.continent),
+        (Some(index), Some(l)) => index.class(l.country, l.continent, l.eu),
         _ => 0,
     }
 }
@@ -453,7 +482,15 @@ fn service_records<'a>(
             RecordType::ANY => (&drawn.aaaa, &drawn.aaaa_counters),
             _ => return None,
         };
+        // A sticky draw depends on the client's subnet (when there are more
+        // endpoints than it answers): ECS scope is the width of the key. A
+        // random draw does not depend on the client and adds no scope.
         let key = if drawn.sticky {
+            if entries.len() > drawn.records
+                && let Some(width) = sticky_scope(client)
+            {
+                out.scope = Some(out.scope.map_or(width, |s| s.max(width)));
+            }
             subnet_key(client)
         } else {
             rand::random()
@@ -499,6 +536,26 @@ fn service_records<'a>(
     None
 }
 
+/// Width of the sticky key: the /24 (IPv4) or /56 (IPv6) a client is in.
+const STICKY_V4: u8 = 24;
+const STICKY_V6: u8 = 56;
+
+/// ECS scope of a sticky draw: the width of its key, but no longer than the
+/// subnet asked about. The key is taken from the subnet as given (its bits
+/// beyond the prefix are zero), so the draw holds for the whole of a
+/// shorter subnet; RFC 7871 lets SCOPE exceed SOURCE, but a resolver caches
+/// such an answer for SOURCE anyway, and it would only ask resolvers to
+/// reveal longer prefixes. `None` without ECS (nothing is echoed).
+fn sticky_scope(client: &Client) -> Option<u8> {
+    let net = client.ecs?;
+    let width = if net.addr().is_ipv4() {
+        STICKY_V4
+    } else {
+        STICKY_V6
+    };
+    Some(width.min(net.prefix_len()))
+}
+
 /// The client's subnet (/24 or /56 of the ECS subnet, else of the resolver)
 /// as a key for sticky draws.
 fn subnet_key(client: &Client) -> u64 {
@@ -508,8 +565,8 @@ fn subnet_key(client: &Client) -> u64 {
         .or(client.addr)
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     match ip.to_canonical() {
-        IpAddr::V4(v4) => u64::from(u32::from(v4) & 0xffff_ff00),
-        IpAddr::V6(v6) => ((u128::from(v6) >> 72) as u64) | (1 << 63),
+        IpAddr::V4(v4) => u64::from(u32::from(v4) & (u32::MAX << (32 - STICKY_V4))),
+        IpAddr::V6(v6) => ((u128::from(v6) >> (128 - STICKY_V6)) as u64) | (1 << 63),
     }
 }
 

@@ -35,6 +35,9 @@ pub struct GeoRecord {
     pub coords: Option<(f64, f64)>,
     /// Prefix length of the database network that holds the address.
     pub prefix: u8,
+    /// The database flags the place `is_in_european_union` (on the same
+    /// record `country` comes from: `country`, else `registered_country`).
+    pub eu: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,9 @@ impl std::fmt::Debug for GeoDb {
 struct IsoCode<'a> {
     #[serde(borrow)]
     iso_code: Option<&'a str>,
+    /// MaxMind and DB-IP set it on EU members and on EU territories that
+    /// have codes of their own (AX, GF, MQ, ...); not on the EEA.
+    is_in_european_union: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -147,16 +153,18 @@ impl GeoDb {
                 ..GeoRecord::default()
             });
         };
-        let country = record
-            .country
-            .and_then(|c| c.iso_code)
-            .or_else(|| record.registered_country.and_then(|c| c.iso_code))
-            .and_then(code);
+        // The country code and its EU flag come from the same record.
+        let place = match record.country {
+            Some(c) if c.iso_code.is_some() => Some(c),
+            country => record.registered_country.or(country),
+        };
+        let country = place.as_ref().and_then(|c| c.iso_code).and_then(code);
         Some(GeoRecord {
             country,
             continent: record.continent.and_then(|c| c.code).and_then(code),
             coords: record.location.and_then(|l| l.latitude.zip(l.longitude)),
             prefix,
+            eu: place.and_then(|c| c.is_in_european_union) == Some(true),
         })
     }
 }
@@ -178,12 +186,40 @@ pub fn rtt_ms_for_km(km: f64) -> f64 {
     km * 2.0 * 1.5 / 200.0
 }
 
-/// The EU and EEA member states: the built-in client group `eu`.
-pub const EU_EEA: [&str; 30] = [
+/// The built-in client group `eu`: every ISO 3166-1 code under which a
+/// database may place a client on EU or EEA territory. A client is in the
+/// group when its code is on this list or when the database flags it
+/// `is_in_european_union` (see [`GeoRecord::eu`]); network overrides carry
+/// no flag, so for them the list alone decides.
+///
+/// Deliberately not on the list: the overseas countries and territories
+/// associated with the EU but outside it (GL, FO, NC, PF, WF, PM, BL, TF,
+/// AW, CW, SX, BQ), Svalbard and Jan Mayen and Bouvet Island (SJ, BV: Norway,
+/// outside the EEA agreement), GB and GI (left in 2020), the Crown
+/// dependencies (IM, JE, GG), CH, and the microstates AD, MC, SM, VA.
+pub const EU_EEA: &[&str] = &[
+    // The 27 member states of the European Union.
     "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "HU", "IE", "IT", "LV",
-    "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", // EU-27
-    "IS", "LI", "NO", // EEA
+    "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE",
+    // Parts of the EU with ISO codes of their own, which GeoIP databases use:
+    // Åland (Finland); the French outermost regions French Guiana,
+    // Guadeloupe, Martinique, Réunion, Mayotte and Saint-Martin. (The
+    // Azores, Madeira, the Canaries, Ceuta and Melilla have no ordinary
+    // ISO 3166-1 code; databases place them in PT and ES.)
+    "AX", "GF", "GP", "MQ", "RE", "YT", "MF",
+    // Exceptionally reserved ISO codes that some sources use for EU
+    // territory: the Canary Islands and Ceuta and Melilla (Spain), and EU
+    // for the Union itself (registries use it for networks registered
+    // EU-wide). A database that says only "EU" cannot rule out an EU client,
+    // so residency keeps it in.
+    "IC", "EA", "EU", // The EEA members outside the EU (databases do not flag them).
+    "IS", "LI", "NO",
 ];
+
+/// The code is on the [`EU_EEA`] list.
+pub fn in_eu_eea(c: Code) -> bool {
+    EU_EEA.iter().any(|m| m.as_bytes() == c)
+}
 
 /// Continent codes used by MaxMind and DB-IP.
 pub const CONTINENTS: [&str; 7] = ["AF", "AN", "AS", "EU", "NA", "OC", "SA"];
@@ -237,6 +273,67 @@ mod tests {
                 "{ip}"
             );
             assert!(r.prefix > 0, "{ip}: a network prefix, got {}", r.prefix);
+        }
+    }
+
+    #[test]
+    fn the_eu_flag_comes_from_the_record_the_country_comes_from() {
+        let db = db();
+        let at = |ip: &str| {
+            let r = db.lookup(ip.parse().unwrap()).unwrap();
+            (r.country.map(|c| code_str(&c).to_string()), r.eu)
+        };
+        let some = |c: &str, eu| (Some(c.to_string()), eu);
+        assert_eq!(
+            at("10.10.0.1"),
+            some("AX", true),
+            "Åland: own code, flagged"
+        );
+        assert_eq!(at("10.11.0.1"), some("MQ", true));
+        assert_eq!(at("2001:db8:5::1"), some("MF", true));
+        assert_eq!(
+            at("10.12.0.1"),
+            some("RE", true),
+            "the flag of registered_country when it gives the code"
+        );
+        assert_eq!(
+            at("10.15.0.1"),
+            some("CH", false),
+            "registered_country's flag does not count when country gives the code"
+        );
+        assert_eq!(at("10.13.0.1"), some("GL", false), "flag false");
+        assert_eq!(at("10.3.0.1"), some("NO", false), "EEA: no flag");
+        assert_eq!(at("10.9.0.1"), some("GB", false), "no flag");
+        assert_eq!(at("192.0.2.1"), some("DE", true));
+    }
+
+    #[test]
+    fn the_eu_list_holds_the_eu_its_territories_and_the_eea_and_nothing_else() {
+        let mut sorted: Vec<&str> = EU_EEA.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), EU_EEA.len(), "no duplicates");
+        assert_eq!(EU_EEA.len(), 27 + 7 + 3 + 3);
+        assert!(
+            EU_EEA
+                .iter()
+                .all(|c| code(c).is_some_and(|k| k == c.as_bytes()))
+        );
+        for member in [
+            "DE", "FR", "ES", "AX", "GF", "GP", "MQ", "RE", "YT", "MF", "IC", "EA",
+        ] {
+            assert!(in_eu_eea(code(member).unwrap()), "{member}");
+        }
+        for eea in ["IS", "LI", "NO"] {
+            assert!(in_eu_eea(code(eea).unwrap()), "{eea}");
+        }
+        // Associated overseas countries and territories, Norway's territories
+        // outside the EEA, former members, neighbours.
+        for outside in [
+            "GL", "FO", "NC", "PF", "WF", "PM", "BL", "TF", "AW", "CW", "SX", "BQ", "SJ", "BV",
+            "GB", "GI", "IM", "JE", "GG", "CH", "AD", "MC", "SM", "VA", "TR", "US",
+        ] {
+            assert!(!in_eu_eea(code(outside).unwrap()), "{outside}");
         }
     }
 

@@ -222,8 +222,12 @@ pub struct ClassAnswer {
 /// Which residency class a located client is in.
 #[derive(Debug, Clone, Default)]
 pub struct ResidencyIndex {
+    /// Codes named by a rule, directly or through a group (the `eu` list too).
     pub by_country: HashMap<Code, usize>,
     pub by_continent: HashMap<Code, usize>,
+    /// The first rule naming the group `eu`: it also holds clients the
+    /// database flags `is_in_european_union`, whatever their code.
+    pub eu: Option<usize>,
     pub otherwise: usize,
     pub unknown: usize,
     pub without_ecs_unknown: bool,
@@ -235,6 +239,7 @@ impl ResidencyIndex {
             otherwise: r.rules.len(),
             unknown: r.rules.len() + 1,
             without_ecs_unknown: r.without_ecs_unknown,
+            eu: r.rules.iter().position(|rule| rule.eu),
             ..ResidencyIndex::default()
         };
         for (i, rule) in r.rules.iter().enumerate() {
@@ -248,16 +253,21 @@ impl ResidencyIndex {
         index
     }
 
-    /// The class of a client: by country, then continent, else `otherwise`;
-    /// an unknown country is `unknown`.
-    pub fn class(&self, country: Option<Code>, continent: Option<Code>) -> usize {
+    /// The class of a client: by its country code (named directly or
+    /// through a group), then by the database's EU flag (`eu`: the client is
+    /// in the group `eu` though its code is not on the list), then by
+    /// continent, else `otherwise`. A client without a country is `unknown`
+    /// unless the database flags it EU.
+    pub fn class(&self, country: Option<Code>, continent: Option<Code>, eu: bool) -> usize {
+        let flagged = || self.eu.filter(|_| eu);
         match country {
-            None => self.unknown,
+            None => flagged().unwrap_or(self.unknown),
             Some(c) => self
                 .by_country
                 .get(&c)
-                .or_else(|| continent.and_then(|k| self.by_continent.get(&k)))
                 .copied()
+                .or_else(flagged)
+                .or_else(|| continent.and_then(|k| self.by_continent.get(&k).copied()))
                 .unwrap_or(self.otherwise),
         }
     }
@@ -852,8 +862,17 @@ mod tests {
         ResidencyRule {
             countries: countries.iter().filter_map(|c| code(c)).collect(),
             continents: continents.iter().filter_map(|c| code(c)).collect(),
+            eu: false,
             allow: Allowed::Only(vec![tag.to_string()]),
             label: tag.to_string(),
+        }
+    }
+
+    /// A rule naming the group `eu`, as the config expands it.
+    fn eu_rule(tag: &str) -> ResidencyRule {
+        ResidencyRule {
+            eu: true,
+            ..rule(crate::geo::EU_EEA, &[], tag)
         }
     }
 
@@ -870,20 +889,63 @@ mod tests {
             without_ecs_unknown: false,
         };
         let index = ResidencyIndex::new(&residency);
-        assert_eq!(index.class(code("DE"), code("EU")), 0);
-        assert_eq!(index.class(code("US"), code("NA")), 1, "by continent");
+        assert_eq!(index.class(code("DE"), code("EU"), true), 0);
         assert_eq!(
-            index.class(code("CA"), code("NA")),
+            index.class(code("US"), code("NA"), false),
+            1,
+            "by continent"
+        );
+        assert_eq!(
+            index.class(code("CA"), code("NA"), false),
             2,
             "a country rule beats a continent rule"
         );
-        assert_eq!(index.class(code("JP"), code("AS")), 3, "otherwise");
-        assert_eq!(index.class(code("GB"), None), 3);
+        assert_eq!(index.class(code("JP"), code("AS"), false), 3, "otherwise");
+        assert_eq!(index.class(code("GB"), None, false), 3);
         assert_eq!(
-            index.class(None, code("EU")),
+            index.class(None, code("EU"), false),
             4,
             "no country: unknown, whatever the continent"
         );
+        assert_eq!(
+            index.class(code("AX"), code("EU"), true),
+            3,
+            "no rule names the group eu: the flag alone places nobody"
+        );
+    }
+
+    #[test]
+    fn the_eu_group_holds_flagged_clients_and_listed_codes_before_continents() {
+        let residency = Residency {
+            rules: vec![
+                rule(&[], &["NA"], "us"),
+                rule(&["GI"], &[], "uk"),
+                eu_rule("eu"),
+            ],
+            otherwise: Allowed::Any,
+            unknown: Allowed::Deny,
+            without_ecs_unknown: false,
+        };
+        let index = ResidencyIndex::new(&residency);
+        // Martinique is in North America, and in the EU: the group wins
+        // over the continent rule listed before it, flag or no flag (an override).
+        assert_eq!(index.class(code("MQ"), code("NA"), true), 2);
+        assert_eq!(index.class(code("MQ"), code("NA"), false), 2);
+        assert_eq!(
+            index.class(code("NO"), code("EU"), false),
+            2,
+            "EEA, no flag"
+        );
+        // A flagged code the list does not hold (a database from before 2020
+        // flags GB): in the group; a code a rule names itself keeps its rule.
+        assert_eq!(index.class(code("GB"), code("EU"), true), 2);
+        assert_eq!(index.class(code("GI"), code("EU"), true), 1);
+        // Not flagged, not on the list: continent, else otherwise.
+        assert_eq!(index.class(code("GL"), code("NA"), false), 0);
+        assert_eq!(index.class(code("CH"), code("EU"), false), 3);
+        // A flag without a code still says EU; nothing at all is unknown.
+        assert_eq!(index.class(None, None, true), 2);
+        assert_eq!(index.class(None, code("EU"), false), 4);
     }
 
     #[test]
