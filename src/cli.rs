@@ -77,8 +77,8 @@ pub enum Command {
 /// Default log filter per command: the demo prints its own story.
 pub fn default_log_filter(cli: &Cli) -> &'static str {
     match cli.command {
-        Command::Demo { .. } => "warn,hickory_server=error",
-        _ => "info,hickory_server=warn,hickory_proto=warn",
+        Command::Demo { .. } => "warn",
+        _ => "info,hickory_proto=warn",
     }
 }
 
