@@ -310,6 +310,17 @@ async fn garbage_gets_replies_that_parse() {
             None,
         ),
     ];
+    // A question name compressed with a pointer into the header (to the
+    // flags byte, 0 in the query: the root). Echoed as received, the pointer
+    // would land on the response's flags (QR set: no valid label).
+    let pointer = [
+        &[0x42, 0x42, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4][..],
+        b"chat",
+        &[0xc0, 2, 0, 1, 0, 1],
+    ]
+    .concat();
+    let m = strict_reply(s.dns(), &pointer).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut rcodes = std::collections::BTreeMap::new();
     for i in 0..600 {
