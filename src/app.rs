@@ -260,7 +260,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     if waited.is_err() {
         tracing::warn!(
             grace = ?server.startup_grace,
-            "Not every endpoint answered its first probe in time; they count as down until they do."
+            "Not every endpoint answered its first probe in time; services that need them answer SERVFAIL until they do."
         );
     }
 
@@ -601,7 +601,7 @@ apex = "inference.example.com"
 soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
 ns = [{ name = "ns1.example.net" }]
 [regions.primary]
-endpoints = [{ address = "192.0.2.1" }]
+endpoints = [{ address = "127.0.0.1", port = 1 }]
 [services.chat]
 tiers = [["primary"]]
 "#;

@@ -10,8 +10,9 @@
 //!   the runtime [`config::Config`]. No sockets.
 //! - Model: [`model`] holds the immutable [`model::Snapshot`] the query path
 //!   reads, and the pure functions that build it.
-//! - Query path: [`dns`] answers one question from one snapshot (hickory glue
-//!   lives in one file there). Never imports config, health or admin.
+//! - Query path: [`dns`] reads a query off the wire, answers it from one
+//!   snapshot and writes the reply; it also runs the UDP and TCP listeners.
+//!   Never imports config, health or admin.
 //! - Signals: [`health`] probes endpoints on their own schedules and reports
 //!   results; [`publish`] is the one writer that turns results into the next
 //!   snapshot and swaps it in.

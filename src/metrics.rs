@@ -39,7 +39,7 @@ const QTYPE_LABELS: usize = QTYPES.len() + 1;
 const RCODE_LABELS: usize = RCODES.len() + 1;
 
 /// The `reason` labels of `inferdns_dns_malformed_total`: what made a
-/// query FORMERR (the names `dns::query::Malformed::label` gives).
+/// query FORMERR, in the order of `dns::query::Malformed`.
 pub const MALFORMED_REASONS: [&str; 6] = [
     "question-count",
     "question",
@@ -359,7 +359,7 @@ impl Metrics {
             cells,
             malformed: MALFORMED_REASONS
                 .iter()
-                .map(|reason| (*reason, self.malformed.with_label_values(&[reason])))
+                .map(|reason| self.malformed.with_label_values(&[reason]))
                 .collect(),
             ignored: Some(self.ignored.clone()),
         }
@@ -394,7 +394,8 @@ impl crate::model::Counters for Metrics {
 #[derive(Debug, Clone, Default)]
 pub struct QueryTable {
     cells: Vec<IntCounter>,
-    malformed: Vec<(&'static str, IntCounter)>,
+    /// By `dns::query::Malformed::index`.
+    malformed: Vec<IntCounter>,
     ignored: Option<IntCounter>,
 }
 
@@ -415,9 +416,9 @@ impl QueryTable {
         }
     }
 
-    /// Counts one malformed query by `reason` (one of [`MALFORMED_REASONS`]).
-    pub fn malformed(&self, reason: &str) {
-        if let Some((_, counter)) = self.malformed.iter().find(|(r, _)| *r == reason) {
+    /// Counts one malformed query by its reason's index in [`MALFORMED_REASONS`].
+    pub fn malformed(&self, reason: usize) {
+        if let Some(counter) = self.malformed.get(reason) {
             counter.inc();
         }
     }

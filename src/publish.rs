@@ -1002,6 +1002,10 @@ fn build(
             completion_ok: !info.layers.contains(&Layer::Completion)
                 || h.completion_state.status == Status::Up,
             completion_model: info.completion_model.as_deref(),
+            layers_pending: (info.layers.contains(&Layer::Models)
+                && h.models_state.status == Status::Unknown)
+                || (info.layers.contains(&Layer::Completion)
+                    && h.completion_state.status == Status::Unknown),
             slow_start: h
                 .up_since
                 .filter(|_| !info.slow_start.is_zero())
@@ -1274,6 +1278,110 @@ tiers = [["primary"], ["secondary"]]
         );
         let explain = snapshot.load().services[0].classes[0].explain.join("\n");
         assert!(explain.contains("fail-open"), "{explain}");
+    }
+
+    /// Alive and up, but its model list has no first result yet: not known
+    /// to lack the model, so no fallback CNAME (cached for its TTL) either.
+    #[tokio::test(start_paused = true)]
+    async fn a_layer_without_a_first_result_holds_the_fallback_back() {
+        let config = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.big]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { path = "/health", models-path = "/v1/models" }
+[regions.small]
+endpoints = [{ address = "192.0.2.2" }]
+[services.chat]
+model = "big-model"
+tiers = [["big"]]
+fallback = "small"
+[services.small]
+tiers = [["small"]]
+"#;
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(config), vec![0, 1], None, Metrics::new());
+        publisher.apply(report(0, true));
+        publisher.apply(report(1, true));
+        publisher.publish();
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::Unprobed,
+            "alive, model list not heard from yet"
+        );
+        // The model list arrives without the model: now the fallback is right.
+        publisher.apply(Msg::Probe(ProbeReport {
+            endpoint: 0,
+            layer: Layer::Models,
+            outcome: crate::health::ProbeOutcome {
+                result: Ok(Payload::Models(vec!["other-model".into()])),
+                elapsed: Duration::from_millis(1),
+            },
+        }));
+        publisher.publish();
+        assert_eq!(
+            snapshot.load().service_views[0].decision,
+            Decision::Fallback {
+                service: "small".into()
+            }
+        );
+    }
+
+    /// Clients restricted by residency get SERVFAIL too (another edge may
+    /// know), not a NODATA that their resolver would keep, while the
+    /// regions they may use are not probed yet.
+    #[tokio::test(start_paused = true)]
+    async fn residency_classes_wait_for_first_results_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        let config = format!(
+            r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = {{ primary = "ns1.example.net", contact = "hostmaster.example.net" }}
+ns = [{{ name = "ns1.example.net" }}]
+[geoip]
+database = "{db}"
+[regions.eu]
+endpoints = [{{ address = "192.0.2.1" }}]
+jurisdictions = ["eu"]
+[regions.us]
+endpoints = [{{ address = "192.0.2.2" }}]
+jurisdictions = ["us"]
+[services.chat]
+tiers = [["eu", "us"]]
+residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
+"#
+        );
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, config).unwrap();
+        let config = Arc::new(crate::config::load(&path).unwrap());
+        let (mut publisher, snapshot, _) = Publisher::new(config, vec![0, 1], None, Metrics::new());
+        publisher.apply(report(1, true));
+        publisher.publish();
+        let decisions = |s: &ArcSwap<Snapshot>| -> Vec<Decision> {
+            s.load().service_views[0]
+                .residency
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|c| c.decision.clone())
+                .collect()
+        };
+        // EU clients: their region unprobed -> SERVFAIL; others: the US region.
+        assert_eq!(decisions(&snapshot)[0], Decision::Unprobed);
+        assert_eq!(decisions(&snapshot)[1], Decision::Tier { tier: 0 });
+        assert!(snapshot.load().services[0].classes[0].servfail);
+        // Known down: NODATA, never the US region.
+        publisher.apply(report(0, false));
+        publisher.publish();
+        assert_eq!(decisions(&snapshot)[0], Decision::ResidencyNoData);
     }
 
     /// A probe layer whose probe never reports (its task stuck from the

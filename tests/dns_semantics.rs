@@ -243,6 +243,8 @@ async fn all_down_rules_fail_open_nodata_and_servfail() {
     let m = s.udp("broken.inference.example.com.", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
     assert!(m.answers.is_empty());
+    // SERVFAIL says nothing about the name: no SOA to cache as negative.
+    assert!(m.authorities.is_empty(), "{:?}", m.authorities);
 }
 
 #[tokio::test]

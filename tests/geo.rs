@@ -269,7 +269,7 @@ async fn unknown_locations_and_resolvers_without_ecs_follow_their_explicit_rules
     let (answer, ecs) =
         read(&ask_ecs(s, "chat.inference.example.com.", Some(subnet("0.0.0.0/0"))).await);
     assert!(answer.is_empty());
-    assert_eq!(ecs.map(|e| e.0), Some(0));
+    assert_eq!(ecs, Some((0, 0)), "(source, scope) echoed");
 }
 
 #[tokio::test]
@@ -1265,4 +1265,26 @@ async fn a_replaced_database_is_swapped_in_and_a_broken_one_refused() {
         "still the last good database"
     );
     drop(regions);
+}
+
+#[tokio::test]
+async fn ipv4_mapped_subnets_are_located_as_ipv4_with_the_default_cuts() {
+    // The default cuts: /24 for IPv4, /56 for IPv6. A mapped /120 or /128
+    // is an IPv4 /24 or /32 cut to /24, not an IPv6 /56 (which would hold
+    // every IPv4-mapped address and place nobody).
+    let g = geo("[ecs]\n").await;
+    let s = &g.server;
+    for (subnet_text, expect) in [
+        // 192.0.2.0/24 is DE in the test database.
+        ("::ffff:192.0.2.0/120", (120, 120)),
+        ("::ffff:192.0.2.77/128", (128, 120)),
+    ] {
+        let (answer, ecs) =
+            read(&ask_ecs(s, "chat.inference.example.com.", Some(subnet(subnet_text))).await);
+        assert!(
+            !answer.is_empty() && answer.iter().all(|a| EU_REGIONS.contains(&a.as_str())),
+            "{subnet_text}: {answer:?}"
+        );
+        assert_eq!(ecs, Some(expect), "{subnet_text}");
+    }
 }

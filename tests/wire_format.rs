@@ -200,6 +200,34 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}], otherwise = "an
     assert_eq!(answer_strings(&decoded), ["127.0.0.32"]);
     // OPT with the ECS option: 11 + 4 (option header) + 4 + 3 address bytes.
     assert_eq!(reply.len(), 12 + question_len(qname) + 16 + 22);
+
+    // SOURCE 0 asks us not to use the client's subnet: the answer goes by
+    // the resolver (127.0.0.1, inside a database network) and says nothing
+    // about client subnets, so the echoed SCOPE is 0.
+    let mut m = Ask::new(qname, RecordType::A).message();
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    edns.options_mut()
+        .insert(EdnsOption::Subnet(ClientSubnet::new(
+            "0.0.0.0".parse().unwrap(),
+            0,
+            0,
+        )));
+    m.set_edns(edns);
+    let reply = client::decode(
+        &exchange_udp(s.dns(), &m.to_vec().unwrap(), WAIT)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let Some(EdnsOption::Subnet(echo)) = reply
+        .edns
+        .as_ref()
+        .and_then(|e| e.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet))
+    else {
+        panic!("ECS echoed: {reply:?}")
+    };
+    assert_eq!((echo.source_prefix(), echo.scope_prefix()), (0, 0));
 }
 
 /// Sends `packet` over UDP and returns the reply, which must parse strictly

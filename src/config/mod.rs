@@ -115,7 +115,7 @@ pub struct ServerConfig {
     pub startup_grace: Duration,
     pub tcp_idle_timeout: Duration,
     pub max_udp_payload: u16,
-    /// NSID payload, at most 512 bytes; empty means none.
+    /// NSID payload, at most 128 bytes; empty means none.
     pub nsid: String,
     pub explain_acl: Vec<ipnet::IpNet>,
     /// Bearer token of the mutating admin routes; `None` disables them.

@@ -279,7 +279,8 @@ pub fn answer<'a>(
             Some(_) => return out,
             None => {
                 // Nothing of the asked type at the last name: NODATA (after any CNAMEs).
-                if out.answers.len() == before {
+                // SERVFAIL says nothing about the name: no SOA.
+                if out.answers.len() == before && out.rcode != ResponseCode::ServFail {
                     if out.refused.is_some() {
                         out.authority.push(&snap.zone.soa_uncached);
                     } else {

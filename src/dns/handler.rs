@@ -31,6 +31,8 @@ const CLASS_IN: u16 = 1;
 const TCP_MAX: usize = u16::MAX as usize;
 /// Pause after a failed accept (EMFILE, ENFILE): the error does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause after a failed UDP receive.
+const RECEIVE_BACKOFF: Duration = Duration::from_millis(1);
 
 /// How a query arrived: it decides the largest reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +98,7 @@ impl Handler {
         };
 
         if let Some(reason) = query.malformed {
-            snapshot.queries.malformed(reason.label());
+            snapshot.queries.malformed(reason.index());
             return reply.error(&snapshot, ResponseCode::FormErr);
         }
         let Some(question) = query.question else {
@@ -108,7 +110,7 @@ impl Handler {
                 return reply.error(&snapshot, ResponseCode::BADVERS);
             }
             if edns.ecs == Ecs::Malformed && snapshot.geo.ecs {
-                snapshot.queries.malformed(query::Malformed::Ecs.label());
+                snapshot.queries.malformed(query::Malformed::Ecs.index());
                 return reply.error(&snapshot, ResponseCode::FormErr);
             }
         }
@@ -118,7 +120,7 @@ impl Handler {
         let Some(qname) = lower_name(&question) else {
             snapshot
                 .queries
-                .malformed(query::Malformed::Question.label());
+                .malformed(query::Malformed::Question.index());
             return reply.error(&snapshot, ResponseCode::FormErr);
         };
         let in_zone = question.qclass == CLASS_IN && snapshot.zone.apex.zone_of(&qname);
@@ -209,7 +211,7 @@ impl Reply<'_, '_> {
         }
         let mut opt = self.opt(snapshot.nsid.as_deref());
         if let (Some(subnet), Some(opt)) = (subnet, opt.as_mut()) {
-            opt.ecs = Some(ecs_echo(subnet, located, result.scope.unwrap_or(0)));
+            opt.ecs = Some(ecs_echo(subnet, located, result.scope));
         }
         let header = self.header(result.rcode, true);
         let mut writer = Writer::new(self.out, header, Some(question), opt, self.max_size);
@@ -226,33 +228,38 @@ impl Reply<'_, '_> {
 
 /// The subnet to locate: the source prefix cut to the configured maximum;
 /// `None` for a source prefix of 0, which asks us not to use it. An
-/// IPv4-mapped IPv6 subnet is located as the IPv4 subnet it holds.
+/// IPv4-mapped IPv6 subnet (source prefix 96 or more) is located as the
+/// IPv4 subnet it holds, cut to the IPv4 maximum.
 fn located_subnet(subnet: ClientSubnet, snapshot: &Snapshot) -> Option<ipnet::IpNet> {
     if subnet.source_prefix == 0 {
         return None;
     }
-    let max = match subnet.addr {
-        IpAddr::V4(_) => snapshot.geo.max_prefix_v4,
-        IpAddr::V6(_) => snapshot.geo.max_prefix_v6,
-    };
-    let cut = subnet.source_prefix.min(max);
+    let geo = &snapshot.geo;
     match subnet.addr {
-        IpAddr::V6(v6) if cut >= 96 && v6.to_ipv4_mapped().is_some() => v6
-            .to_ipv4_mapped()
-            .and_then(|v4| ipnet::IpNet::new(v4.into(), cut - 96).ok()),
-        addr => ipnet::IpNet::new(addr, cut).ok(),
+        IpAddr::V6(v6) if subnet.source_prefix >= 96 && v6.to_ipv4_mapped().is_some() => {
+            let v4 = v6.to_ipv4_mapped()?;
+            let prefix = (subnet.source_prefix - 96).min(geo.max_prefix_v4);
+            ipnet::IpNet::new(v4.into(), prefix).ok()
+        }
+        IpAddr::V6(v6) => {
+            ipnet::IpNet::new(v6.into(), subnet.source_prefix.min(geo.max_prefix_v6)).ok()
+        }
+        IpAddr::V4(v4) => {
+            ipnet::IpNet::new(v4.into(), subnet.source_prefix.min(geo.max_prefix_v4)).ok()
+        }
     }
     .map(|n| n.trunc())
 }
 
 /// The ECS option to echo: the query's family, source prefix and address,
-/// with the scope of the network that decided (0: the answer does not
-/// depend on the client's location), back in the option's family when an
-/// IPv4-mapped subnet was located as IPv4.
+/// with the scope of the network that decided (`None`: the answer does not
+/// depend on the client's subnet, echoed as 0, as it is when the source
+/// prefix was 0), back in the option's family (+96) when an IPv4-mapped
+/// subnet was located as IPv4.
 fn ecs_echo(
     subnet: ClientSubnet,
     located: Option<ipnet::IpNet>,
-    scope: u8,
+    scope: Option<u8>,
 ) -> (u16, u8, u8, [u8; 16]) {
     let mut addr = [0u8; 16];
     let family = match subnet.addr {
@@ -266,10 +273,13 @@ fn ecs_echo(
         }
     };
     let mapped = family == 2 && located.is_some_and(|l| l.addr().is_ipv4());
-    let scope = if mapped && scope > 0 {
-        scope.saturating_add(96)
-    } else {
-        scope
+    let scope = match scope {
+        // The client asked us not to use its subnet: the answer (decided by
+        // the resolver's own address) says nothing about client subnets.
+        _ if subnet.source_prefix == 0 => 0,
+        None => 0,
+        Some(scope) if mapped => scope.saturating_add(96),
+        Some(scope) => scope,
     };
     (family, subnet.source_prefix, scope, addr)
 }
@@ -346,7 +356,9 @@ async fn serve_udp(
             received = socket.recv_from(&mut buf) => match received {
                 Ok(r) => r,
                 Err(e) => {
+                    // A lasting socket error must not spin the CPU.
                     tracing::debug!(error = %e, "UDP receive failed.");
+                    tokio::time::sleep(RECEIVE_BACKOFF).await;
                     continue;
                 }
             },

@@ -88,6 +88,18 @@ impl<'b, 'o> Writer<'b, 'o> {
     ) -> Self {
         buf.clear();
         buf.extend_from_slice(&[0; HEADER_LEN]);
+        // The header, the question and the OPT record always fit: what does
+        // not (a long NSID, then the ECS echo) is left out of the OPT.
+        let question_len = question.map_or(0, |q| q.wire.len());
+        let opt = opt.map(|mut o| {
+            if HEADER_LEN + question_len + o.len() > max_size {
+                o.nsid = None;
+            }
+            if HEADER_LEN + question_len + o.len() > max_size {
+                o.ecs = None;
+            }
+            o
+        });
         let mut writer = Writer {
             limit: max_size.saturating_sub(opt.map_or(0, |o| o.len())),
             buf,
@@ -423,6 +435,27 @@ mod tests {
         let m = Message::from_vec(&buf).unwrap();
         assert_eq!(m.answers.len(), 2);
         assert_eq!(m.answers[1].name, name("www.inference.example.com."));
+    }
+
+    #[test]
+    fn a_long_nsid_is_left_out_rather_than_overflowing() {
+        let long = format!(
+            "{}.inference.example.com.",
+            vec!["n".repeat(63); 3].join(".")
+        );
+        let packet = question_packet(&long);
+        let q = query::parse(&packet).unwrap();
+        let nsid = [b'x'; 300];
+        let opt = Opt {
+            payload: 1232,
+            nsid: Some(&nsid),
+            ..Opt::default()
+        };
+        let mut buf = Vec::new();
+        let len = Writer::new(&mut buf, header(), q.question.as_ref(), Some(opt), 512).finish();
+        assert!(len <= 512, "{len}");
+        assert_eq!(len, 12 + q.question.unwrap().wire.len() + 11);
+        assert!(Message::from_vec(&buf).unwrap().edns.is_some());
     }
 
     #[test]

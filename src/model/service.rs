@@ -39,13 +39,22 @@ pub struct EndpointInput<'a> {
     /// A probe layer has sent no result for longer than its silence limit
     /// (its task is dead or stuck): why the last state is not trusted.
     pub silent: Option<&'a str>,
+    /// A layer above alive (model list, completion) has no first result yet.
+    pub layers_pending: bool,
 }
 
 impl EndpointInput<'_> {
-    /// Not probed yet, and still within its first probes' time: nothing is
-    /// known about it, so it is neither answered nor failed open to.
+    /// Not probed yet (alive, or alive and up but a layer above it not yet),
+    /// and still within its first probes' time: nothing is known about it,
+    /// so it is neither answered nor failed open to, nor a reason for a
+    /// fallback.
     fn unprobed(&self) -> bool {
-        self.status == Status::Unknown && self.silent.is_none()
+        let unknown = match self.status {
+            Status::Unknown => true,
+            Status::Up => self.layers_pending,
+            Status::Down => false,
+        };
+        unknown && self.silent.is_none()
     }
 
     fn fit(&self, model: Option<&str>) -> bool {
@@ -499,9 +508,9 @@ fn class_answer(
     let fallback = s.fallback.map(|f| &config.services[f]);
     let decision = match decision {
         Some(d) => d,
-        // Residency always wins over fail-open: never outside the allowed set.
-        None if restricted => Decision::ResidencyNoData,
-        // Not known to be down, only not probed yet: no answer from ignorance.
+        // Not known to be down, only not probed yet: no answer from
+        // ignorance; SERVFAIL sends the resolver to another edge. (`pick`
+        // keeps to the allowed regions: residency holds here too.)
         None if s
             .tiers
             .iter()
@@ -509,6 +518,8 @@ fn class_answer(
         {
             Decision::Unprobed
         }
+        // Residency always wins over fail-open: never outside the allowed set.
+        None if restricted => Decision::ResidencyNoData,
         // Model fallback: the other service's name, answered in the same response.
         None if fallback.is_some() => Decision::Fallback {
             service: fallback.map(|f| f.id.clone()).unwrap_or_default(),
