@@ -82,8 +82,9 @@ struct EndpointHealth {
     state: HealthState,
     last_error: Option<ProbeError>,
     since: Option<SystemTime>,
-    /// Smoothed probe time of successful alive probes, in ms.
+    /// Measured time of successful alive probes, in ms: the median of `rtt`.
     latency_ms: Option<f64>,
+    rtt: RttWindow,
     /// L2: the model list probe, and the last list it read.
     models_state: HealthState,
     models: Option<Arc<[String]>>,
@@ -142,8 +143,44 @@ fn silence_reason(layer: Layer, limit: Duration) -> String {
 /// The longest a 429 takes an endpoint out, whatever its Retry-After says.
 const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
 
-/// Weight of a new probe time in the smoothed latency.
+/// Weight of a new completion time in the smoothed completion latency.
 const LATENCY_SMOOTHING: f64 = 0.3;
+
+/// The most a region's measured probe time adds to a proximity estimate,
+/// in ms: less than the distance between continents (a Toronto client is
+/// ~70 ms nearer Virginia than Dublin), so only the distance model can send
+/// a client to another continent, while a sustained difference still moves
+/// clients between nearby regions.
+pub const MAX_MEASURED_MS: f64 = 30.0;
+
+/// How many recent alive-probe times an endpoint's measured time is the
+/// median of: a stall of the edge (or one slow probe) moves it only when
+/// it lasts for half of them.
+const RTT_WINDOW: usize = 9;
+
+/// The last [`RTT_WINDOW`] probe times of an endpoint, in ms.
+#[derive(Debug, Default, Clone, Copy)]
+struct RttWindow {
+    samples: [f64; RTT_WINDOW],
+    len: usize,
+    next: usize,
+}
+
+impl RttWindow {
+    fn push(&mut self, ms: f64) {
+        self.samples[self.next] = ms;
+        self.next = (self.next + 1) % RTT_WINDOW;
+        self.len = (self.len + 1).min(RTT_WINDOW);
+    }
+
+    /// The lower median of the samples (`None` before the first).
+    fn median(&self) -> Option<f64> {
+        let mut sorted = self.samples;
+        let sorted = &mut sorted[..self.len];
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(self.len.saturating_sub(1) / 2).copied()
+    }
+}
 
 /// Everything derived from one config.
 struct Loaded {
@@ -552,11 +589,8 @@ impl Publisher {
                 );
             }
             Ok(Payload::Alive) => {
-                let sample = report.outcome.elapsed.as_secs_f64() * 1000.0;
-                h.latency_ms = Some(
-                    h.latency_ms
-                        .map_or(sample, |old| old + LATENCY_SMOOTHING * (sample - old)),
-                );
+                h.rtt.push(report.outcome.elapsed.as_secs_f64() * 1000.0);
+                h.latency_ms = h.rtt.median();
             }
             // Handled above, before the state machines.
             Ok(Payload::Load(_)) | Err(_) => {}
@@ -937,7 +971,8 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// Mean smoothed probe time of the up endpoints of region `r`, in ms.
+/// Mean measured probe time of the up endpoints of region `r`, in ms, at
+/// most [`MAX_MEASURED_MS`].
 fn region_latency_of(loaded: &Loaded, health: &[EndpointHealth], r: usize) -> f64 {
     let (sum, n) = health
         .iter()
@@ -945,7 +980,11 @@ fn region_latency_of(loaded: &Loaded, health: &[EndpointHealth], r: usize) -> f6
         .filter(|(h, region)| **region == r && h.state.status == Status::Up)
         .filter_map(|(h, _)| h.latency_ms)
         .fold((0.0, 0), |(s, n), l| (s + l, n + 1));
-    if n == 0 { 0.0 } else { sum / f64::from(n) }
+    if n == 0 {
+        0.0
+    } else {
+        (sum / f64::from(n)).min(MAX_MEASURED_MS)
+    }
 }
 
 fn region_latency(loaded: &Loaded, health: &[EndpointHealth]) -> Vec<f64> {
@@ -1405,6 +1444,144 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
             snap.endpoints[1].silent.as_deref(),
             Some("no alive probe result for over 2.3 s")
         );
+    }
+
+    /// A seeded xorshift generator: the jitter below reproduces.
+    struct Jitter(u64);
+
+    impl Jitter {
+        fn unit(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// A probe time: mostly the region's own RTT, sometimes a slow
+        /// probe, now and then a stall of 0.2 to 0.9 s.
+        fn probe_ms(&mut self, base_ms: f64) -> f64 {
+            match self.unit() {
+                x if x < 0.93 => base_ms + 2.0 * self.unit(),
+                x if x < 0.98 => 20.0 + 60.0 * self.unit(),
+                _ => 200.0 + 700.0 * self.unit(),
+            }
+        }
+    }
+
+    /// Proximity with jittery probe times: edge stalls (all probes slow at
+    /// once), single slow probes and short bursts never send a client to a
+    /// region on another continent; the answer goes by distance, with the
+    /// measured time smoothed (median of recent probes) and bounded.
+    #[test]
+    fn jittery_probe_times_never_move_a_client_across_continents() {
+        use crate::dns::answer::{Client, answer};
+        use hickory_proto::rr::{LowerName, Name, RData, RecordType};
+        use std::str::FromStr;
+
+        let db = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        // (region, address, continent, lat, lon, the region's own RTT in ms)
+        let regions = [
+            ("us-east", "192.0.2.1", "NA", 38.90, -77.04, 1.0),
+            ("us-west", "192.0.2.2", "NA", 37.77, -122.42, 25.0),
+            ("eu-west", "192.0.2.3", "EU", 53.35, -6.26, 12.0),
+            ("eu-central", "192.0.2.4", "EU", 50.11, 8.68, 14.0),
+            ("ap", "192.0.2.5", "AS", 35.69, 139.69, 28.0),
+        ];
+        let mut config = format!(
+            r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = {{ primary = "ns1.example.net", contact = "hostmaster.example.net" }}
+ns = [{{ name = "ns1.example.net" }}]
+[geoip]
+database = "{db}"
+[ecs]
+max-prefix-v4 = 32
+[services.chat]
+tiers = [["us-east", "us-west", "eu-west", "eu-central", "ap"]]
+strategy = "proximity"
+"#
+        );
+        for (id, ip, _, lat, lon, _) in regions {
+            config.push_str(&format!(
+                "[regions.{id}]\nendpoints = [{{ address = \"{ip}\" }}]\nlocation = {{ lat = {lat}, lon = {lon} }}\n"
+            ));
+        }
+        let geo = Arc::new(GeoDb::load(std::path::Path::new(db)).unwrap());
+        let (mut publisher, snapshot, _) = Publisher::new(
+            load(&config),
+            vec![0, 1, 2, 3, 4],
+            Some(geo),
+            Metrics::new(),
+        );
+        // Clients of the test database: (subnet, continent).
+        let clients = [
+            ("198.51.100.0/24", "NA"), // Washington
+            ("10.0.0.0/16", "NA"),     // San Francisco
+            ("10.5.0.0/16", "NA"),     // Toronto
+            ("10.1.0.0/16", "EU"),     // Paris
+            ("10.2.0.0/16", "EU"),     // Dublin
+            ("192.0.2.0/24", "EU"),    // Frankfurt
+            ("203.0.113.0/24", "AS"),  // Tokyo
+            ("10.6.0.0/16", "AS"),     // Singapore
+        ];
+        let qname = LowerName::new(&Name::from_str("chat.inference.example.com.").unwrap());
+        let continent_of = |ip: String| -> &str {
+            regions
+                .iter()
+                .find(|r| r.1 == ip)
+                .map(|r| r.2)
+                .unwrap_or("none")
+        };
+        let mut jitter = Jitter(0x5eed_1234_abcd_9876);
+        let (mut rounds, mut stalls, mut checked) = (0, 0, 0);
+        for _ in 0..400 {
+            // One round of probes: sometimes the edge stalls, and every
+            // probe of the round is slow at once.
+            let stall = jitter.unit() < 0.03;
+            stalls += usize::from(stall);
+            for (e, region) in regions.iter().enumerate() {
+                let ms = if stall {
+                    200.0 + 700.0 * jitter.unit()
+                } else {
+                    jitter.probe_ms(region.5)
+                };
+                publisher.apply(Msg::Probe(ProbeReport {
+                    endpoint: e as u64,
+                    layer: Layer::Alive,
+                    outcome: crate::health::ProbeOutcome {
+                        result: Ok(Payload::Alive),
+                        elapsed: Duration::from_secs_f64(ms / 1000.0),
+                    },
+                }));
+            }
+            publisher.publish();
+            rounds += 1;
+            let snap = snapshot.load();
+            for (subnet, continent) in clients {
+                let client = Client {
+                    addr: Some("127.0.0.1".parse().unwrap()),
+                    ecs: Some(subnet.parse().unwrap()),
+                };
+                let a = answer(&snap, &qname, RecordType::A, &client);
+                assert!(!a.answers.is_empty(), "{subnet}: an answer");
+                for record in &a.answers {
+                    let RData::A(ip) = &record.data else {
+                        panic!("{subnet}: not an address")
+                    };
+                    assert_eq!(
+                        continent_of(ip.to_string()),
+                        continent,
+                        "round {rounds}: client {subnet} sent to {ip}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(stalls > 5, "the jitter has edge stalls: {stalls}");
+        assert!(checked >= 400 * clients.len());
     }
 
     #[test]
