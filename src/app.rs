@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{self, Config, Secret};
-use crate::dns::{DnsServer, Handler};
+use crate::dns::{DnsServer, Handler, TcpLimits};
 use crate::error::AppError;
 use crate::geo::{GeoDb, GeoError};
 use crate::health::ProbeSet;
@@ -194,6 +194,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         config.server.admin_listen = addr;
     }
     let server = config.server.clone();
+    let endpoints: usize = config.regions.iter().map(|r| r.endpoints.len()).sum();
 
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
@@ -269,7 +270,11 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         Handler::new(snapshot.clone(), server.max_udp_payload),
         udp,
         tcp,
-        server.tcp_idle_timeout,
+        TcpLimits {
+            idle_timeout: server.tcp_idle_timeout,
+            max_connections: tcp_connection_cap(server.tcp_max_connections, endpoints),
+            max_per_address: server.tcp_max_per_address,
+        },
     );
     tasks.spawn("dns", dns.run(cancel.clone()));
     let admin_state = AdminState {
@@ -292,6 +297,31 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         tasks,
         metrics,
     })
+}
+
+/// Descriptors kept for everything but DNS-over-TCP clients: probes (a few
+/// per endpoint), the admin API, the GeoIP file, logs.
+fn descriptor_reserve(endpoints: usize) -> u64 {
+    256 + 4 * endpoints as u64
+}
+
+/// The TCP connection cap actually used: the configured one, lowered so
+/// that a connection flood can never take the descriptors probes need (a
+/// probe failing with "too many open files" would fail a healthy region
+/// over). The soft descriptor limit is raised to the hard one first.
+fn tcp_connection_cap(configured: u32, endpoints: usize) -> u32 {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let room = limit.saturating_sub(descriptor_reserve(endpoints)).max(16);
+    let cap = u64::from(configured).min(room) as u32;
+    if cap < configured {
+        tracing::warn!(
+            configured,
+            cap,
+            descriptor_limit = limit,
+            "DNS-over-TCP connections capped below tcp-max-connections to keep descriptors for probes."
+        );
+    }
+    cap
 }
 
 /// Performs reloads one at a time: read and check the config files, start

@@ -57,6 +57,8 @@ pub struct Metrics {
     queries: IntCounterVec,
     malformed: IntCounterVec,
     ignored: IntCounter,
+    rate_limited: IntCounterVec,
+    tcp_refused: IntCounter,
     answers: IntCounterVec,
     pub endpoint_up: IntGaugeVec,
     pub probes: IntCounterVec,
@@ -127,6 +129,28 @@ impl Metrics {
             IntCounter::new(
                 "inferdns_dns_ignored_total",
                 "DNS packets that got no reply: shorter than a header, responses, or from port 0.",
+            )
+            .expect("valid metric"),
+        );
+        let rate_limited = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_rrl_limited_total",
+                    "UDP responses over the rate limit: dropped, or slipped (sent truncated).",
+                ),
+                &["action"],
+            )
+            .expect("valid metric"),
+        );
+        for action in ["dropped", "slipped"] {
+            rate_limited.with_label_values(&[action]).inc_by(0);
+        }
+        let tcp_refused = register(
+            &r,
+            IntCounter::new(
+                "inferdns_dns_tcp_refused_total",
+                "DNS-over-TCP connections closed at once: over the cap in all or per address.",
             )
             .expect("valid metric"),
         );
@@ -322,6 +346,8 @@ impl Metrics {
             queries,
             malformed,
             ignored,
+            rate_limited,
+            tcp_refused,
             answers,
             endpoint_up,
             probes,
@@ -362,6 +388,11 @@ impl Metrics {
                 .map(|reason| self.malformed.with_label_values(&[reason]))
                 .collect(),
             ignored: Some(self.ignored.clone()),
+            rate_limited: [
+                Some(self.rate_limited.with_label_values(&["dropped"])),
+                Some(self.rate_limited.with_label_values(&["slipped"])),
+            ],
+            tcp_refused: Some(self.tcp_refused.clone()),
         }
     }
 
@@ -397,6 +428,9 @@ pub struct QueryTable {
     /// By `dns::query::Malformed::index`.
     malformed: Vec<IntCounter>,
     ignored: Option<IntCounter>,
+    /// Dropped, slipped.
+    rate_limited: [Option<IntCounter>; 2],
+    tcp_refused: Option<IntCounter>,
 }
 
 impl QueryTable {
@@ -419,6 +453,20 @@ impl QueryTable {
     /// Counts one malformed query by its reason's index in [`MALFORMED_REASONS`].
     pub fn malformed(&self, reason: usize) {
         if let Some(counter) = self.malformed.get(reason) {
+            counter.inc();
+        }
+    }
+
+    /// Counts one rate-limited response.
+    pub fn rate_limited(&self, slipped: bool) {
+        if let Some(counter) = &self.rate_limited[usize::from(slipped)] {
+            counter.inc();
+        }
+    }
+
+    /// Counts one TCP connection closed at once by the caps.
+    pub fn tcp_refused(&self) {
+        if let Some(counter) = &self.tcp_refused {
             counter.inc();
         }
     }

@@ -1118,6 +1118,7 @@ fn build(
             .zip(&dynamic.loads)
             .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
             .collect(),
+        rrl: config.rrl.clone().map(Arc::new),
     }
 }
 

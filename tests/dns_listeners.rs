@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::rr::rdata::SOA;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use inferdns::demo::client::{Ask, exchange_tcp, exchange_udp};
-use inferdns::dns::{DnsServer, Handler};
+use inferdns::dns::{DnsServer, Handler, TcpLimits};
 use inferdns::model::{Node, Snapshot, Zone};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,7 @@ fn broken_snapshot() -> Snapshot {
         explain_acl: Arc::default(),
         geo: Default::default(),
         region_loads: Vec::new(),
+        rrl: None,
     }
 }
 
@@ -83,7 +84,11 @@ async fn a_listener_task_that_dies_stops_the_dns_server() {
             Handler::new(snapshot.clone(), 1232),
             vec![udp],
             vec![tcp],
-            Duration::from_secs(5),
+            TcpLimits {
+                idle_timeout: Duration::from_secs(5),
+                max_connections: 100,
+                max_per_address: 10,
+            },
         );
         let cancel = CancellationToken::new();
         let run = tokio::spawn(server.run(cancel.clone()));

@@ -10,7 +10,7 @@ use common::{FAST_PROBE, Server, base_config, http};
 use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption, NSIDPayload};
 use hickory_proto::rr::{RData, RecordType};
-use inferdns::demo::client::{self, Ask, answer_strings, exchange_udp};
+use inferdns::demo::client::{self, Ask, answer_strings, exchange_tcp, exchange_udp};
 use inferdns::demo::{MODEL, SimRegion};
 
 const TOKEN: &str = "s3cret-token";
@@ -351,8 +351,9 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert!(!text.contains("127.0.0.1") && !text.contains("nope") && !text.contains("example.org"));
 }
 
+/// A TXT query over TCP (explanations are answered in full only there).
 async fn txt(server: &Server, name: &str) -> Message {
-    client::query_udp(server.dns(), &Ask::new(name, RecordType::TXT))
+    client::query_tcp(server.dns(), &Ask::new(name, RecordType::TXT))
         .await
         .unwrap()
 }
@@ -394,6 +395,17 @@ async fn explain_answers_inside_the_acl_and_does_not_exist_outside() {
         "{text}"
     );
     assert!(text.contains("decision: tier 0 -> 127.0.0.61"), "{text}");
+    // Over UDP (a spoofable source) the same question gets TC=1 and no
+    // records, however large the client's buffer: dig retries over TCP.
+    let m = client::query_udp(
+        o.server.dns(),
+        &Ask::new("_explain.chat.inference.example.com.", RecordType::TXT),
+    )
+    .await
+    .unwrap();
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty());
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     // With ECS the client line says so.
     let mut ask = Ask::new("_explain.chat.inference.example.com.", RecordType::TXT).message();
     let mut edns = Edns::new();
@@ -402,7 +414,7 @@ async fn explain_answers_inside_the_acl_and_does_not_exist_outside() {
         .insert(EdnsOption::Subnet("198.51.100.0/24".parse().unwrap()));
     ask.set_edns(edns);
     let m = Message::from_vec(
-        &exchange_udp(
+        &exchange_tcp(
             o.server.dns(),
             &ask.to_vec().unwrap(),
             Duration::from_secs(2),

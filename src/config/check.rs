@@ -128,6 +128,7 @@ impl Checker {
         let geo = self.geo_config(src, file);
         let groups = self.groups(src, &file.groups);
         let overrides = self.overrides(src, &file.overrides, &regions);
+        let rrl = self.rrl(src, &file.rrl);
         let mut services = Vec::new();
         if let Some(apex) = &apex {
             let ctx = Ctx {
@@ -155,6 +156,7 @@ impl Checker {
             services,
             geo: geo?,
             overrides,
+            rrl,
         })
     }
 
@@ -210,23 +212,8 @@ impl Checker {
             }
             None => host_name(),
         };
-        let mut explain_acl = Vec::new();
-        for net in &s.explain_acl {
-            match net.get_ref().parse::<ipnet::IpNet>() {
-                Ok(n) => explain_acl.push(n.trunc()),
-                Err(_) => match net.get_ref().parse::<IpAddr>() {
-                    Ok(ip) => explain_acl.push(ipnet::IpNet::from(ip)),
-                    Err(_) => self.err(
-                        src,
-                        net.span(),
-                        format!(
-                            "{:?} is not a network like 192.0.2.0/24 or an address",
-                            net.get_ref()
-                        ),
-                    ),
-                },
-            }
-        }
+        let explain_acl = self.networks(src, &s.explain_acl);
+        let (tcp_max_connections, tcp_max_per_address) = self.tcp_caps(src, s);
         let admin_token = match &s.admin_token_file {
             None => None,
             Some(file) => {
@@ -257,6 +244,8 @@ impl Checker {
             admin_listen: admin_listen?,
             startup_grace: grace?,
             tcp_idle_timeout: idle?,
+            tcp_max_connections,
+            tcp_max_per_address,
             max_udp_payload: payload,
             nsid,
             explain_acl,

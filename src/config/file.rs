@@ -33,6 +33,30 @@ pub struct MainFile {
     /// Networks placed at a location or a region before GeoIP is asked.
     #[serde(default)]
     pub overrides: Vec<Spanned<OverrideSection>>,
+    /// Response rate limiting of UDP answers.
+    #[serde(default)]
+    pub rrl: RrlSection,
+}
+
+/// `[rrl]`: response rate limiting (as NSD's and Knot's RRL), on by default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RrlSection {
+    /// Default true.
+    pub enabled: Option<Spanned<bool>>,
+    /// Responses per second per client prefix and response class. Default 200.
+    pub rate: Option<Spanned<u32>>,
+    /// How many seconds of `rate` a bucket holds (the burst). Default "1s".
+    pub window: Option<Spanned<String>>,
+    /// Every `slip`-th limited response goes out truncated (TC=1); 0: none.
+    /// Default 2.
+    pub slip: Option<Spanned<u32>>,
+    /// Client prefix lengths a bucket is kept for. Defaults 24 and 56.
+    pub ipv4_prefix: Option<Spanned<u8>>,
+    pub ipv6_prefix: Option<Spanned<u8>>,
+    /// Sources never limited. Default loopback (which cannot be spoofed from
+    /// outside the host).
+    pub exempt: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +148,11 @@ pub struct ServerSection {
     /// Idle TCP connections are closed after this long.
     #[serde(default = "default_tcp_idle_timeout")]
     pub tcp_idle_timeout: Spanned<String>,
+    /// Open DNS-over-TCP connections, in all. Default 1000 (and never more
+    /// than the descriptor limit leaves after a reserve for probes).
+    pub tcp_max_connections: Option<Spanned<u32>>,
+    /// Open DNS-over-TCP connections from one address. Default 16.
+    pub tcp_max_per_address: Option<Spanned<u32>>,
     /// Largest UDP response we send, whatever the client advertises (RFC 6891).
     #[serde(default = "default_max_udp_payload")]
     pub max_udp_payload: Spanned<u16>,

@@ -8,6 +8,7 @@
 mod capacity;
 mod check;
 pub mod file;
+mod limits;
 mod probes;
 mod residency;
 mod zonefile;
@@ -33,6 +34,23 @@ pub struct Config {
     pub geo: GeoConfig,
     /// Network overrides, longest prefix first.
     pub overrides: Vec<Override>,
+    /// Response rate limiting; `None` when off.
+    pub rrl: Option<RateLimit>,
+}
+
+/// Response rate limiting (RRL) of UDP answers, per client prefix and
+/// response class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Responses per second a bucket refills.
+    pub rate: f64,
+    /// Most responses a bucket holds (rate x window).
+    pub burst: f64,
+    /// Every `slip`-th limited response is sent truncated; 0: none.
+    pub slip: u32,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub exempt: Vec<ipnet::IpNet>,
 }
 
 /// GeoIP and EDNS Client Subnet settings.
@@ -114,6 +132,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub startup_grace: Duration,
     pub tcp_idle_timeout: Duration,
+    pub tcp_max_connections: u32,
+    pub tcp_max_per_address: u32,
     pub max_udp_payload: u16,
     /// NSID payload, at most 128 bytes; empty means none.
     pub nsid: String,

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::ResponseCode;
@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::answer::{Client, answer};
 use super::query::{self, ClientSubnet, Ecs, Query, Question};
 use super::reply::{Header, Opt, Section, Writer};
+use super::rrl::{Class, Rrl, Verdict};
+use crate::config::RateLimit;
 use crate::model::Snapshot;
 
 /// The class IN; every other class is refused.
@@ -46,6 +48,10 @@ pub enum Transport {
 pub struct Handler {
     snapshot: Arc<ArcSwap<Snapshot>>,
     max_udp_payload: u16,
+    /// Response rate limiting buckets, shared by every socket.
+    rrl: Arc<Rrl>,
+    /// The clock of the RRL buckets.
+    started: Instant,
 }
 
 impl Handler {
@@ -53,6 +59,8 @@ impl Handler {
         Self {
             snapshot,
             max_udp_payload,
+            rrl: Arc::new(Rrl::new()),
+            started: Instant::now(),
         }
     }
 
@@ -89,45 +97,62 @@ impl Handler {
                 usize::from(edns.payload.clamp(512, self.max_udp_payload.max(512)))
             }
         };
-        let response_payload = self.max_udp_payload.max(512);
         let reply = Reply {
             query: &query,
             out,
             max_size,
-            payload: response_payload,
+            payload: self.max_udp_payload.max(512),
+            udp: transport == Transport::Udp,
         };
+        let replied = reply.write(&snapshot, src.ip());
+        match (&snapshot.rrl, transport) {
+            (Some(limit), Transport::Udp) if replied => {
+                self.rate_limit(&snapshot, limit, &query, src.ip(), out, max_size)
+            }
+            _ => replied,
+        }
+    }
 
-        if let Some(reason) = query.malformed {
-            snapshot.queries.malformed(reason.index());
-            return reply.error(&snapshot, ResponseCode::FormErr);
-        }
-        let Some(question) = query.question else {
-            return reply.error(&snapshot, ResponseCode::FormErr);
+    /// Response rate limiting of a written UDP reply: `false` when it is
+    /// dropped; a slipped one is rewritten as TC=1 without records.
+    fn rate_limit(
+        &self,
+        snapshot: &Snapshot,
+        limit: &RateLimit,
+        query: &Query<'_>,
+        src: IpAddr,
+        out: &mut Vec<u8>,
+        max_size: usize,
+    ) -> bool {
+        let rcode = u16::from(out[3] & 0x0f);
+        let records = u16::from_be_bytes([out[6], out[7]]);
+        let class = match rcode {
+            0 if records > 0 => Class::Answer,
+            0 => Class::NoData,
+            3 => Class::NxDomain,
+            _ => Class::Error,
         };
-        let qtype = RecordType::from(question.qtype);
-        if let Some(edns) = query.edns {
-            if edns.version > 0 {
-                return reply.error(&snapshot, ResponseCode::BADVERS);
+        let name = query.question.map_or(&[][..], |q| &q.wire[..q.name_len]);
+        let now_ms = self.started.elapsed().as_millis() as u32;
+        match self.rrl.check(limit, src, class, name, now_ms) {
+            Verdict::Send => true,
+            Verdict::Drop => {
+                snapshot.queries.rate_limited(false);
+                false
             }
-            if edns.ecs == Ecs::Malformed && snapshot.geo.ecs {
-                snapshot.queries.malformed(query::Malformed::Ecs.index());
-                return reply.error(&snapshot, ResponseCode::FormErr);
+            Verdict::Slip => {
+                snapshot.queries.rate_limited(true);
+                let reply = Reply {
+                    query,
+                    out,
+                    max_size,
+                    payload: self.max_udp_payload.max(512),
+                    udp: true,
+                };
+                reply.slip(rcode);
+                true
             }
         }
-        if query.opcode != 0 {
-            return reply.error(&snapshot, ResponseCode::NotImp);
-        }
-        let Some(qname) = lower_name(&question) else {
-            snapshot
-                .queries
-                .malformed(query::Malformed::Question.index());
-            return reply.error(&snapshot, ResponseCode::FormErr);
-        };
-        let in_zone = question.qclass == CLASS_IN && snapshot.zone.apex.zone_of(&qname);
-        if !in_zone || matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
-            return reply.error(&snapshot, ResponseCode::Refused);
-        }
-        reply.answer(&snapshot, &question, &qname, qtype, src.ip())
     }
 }
 
@@ -144,9 +169,64 @@ struct Reply<'q, 'o> {
     max_size: usize,
     /// The UDP payload size we announce.
     payload: u16,
+    /// Over UDP (spoofable): explanations are truncated.
+    udp: bool,
 }
 
 impl Reply<'_, '_> {
+    /// Writes the reply to the query; `true` (every query read gets one).
+    fn write(self, snapshot: &Snapshot, resolver: IpAddr) -> bool {
+        let query = self.query;
+        if let Some(reason) = query.malformed {
+            snapshot.queries.malformed(reason.index());
+            return self.error(snapshot, ResponseCode::FormErr);
+        }
+        let Some(question) = query.question else {
+            return self.error(snapshot, ResponseCode::FormErr);
+        };
+        let qtype = RecordType::from(question.qtype);
+        if let Some(edns) = query.edns {
+            if edns.version > 0 {
+                return self.error(snapshot, ResponseCode::BADVERS);
+            }
+            if edns.ecs == Ecs::Malformed && snapshot.geo.ecs {
+                snapshot.queries.malformed(query::Malformed::Ecs.index());
+                return self.error(snapshot, ResponseCode::FormErr);
+            }
+        }
+        if query.opcode != 0 {
+            return self.error(snapshot, ResponseCode::NotImp);
+        }
+        let Some(qname) = lower_name(&question) else {
+            snapshot
+                .queries
+                .malformed(query::Malformed::Question.index());
+            return self.error(snapshot, ResponseCode::FormErr);
+        };
+        let in_zone = question.qclass == CLASS_IN && snapshot.zone.apex.zone_of(&qname);
+        if !in_zone || matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            return self.error(snapshot, ResponseCode::Refused);
+        }
+        self.answer(snapshot, &question, &qname, qtype, resolver)
+    }
+
+    /// A rate-limited reply that slips: TC=1 with the question and the OPT
+    /// record only, so a real client retries over TCP.
+    fn slip(self, rcode: u16) {
+        let mut header = self.header(ResponseCode::NoError, matches!(rcode, 0 | 3));
+        header.rcode = rcode;
+        let opt = self.opt(None);
+        let mut writer = Writer::new(
+            self.out,
+            header,
+            self.query.question.as_ref(),
+            opt,
+            self.max_size,
+        );
+        writer.truncate();
+        writer.finish();
+    }
+
     fn header(&self, rcode: ResponseCode, authoritative: bool) -> Header {
         Header {
             id: self.query.id,
@@ -215,9 +295,16 @@ impl Reply<'_, '_> {
         }
         let header = self.header(result.rcode, true);
         let mut writer = Writer::new(self.out, header, Some(question), opt, self.max_size);
-        let whole = writer
-            .whole(Section::Answer, result.answers.iter().map(|r| &**r))
-            .and_then(|()| writer.whole(Section::Authority, result.authority.iter().copied()));
+        // An explanation is large and its source spoofable over UDP: TC=1
+        // without records, and `dig` asks again over TCP by itself.
+        let whole = if result.explained && self.udp {
+            writer.truncate();
+            Err(super::reply::Full)
+        } else {
+            writer
+                .whole(Section::Answer, result.answers.iter().map(|r| &**r))
+                .and_then(|()| writer.whole(Section::Authority, result.authority.iter().copied()))
+        };
         if whole.is_ok() {
             writer.optional(Section::Additional, result.additionals.iter().copied());
         }
@@ -284,6 +371,66 @@ fn ecs_echo(
     (family, subnet.source_prefix, scope, addr)
 }
 
+/// Limits of DNS over TCP.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// A connection is closed when a whole query (or the write of its
+    /// answer) takes longer than this: idle or slow clients alike.
+    pub idle_timeout: Duration,
+    /// Open connections in all; more are closed at once.
+    pub max_connections: u32,
+    /// Open connections from one address; more are closed at once.
+    pub max_per_address: u32,
+}
+
+/// Who may open one more TCP connection.
+struct TcpGate {
+    open: Arc<tokio::sync::Semaphore>,
+    /// Open connections per address: at most `max_connections` entries.
+    per_address: std::sync::Mutex<std::collections::HashMap<IpAddr, u32>>,
+    max_per_address: u32,
+}
+
+/// One admitted connection; gives its places back when dropped.
+struct Admitted {
+    gate: Arc<TcpGate>,
+    ip: IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl TcpGate {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let permit = self.open.clone().try_acquire_owned().ok()?;
+        let mut per_address = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        let open = per_address.entry(ip).or_insert(0);
+        if *open >= self.max_per_address {
+            return None;
+        }
+        *open += 1;
+        Some(Admitted {
+            gate: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_address = self
+            .gate
+            .per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = per_address.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The DNS listeners: one task per UDP socket (receive, answer, send in
 /// turn: the answer never waits for anything), one accept task per TCP
 /// listener with a task per connection.
@@ -291,7 +438,7 @@ pub struct DnsServer {
     handler: Handler,
     udp: Vec<UdpSocket>,
     tcp: Vec<TcpListener>,
-    tcp_idle_timeout: Duration,
+    limits: TcpLimits,
 }
 
 impl DnsServer {
@@ -299,13 +446,13 @@ impl DnsServer {
         handler: Handler,
         udp: Vec<UdpSocket>,
         tcp: Vec<TcpListener>,
-        tcp_idle_timeout: Duration,
+        limits: TcpLimits,
     ) -> Self {
         Self {
             handler,
             udp,
             tcp,
-            tcp_idle_timeout,
+            limits,
         }
     }
 
@@ -317,11 +464,20 @@ impl DnsServer {
         for socket in self.udp {
             tasks.spawn(serve_udp(socket, self.handler.clone(), cancel.clone()));
         }
+        // One gate for every TCP listener: the caps are for the process.
+        let gate = Arc::new(TcpGate {
+            open: Arc::new(tokio::sync::Semaphore::new(
+                self.limits.max_connections as usize,
+            )),
+            per_address: std::sync::Mutex::default(),
+            max_per_address: self.limits.max_per_address,
+        });
         for listener in self.tcp {
             tasks.spawn(serve_tcp(
                 listener,
                 self.handler.clone(),
-                self.tcp_idle_timeout,
+                self.limits.idle_timeout,
+                gate.clone(),
                 cancel.clone(),
             ));
         }
@@ -376,6 +532,7 @@ async fn serve_tcp(
     listener: TcpListener,
     handler: Handler,
     idle: Duration,
+    gate: Arc<TcpGate>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let mut connections = JoinSet::new();
@@ -383,9 +540,17 @@ async fn serve_tcp(
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_connection(stream, peer, handler.clone(), idle));
-                }
+                Ok((stream, peer)) => match gate.admit(peer.ip().to_canonical()) {
+                    Some(admitted) => {
+                        let handler = handler.clone();
+                        connections.spawn(async move {
+                            serve_connection(stream, peer, handler, idle).await;
+                            drop(admitted);
+                        });
+                    }
+                    // Over a cap: closed at once (dropping the stream).
+                    None => handler.snapshot.load().queries.tcp_refused(),
+                },
                 Err(e) => {
                     // Out of descriptors or buffers: wait rather than spin.
                     tracing::debug!(error = %e, "TCP accept failed.");

@@ -9,5 +9,6 @@ pub mod answer;
 mod handler;
 pub mod query;
 pub mod reply;
+pub mod rrl;
 
-pub use handler::{DnsServer, Handler, Transport};
+pub use handler::{DnsServer, Handler, TcpLimits, Transport};

@@ -102,6 +102,8 @@ pub struct Snapshot {
     pub geo: GeoView,
     /// (region id, utilisation, GPUs) for status.
     pub region_loads: Vec<(String, Option<f64>, f64)>,
+    /// Response rate limiting of UDP answers; `None` when off.
+    pub rrl: Option<Arc<crate::config::RateLimit>>,
 }
 
 /// Everything needed to locate a client.
