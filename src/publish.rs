@@ -1605,6 +1605,83 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
         assert_eq!(decisions(&snapshot)[0], Decision::ResidencyNoData);
     }
 
+    /// Residency wins over last known good too: a class of clients holds
+    /// only the endpoints it may use, and then gets NODATA, never a region
+    /// outside its jurisdiction.
+    #[tokio::test(start_paused = true)]
+    async fn last_known_good_stays_inside_each_residency_class() {
+        let db = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        let config = format!(
+            r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = {{ primary = "ns1.example.net", contact = "hostmaster.example.net" }}
+ns = [{{ name = "ns1.example.net" }}]
+[geoip]
+database = "{db}"
+[regions.eu]
+endpoints = [{{ address = "192.0.2.1" }}]
+jurisdictions = ["eu"]
+[regions.us]
+endpoints = [{{ address = "192.0.2.2" }}]
+jurisdictions = ["us"]
+[services.chat]
+tiers = [["eu", "us"]]
+last-known-good = "10s"
+residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
+"#
+        );
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(&config), vec![0, 1], None, Metrics::new());
+        let classes = |s: &ArcSwap<Snapshot>| -> Vec<(Decision, Vec<String>)> {
+            s.load().service_views[0]
+                .residency
+                .as_ref()
+                .unwrap()
+                .iter()
+                .take(2)
+                .map(|c| (c.decision.clone(), c.answer.clone()))
+                .collect()
+        };
+        let step = |publisher: &mut Publisher, ok: [bool; 2]| {
+            for (endpoint, ok) in ok.into_iter().enumerate() {
+                publisher.apply(report(endpoint as u64, ok));
+            }
+            publisher.publish();
+        };
+        step(&mut publisher, [true, true]);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // Both go down together.
+        step(&mut publisher, [false, false]);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        step(&mut publisher, [false, false]);
+        let held = |tier| Decision::LastKnownGood {
+            tier,
+            hold_left_ms: 10_000,
+            then: "fail-open",
+        };
+        assert_eq!(
+            classes(&snapshot),
+            [
+                (held(0), vec!["192.0.2.1".to_string()]),
+                (
+                    held(0),
+                    vec!["192.0.2.1".to_string(), "192.0.2.2".to_string()]
+                ),
+            ],
+            "EU clients hold the EU region only; the others both"
+        );
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            step(&mut publisher, [false, false]);
+        }
+        let after = classes(&snapshot);
+        assert_eq!(after[0], (Decision::ResidencyNoData, vec![]));
+        assert_eq!(after[1].0, Decision::FailOpen);
+    }
+
     /// A probe layer whose probe never reports (its task stuck from the
     /// start) is given up on at its silence limit: then fail-open may answer it.
     #[tokio::test(start_paused = true)]
