@@ -77,6 +77,10 @@ pub struct Metrics {
     pub task_failures: IntCounterVec,
     /// Probe layers that sent no result for longer than their silence limit.
     pub probe_layers_silent: IntGauge,
+    /// 1 while a service answers its last known good endpoints, by service.
+    pub last_known_good: IntGaugeVec,
+    /// Times a service began answering its last known good endpoints.
+    pub last_known_good_holds: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -327,6 +331,28 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let last_known_good = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_last_known_good",
+                    "1 while a service, with nothing fit, answers the endpoints that were fit last (for its hold).",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
+        let last_known_good_holds = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_last_known_good_holds_total",
+                    "Times a service began answering its last known good endpoints.",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -364,6 +390,8 @@ impl Metrics {
             capacity_reports,
             task_failures,
             probe_layers_silent,
+            last_known_good,
+            last_known_good_holds,
         })
     }
 

@@ -26,6 +26,8 @@ use crate::model::{
     Zone,
 };
 
+mod last_good;
+
 /// Everything the publisher can be told.
 #[derive(Debug)]
 pub enum Msg {
@@ -267,6 +269,8 @@ struct Dynamic {
     latency_ms: Vec<f64>,
     loads: Vec<RegionLoad>,
     services: Vec<(Vec<Level>, u32)>,
+    /// Per global endpoint, how long ago it was last fit (last known good).
+    fit_ago: Vec<Option<Duration>>,
 }
 
 /// A reload whose new endpoints have not all been probed yet.
@@ -304,6 +308,10 @@ pub struct Publisher {
     published_util: Vec<Option<f64>>,
     /// Probe layers (id, layer) silent past their limit, as last published.
     silent: HashSet<(u64, Layer)>,
+    /// When each endpoint was last fit.
+    fit_log: last_good::FitLog,
+    /// Services answering last known good, as last published.
+    holding: HashSet<String>,
 }
 
 impl Publisher {
@@ -345,6 +353,7 @@ impl Publisher {
                 .iter()
                 .map(|s| (vec![Level::Normal; loaded.config.regions.len()], s.ttl))
                 .collect(),
+            fit_ago: vec![None; loaded.ids.len()],
         };
         let first = build(
             &loaded,
@@ -380,6 +389,8 @@ impl Publisher {
             last_publish: Instant::now(),
             published_util: Vec::new(),
             silent: HashSet::new(),
+            fit_log: last_good::FitLog::default(),
+            holding: HashSet::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
@@ -662,6 +673,10 @@ impl Publisher {
                 consider(since + step * (done + 1));
             }
         }
+        // A last-known-good hold ends (the all-down rule applies).
+        for t in self.last_good_deadlines() {
+            consider(t);
+        }
         next
     }
 
@@ -753,6 +768,7 @@ impl Publisher {
             latency_ms: self.published_latency.clone(),
             loads,
             services,
+            fit_ago: self.fit_ago(),
         }
     }
 
@@ -855,6 +871,8 @@ impl Publisher {
     /// Builds and swaps in a new snapshot, unless a reload is waiting for
     /// its first probes (then the old config keeps serving until it settles).
     pub fn publish(&mut self) {
+        // Marked even while a reload is deferred: a mark is the moment of the change.
+        self.note_fitness();
         if self.deferred.is_some() {
             self.settle(false);
             return;
@@ -868,6 +886,7 @@ impl Publisher {
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
         self.note_silence();
+        self.note_fitness();
         let dynamic = self.dynamic();
         let next = build(
             &self.loaded,
@@ -881,7 +900,9 @@ impl Publisher {
         let previous = self.snapshot.load();
         for new in &next.service_views {
             let old = previous.service_views.iter().find(|v| v.id == new.id);
-            if old.is_none_or(|old| old.decision != new.decision || old.answer != new.answer) {
+            if old.is_none_or(|old| {
+                !old.decision.same_choice(&new.decision) || old.answer != new.answer
+            }) {
                 tracing::info!(
                     service = %new.id,
                     decision = ?new.decision,
@@ -890,6 +911,7 @@ impl Publisher {
                 );
             }
         }
+        self.note_last_known_good(&next);
         self.snapshot.store(Arc::new(next));
         if std::mem::take(&mut self.first_round_due) {
             self.first_round.send_replace(true);
@@ -1023,7 +1045,8 @@ fn build(
         .zip(&loaded.info)
         .zip(&errors)
         .zip(&silent)
-        .map(|(((h, info), error), silent)| EndpointInput {
+        .zip(&dynamic.fit_ago)
+        .map(|((((h, info), error), silent), fit_ago)| EndpointInput {
             status: h.state.status,
             last_error: error.as_deref(),
             drained: drained.contains(&info.region),
@@ -1054,6 +1077,11 @@ fn build(
                 .unwrap_or(1.0),
             latency_ms: h.completion_ms.or(h.latency_ms),
             silent: silent.as_deref(),
+            fit_ago: *fit_ago,
+            last_models: info
+                .layers
+                .contains(&Layer::Models)
+                .then(|| h.models.as_deref().unwrap_or(&[])),
         })
         .collect();
     let mut services = Vec::with_capacity(config.services.len());
@@ -1320,6 +1348,199 @@ tiers = [["primary"], ["secondary"]]
         assert!(explain.contains("fail-open"), "{explain}");
     }
 
+    /// Issue 13, item 4: the primary hung a minute ago and the secondary
+    /// serves; then the secondary's probes time out too (a loaded edge whose
+    /// probes all time out looks like this). Fail-open answered the hung
+    /// primary; now the secondary, fit a moment ago, is answered for the
+    /// hold, and only then the all-down rule. The run loop wakes at the
+    /// hold's end by itself (no probe result changes anything then).
+    #[tokio::test(start_paused = true)]
+    async fn everything_unfit_at_once_answers_the_last_known_good_for_the_hold() {
+        let metrics = Metrics::new();
+        let (publisher, snapshot, mut first) =
+            Publisher::new(load(MAIN), vec![0, 1], None, metrics.clone());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        let primary = Scripted::new(Scripted::OK);
+        let secondary = Scripted::new(Scripted::OK);
+        for (id, script) in [(0, primary.clone()), (1, secondary.clone())] {
+            tokio::spawn(probe_loop(id, script, schedule, tx.clone(), cancel.clone()));
+        }
+        first.wait_for(|done| *done).await.unwrap();
+        primary.set(Scripted::HANG);
+        until(&snapshot, "192.0.2.2").await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        secondary.set(Scripted::HANG);
+        let decision = |s: &ArcSwap<Snapshot>| s.load().service_views[0].decision.clone();
+        while matches!(decision(&snapshot), Decision::Tier { .. }) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let lost = Instant::now();
+        assert_eq!(
+            answer(&snapshot),
+            ["192.0.2.2"],
+            "the secondary, fit a moment ago, not the primary hung for a minute"
+        );
+        assert_eq!(
+            decision(&snapshot),
+            Decision::LastKnownGood {
+                tier: 1,
+                hold_left_ms: 30_000,
+                then: "fail-open"
+            }
+        );
+        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        assert!(
+            explain.contains("endpoint 192.0.2.2: down (timed out) -> kept as last known good: fit 0.0 s ago, down since"),
+            "{explain}"
+        );
+        assert!(
+            explain.contains("endpoint 192.0.2.1: down (timed out) -> removed at eligible: down"),
+            "{explain}"
+        );
+        assert!(
+            explain.contains(
+                "-> last known good (tier 1) for 30.0 s more, then fail-open -> 192.0.2.2"
+            ),
+            "{explain}"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("inferdns_last_known_good{service=\"chat\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("inferdns_last_known_good_holds_total{service=\"chat\"} 1"),
+            "{text}"
+        );
+        tokio::time::sleep_until(lost + Duration::from_millis(29_990)).await;
+        assert_eq!(answer(&snapshot), ["192.0.2.2"], "held until the end");
+        tokio::time::sleep_until(lost + Duration::from_millis(30_010)).await;
+        assert_eq!(
+            decision(&snapshot),
+            Decision::FailOpen,
+            "then the configured rule"
+        );
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        assert!(
+            metrics
+                .encode()
+                .contains("inferdns_last_known_good{service=\"chat\"} 0")
+        );
+        // Back to normal when the secondary answers again.
+        secondary.set(Scripted::OK);
+        until(&snapshot, "192.0.2.2").await;
+        assert_eq!(decision(&snapshot), Decision::Tier { tier: 1 });
+        cancel.cancel();
+    }
+
+    const LAST_GOOD: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+[regions.secondary]
+endpoints = [{ address = "192.0.2.2" }, { address = "192.0.2.3" }]
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+when-all-down = "nodata"
+last-known-good = "10s"
+"#;
+
+    /// One probe round 500 ms after the last (every endpoint reports, so no
+    /// layer falls silent), then a publish.
+    async fn round(publisher: &mut Publisher, ok: [bool; 3]) {
+        tokio::time::advance(Duration::from_millis(500)).await;
+        for (endpoint, ok) in ok.into_iter().enumerate() {
+            publisher.apply(report(endpoint as u64, ok));
+        }
+        publisher.publish();
+    }
+
+    /// The primary is down for good; the secondary's two endpoints go down
+    /// `gap` rounds (of 500 ms) apart. Returns the publisher and snapshot as
+    /// the second one goes down.
+    async fn secondary_lost(gap: usize) -> (Publisher, Arc<ArcSwap<Snapshot>>) {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(LAST_GOOD), vec![0, 1, 2], None, Metrics::new());
+        round(&mut publisher, [true; 3]).await;
+        for _ in 0..10 {
+            round(&mut publisher, [false, true, true]).await;
+        }
+        assert_eq!(answer(&snapshot), ["192.0.2.2", "192.0.2.3"]);
+        for _ in 0..2 + gap {
+            round(&mut publisher, [false, false, true]).await;
+        }
+        assert_eq!(answer(&snapshot), ["192.0.2.3"]);
+        for _ in 0..2 {
+            round(&mut publisher, [false, false, false]).await;
+        }
+        (publisher, snapshot)
+    }
+
+    fn decision(snapshot: &ArcSwap<Snapshot>) -> Decision {
+        snapshot.load().service_views[0].decision.clone()
+    }
+
+    /// "Together" is within one probe cycle (interval + timeout, 1.3 s with
+    /// the defaults) of the last one to go; the hold is counted from it.
+    #[tokio::test(start_paused = true)]
+    async fn last_known_good_is_what_went_unfit_together_for_the_hold_then_the_rule() {
+        // Down 1.0 s apart: both are last known good.
+        let (mut publisher, snapshot) = secondary_lost(0).await;
+        let lost = Instant::now();
+        assert_eq!(answer(&snapshot), ["192.0.2.2", "192.0.2.3"]);
+        assert_eq!(
+            decision(&snapshot),
+            Decision::LastKnownGood {
+                tier: 1,
+                hold_left_ms: 10_000,
+                then: "nodata"
+            }
+        );
+        // A drained region is never answered, not even as last known good.
+        let drain = |publisher: &mut Publisher, drained: bool| {
+            let (done, _) = oneshot::channel();
+            publisher.apply(Msg::Drain {
+                region: "secondary".into(),
+                drained,
+                done,
+            });
+        };
+        drain(&mut publisher, true);
+        assert_eq!(decision(&snapshot), Decision::NoData);
+        drain(&mut publisher, false);
+        assert!(decision(&snapshot).is_last_known_good());
+        // The hold runs from the last one down, whatever was published since.
+        while Instant::now() + Duration::from_millis(500) < lost + Duration::from_secs(10) {
+            round(&mut publisher, [false; 3]).await;
+            assert_eq!(answer(&snapshot), ["192.0.2.2", "192.0.2.3"]);
+        }
+        tokio::time::advance(lost + Duration::from_secs(10) - Instant::now()).await;
+        publisher.publish();
+        assert_eq!(decision(&snapshot), Decision::NoData, "then when-all-down");
+        assert!(answer(&snapshot).is_empty());
+        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        assert!(
+            explain.ends_with("decision: nothing fit -> NODATA"),
+            "{explain}"
+        );
+
+        // Down 2.0 s apart (over one cycle): only the last one.
+        let (_, snapshot) = secondary_lost(2).await;
+        assert_eq!(answer(&snapshot), ["192.0.2.3"]);
+        assert!(decision(&snapshot).is_last_known_good());
+    }
+
     /// Alive and up, but its model list has no first result yet: not known
     /// to lack the model, so no fallback CNAME (cached for its TTL) either.
     #[tokio::test(start_paused = true)]
@@ -1422,6 +1643,83 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
         publisher.apply(report(0, false));
         publisher.publish();
         assert_eq!(decisions(&snapshot)[0], Decision::ResidencyNoData);
+    }
+
+    /// Residency wins over last known good too: a class of clients holds
+    /// only the endpoints it may use, and then gets NODATA, never a region
+    /// outside its jurisdiction.
+    #[tokio::test(start_paused = true)]
+    async fn last_known_good_stays_inside_each_residency_class() {
+        let db = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        let config = format!(
+            r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = {{ primary = "ns1.example.net", contact = "hostmaster.example.net" }}
+ns = [{{ name = "ns1.example.net" }}]
+[geoip]
+database = "{db}"
+[regions.eu]
+endpoints = [{{ address = "192.0.2.1" }}]
+jurisdictions = ["eu"]
+[regions.us]
+endpoints = [{{ address = "192.0.2.2" }}]
+jurisdictions = ["us"]
+[services.chat]
+tiers = [["eu", "us"]]
+last-known-good = "10s"
+residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
+"#
+        );
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(&config), vec![0, 1], None, Metrics::new());
+        let classes = |s: &ArcSwap<Snapshot>| -> Vec<(Decision, Vec<String>)> {
+            s.load().service_views[0]
+                .residency
+                .as_ref()
+                .unwrap()
+                .iter()
+                .take(2)
+                .map(|c| (c.decision.clone(), c.answer.clone()))
+                .collect()
+        };
+        let step = |publisher: &mut Publisher, ok: [bool; 2]| {
+            for (endpoint, ok) in ok.into_iter().enumerate() {
+                publisher.apply(report(endpoint as u64, ok));
+            }
+            publisher.publish();
+        };
+        step(&mut publisher, [true, true]);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // Both go down together.
+        step(&mut publisher, [false, false]);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        step(&mut publisher, [false, false]);
+        let held = |tier| Decision::LastKnownGood {
+            tier,
+            hold_left_ms: 10_000,
+            then: "fail-open",
+        };
+        assert_eq!(
+            classes(&snapshot),
+            [
+                (held(0), vec!["192.0.2.1".to_string()]),
+                (
+                    held(0),
+                    vec!["192.0.2.1".to_string(), "192.0.2.2".to_string()]
+                ),
+            ],
+            "EU clients hold the EU region only; the others both"
+        );
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            step(&mut publisher, [false, false]);
+        }
+        let after = classes(&snapshot);
+        assert_eq!(after[0], (Decision::ResidencyNoData, vec![]));
+        assert_eq!(after[1].0, Decision::FailOpen);
     }
 
     /// A probe layer whose probe never reports (its task stuck from the

@@ -56,7 +56,7 @@ probe = { scheme = "https", tls-server-name = "gw.provider.example.net", interva
 #[test]
 fn a_good_config_compiles_to_the_runtime_model() {
     let main = base_config(&format!(
-        "policy-dir = \"policies\"\n{REGIONS}\n[services.chat]\ntiers = [[\"us-east\"], [\"us-west\"]]\nttl = 15\nwhen-all-down = \"servfail\"\n"
+        "policy-dir = \"policies\"\n{REGIONS}\n[services.chat]\ntiers = [[\"us-east\"], [\"us-west\"]]\nttl = 15\nwhen-all-down = \"servfail\"\nlast-known-good = \"3s\"\n"
     ))
     // policy-dir must be a top-level key: move it above [server].
     .replace("policy-dir = \"policies\"\n", "");
@@ -96,6 +96,16 @@ fn a_good_config_compiles_to_the_runtime_model() {
     assert_eq!(config.services[0].when_all_down, AllDown::ServFail);
     assert_eq!(config.services[0].tiers, vec![vec![0], vec![1]]);
     assert_eq!(config.services[1].ttl, 30);
+    assert_eq!(
+        config.services[0].last_known_good,
+        std::time::Duration::from_secs(3),
+        "set"
+    );
+    assert_eq!(
+        config.services[1].last_known_good,
+        std::time::Duration::from_secs(30),
+        "the default hold"
+    );
     // Zone file records plus the glue of ns1 (one A, one AAAA).
     assert!(config.zone.records.len() > 8);
 }
@@ -156,6 +166,7 @@ tiers = [["us-west"]]
 name = "chat"
 tiers = [["us-west"]]
 when-all-down = "maybe"
+last-known-good = "10m"
 
 [services.far]
 name = "far.example.org."
@@ -204,6 +215,14 @@ tiers = [["us-west"]]
     has(&errors, f, l, c, "ttl 999999 is out of range");
     let (l, c) = at("\"maybe\"");
     has(&errors, f, l, c, "not one of fail-open, nodata, servfail");
+    let (l, c) = at("\"10m\"");
+    has(
+        &errors,
+        f,
+        l,
+        c,
+        "last-known-good 10m is out of range (0s..=5m)",
+    );
     let (l, c) = at("\"far.example.org.\"");
     has(&errors, f, l, c, "must be below the apex");
     // www is a zone-file name; `other` reuses chat's name (reported at its table header).

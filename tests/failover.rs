@@ -164,6 +164,7 @@ endpoints = [{{ address = "127.0.0.33", port = {} }}, {{ address = "127.0.0.34",
 [services.chat]
 tiers = [["pool"]]
 when-all-down = "nodata"
+last-known-good = "0s"
 "#,
         a.addr().port(),
         b.addr().port()
@@ -179,6 +180,63 @@ when-all-down = "nodata"
     server.wait_answer(CHAT, &[], LIMIT).await;
     b.set_fault(Fault::None);
     server.wait_answer(CHAT, &["127.0.0.34"], LIMIT).await;
+}
+
+/// Issue 13, item 4, over real sockets: the primary has hung for a while
+/// and the secondary serves; then the secondary hangs too (as every probe of
+/// a loaded edge times out). The secondary, fit a moment ago, is answered
+/// as last known good for the hold; then fail-open answers the first tier.
+#[tokio::test]
+async fn a_loss_of_everything_at_once_answers_the_last_known_good_first() {
+    let primary = SimRegion::start("127.0.0.37:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let secondary = SimRegion::start("127.0.0.38:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let extra = format!(
+        r#"
+[regions.primary]
+endpoints = [{{ address = "127.0.0.37", port = {p} }}]
+{FAST_PROBE}
+
+[regions.secondary]
+endpoints = [{{ address = "127.0.0.38", port = {s} }}]
+{FAST_PROBE}
+
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+when-all-down = "fail-open"
+last-known-good = "4s"
+"#,
+        p = primary.addr().port(),
+        s = secondary.addr().port()
+    );
+    let server = Server::start(&base_config(&extra)).await;
+    server.wait_answer(CHAT, &["127.0.0.37"], LIMIT).await;
+    primary.set_fault(Fault::Hung);
+    server.wait_answer(CHAT, &["127.0.0.38"], LIMIT).await;
+    secondary.set_fault(Fault::Hung);
+    let url = format!("http://{}/v1/status", server.running.admin);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let chat = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&common::http_get(&url).await.1).unwrap();
+        let chat = status["services"][0].clone();
+        if chat["decision"]["state"] != "tier" {
+            break chat;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{chat}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(chat["decision"]["state"], "last-known-good", "{chat}");
+    assert_eq!(chat["decision"]["tier"], 1);
+    assert_eq!(chat["decision"]["then"], "fail-open");
+    assert_eq!(chat["answer"], serde_json::json!(["127.0.0.38"]));
+    // Then the configured rule: fail-open answers the first tier.
+    server.wait_answer(CHAT, &["127.0.0.37"], LIMIT).await;
+    let status: serde_json::Value = serde_json::from_str(&common::http_get(&url).await.1).unwrap();
+    assert_eq!(status["services"][0]["decision"]["state"], "fail-open");
 }
 
 #[tokio::test]

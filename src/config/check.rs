@@ -26,6 +26,15 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 2;
 /// Default TTL of service answers.
 pub const DEFAULT_SERVICE_TTL: u32 = 30;
+/// Default hold of last-known-good answers: one default TTL. Resolvers keep
+/// any answer that long anyway, so holding a wrong guess for one TTL at most
+/// doubles how long it lasts; it rides out the stalls of a loaded edge
+/// (seconds to tens of seconds), and real answers return as soon as probes
+/// succeed again (rise x interval, about 1 s), whatever is left of the hold.
+pub const DEFAULT_LAST_KNOWN_GOOD: Duration = Duration::from_secs(30);
+/// The longest last-known-good hold: past this, a total outage must get the
+/// configured `when-all-down` answer.
+pub const MAX_LAST_KNOWN_GOOD: Duration = Duration::from_secs(300);
 
 /// Loads and checks the configuration at `path` with everything it refers to.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -803,6 +812,18 @@ impl Checker {
                 AllDown::FailOpen
             }
         };
+        let last_known_good = match &s.last_known_good {
+            Some(hold) => self
+                .duration(
+                    src,
+                    hold,
+                    "last-known-good",
+                    Duration::ZERO,
+                    MAX_LAST_KNOWN_GOOD,
+                )
+                .unwrap_or(DEFAULT_LAST_KNOWN_GOOD),
+            None => DEFAULT_LAST_KNOWN_GOOD,
+        };
         let strategy = self.strategy(src, s, &tiers, ctx);
         let residency = match &s.residency {
             Some(r) => self.residency(src, r, &tiers, ctx, span.clone()),
@@ -829,6 +850,7 @@ impl Checker {
             tiers,
             ttl,
             when_all_down,
+            last_known_good,
             strategy,
             residency,
             model: s.model.as_ref().map(|m| m.get_ref().clone()),

@@ -397,6 +397,10 @@ pub struct ServiceSection {
     pub ttl: Option<Spanned<u32>>,
     /// What to answer when no endpoint of any tier is fit.
     pub when_all_down: Option<Spanned<String>>,
+    /// When everything went unfit together, answer the endpoints that were
+    /// fit last for this long before `when-all-down` applies; "0s" is off.
+    /// Default 30s (`DEFAULT_LAST_KNOWN_GOOD`).
+    pub last_known_good: Option<Spanned<String>>,
     /// `failover` (default: the first fit tier) or `proximity` (within the
     /// first fit tier, the regions with the lowest estimated latency).
     pub strategy: Option<Spanned<String>>,

@@ -290,6 +290,17 @@ pub enum AllDown {
     ServFail,
 }
 
+impl AllDown {
+    /// The `when-all-down` value that names this rule.
+    pub fn name(self) -> &'static str {
+        match self {
+            AllDown::FailOpen => "fail-open",
+            AllDown::NoData => "nodata",
+            AllDown::ServFail => "servfail",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Service {
     pub id: String,
@@ -299,6 +310,9 @@ pub struct Service {
     pub tiers: Vec<Vec<usize>>,
     pub ttl: u32,
     pub when_all_down: AllDown,
+    /// How long the endpoints fit last are answered when everything went
+    /// unfit together, before `when_all_down` applies; zero is off.
+    pub last_known_good: Duration,
     pub strategy: Strategy,
     pub residency: Option<Residency>,
     pub model: Option<String>,

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{RData, Record};
@@ -41,6 +42,12 @@ pub struct EndpointInput<'a> {
     pub silent: Option<&'a str>,
     /// A layer above alive (model list, completion) has no first result yet.
     pub layers_pending: bool,
+    /// How long ago the endpoint was last fit on every layer it is probed
+    /// on (zero while it is); `None` if it never was since it is watched.
+    pub fit_ago: Option<Duration>,
+    /// The last model list read, kept while that probe fails; `None` when
+    /// the model list is not probed.
+    pub last_models: Option<&'a [String]>,
 }
 
 impl EndpointInput<'_> {
@@ -59,6 +66,17 @@ impl EndpointInput<'_> {
 
     fn fit(&self, model: Option<&str>) -> bool {
         self.removed_by(model).is_none()
+    }
+
+    /// How long ago the endpoint was last fit for `model`: it was fit (so
+    /// it was probed), and its last model list has the model.
+    fn last_fit(&self, model: Option<&str>) -> Option<Duration> {
+        if let (Some(model), Some(models)) = (model, self.last_models)
+            && !models.iter().any(|m| m == model)
+        {
+            return None;
+        }
+        self.fit_ago
     }
 
     /// Why the endpoint cannot be answered for `model`, if it cannot.
@@ -169,6 +187,16 @@ pub enum Decision {
     Tier { tier: usize },
     /// Nothing is fit; answering the first tier as if it were.
     FailOpen,
+    /// Nothing is fit, but the endpoints fit last went unfit together
+    /// (within one probe cycle of each other) less than the service's
+    /// `last-known-good` hold ago: answering those of tier `tier` (the best
+    /// tier among them) for `hold_left_ms` more (when the snapshot was
+    /// built), then the `when-all-down` rule `then`.
+    LastKnownGood {
+        tier: usize,
+        hold_left_ms: u64,
+        then: &'static str,
+    },
     /// Nothing is fit; answering NODATA.
     NoData,
     /// Nothing is fit; answering SERVFAIL.
@@ -181,6 +209,88 @@ pub enum Decision {
     ResidencyNoData,
     /// No region can serve this service's model: CNAME to the fallback.
     Fallback { service: String },
+}
+
+impl Decision {
+    /// The same choice, whatever is left of a last-known-good hold: what
+    /// "the answer changed" means for logs.
+    pub fn same_choice(&self, other: &Decision) -> bool {
+        match (self, other) {
+            (Decision::LastKnownGood { tier: a, .. }, Decision::LastKnownGood { tier: b, .. }) => {
+                a == b
+            }
+            (a, b) => a == b,
+        }
+    }
+
+    pub fn is_last_known_good(&self) -> bool {
+        matches!(self, Decision::LastKnownGood { .. })
+    }
+}
+
+/// The endpoints answered as last known good, with the hold.
+struct LastGood {
+    tier: usize,
+    /// (region, endpoint) indexes.
+    endpoints: Vec<(usize, usize)>,
+    /// Since the last of them went unfit.
+    ago: Duration,
+    left: Duration,
+}
+
+/// Last known good for one class of clients: when nothing is fit, the
+/// endpoints (of regions `allowed` for the class) that went unfit last,
+/// together with those that went unfit less than one probe cycle
+/// (`interval + timeout`) before them, are answered while the last one went
+/// unfit less than the service's hold ago; of them, the best tier only, and
+/// never one drained or rate limited since (a 429 asks us to back off).
+fn last_known_good(
+    config: &Config,
+    index: &EndpointIndex,
+    service: usize,
+    inputs: &[EndpointInput<'_>],
+    allowed: &Allowed,
+) -> Option<LastGood> {
+    let s = &config.services[service];
+    let hold = s.last_known_good;
+    let model = s.model.as_deref();
+    // (tier, region, endpoint, last fit ago)
+    let mut candidates = Vec::new();
+    for (t, tier) in s.tiers.iter().enumerate() {
+        for &r in tier {
+            if !allows(allowed, &config.regions[r].jurisdictions) {
+                continue;
+            }
+            for e in 0..config.regions[r].endpoints.len() {
+                if let Some(ago) = inputs[index.global(r, e)].last_fit(model) {
+                    candidates.push((t, r, e, ago));
+                }
+            }
+        }
+    }
+    let latest = candidates.iter().map(|c| c.3).min()?;
+    if latest >= hold {
+        return None;
+    }
+    let cycle = |r: usize, e: usize| {
+        let p = &config.regions[r].endpoints[e].probe;
+        p.interval + p.timeout
+    };
+    candidates.retain(|&(_, r, e, ago)| {
+        let input = &inputs[index.global(r, e)];
+        ago - latest <= cycle(r, e) && !input.drained && input.cooling_s.is_none()
+    });
+    let tier = candidates.iter().map(|c| c.0).min()?;
+    Some(LastGood {
+        tier,
+        endpoints: candidates
+            .iter()
+            .filter(|c| c.0 == tier)
+            .map(|&(_, r, e, _)| (r, e))
+            .collect(),
+        ago: latest,
+        left: hold - latest,
+    })
 }
 
 /// A region the proximity strategy may choose for a client.
@@ -505,6 +615,25 @@ fn class_answer(
             chosen = pick(&vec![r], &|i| i.fit(model));
         }
     }
+    // Nothing fit, but what was fit went unfit together a moment ago (an
+    // edge whose probes all time out looks like that): the endpoints fit
+    // last, for the hold, before any rule below.
+    let last_good = decision
+        .is_none()
+        .then(|| last_known_good(config, index, service, inputs, allowed))
+        .flatten();
+    if let Some(good) = &last_good {
+        chosen = good
+            .endpoints
+            .iter()
+            .map(|&(r, e)| (r, &config.regions[r].endpoints[e].target))
+            .collect();
+        decision = Some(Decision::LastKnownGood {
+            tier: good.tier,
+            hold_left_ms: good.left.as_millis().try_into().unwrap_or(u64::MAX),
+            then: s.when_all_down.name(),
+        });
+    }
     let fallback = s.fallback.map(|f| &config.services[f]);
     let decision = match decision {
         Some(d) => d,
@@ -567,7 +696,10 @@ fn class_answer(
     };
     for (r, target) in &chosen {
         if let Target::Address(ip) = target {
-            let w = if decision == Decision::FailOpen {
+            let w = if matches!(
+                decision,
+                Decision::FailOpen | Decision::LastKnownGood { .. }
+            ) {
                 1.0
             } else {
                 weight_of(*r, target)
@@ -783,8 +915,16 @@ fn class_answer(
                     .filter(|_| input.status != Status::Up)
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default();
+                let last_good = last_good
+                    .as_ref()
+                    .filter(|g| g.endpoints.contains(&(r, e)))
+                    .and(input.fit_ago);
                 let verdict = match (region_allowed, input.removed_by(model), winning_tier) {
                     (false, _, _) => "removed at residency: jurisdiction not allowed".to_string(),
+                    (true, Some(why), _) if last_good.is_some() => format!(
+                        "kept as last known good: fit {:.1} s ago, {why} since",
+                        last_good.unwrap_or_default().as_secs_f64()
+                    ),
                     (true, Some(why), _) => format!("removed at eligible: {why}"),
                     (true, None, Some(w)) if t == w => match input.weight(max_latency_ms) {
                         w if w < 1.0 => {
@@ -825,6 +965,15 @@ fn class_answer(
     let result = match decision {
         Decision::Tier { tier } => format!("decision: tier {tier} -> {}", shown.join(" ")),
         Decision::FailOpen => format!("decision: nothing fit, fail-open -> {}", shown.join(" ")),
+        Decision::LastKnownGood { tier, then, .. } => {
+            let good = last_good.as_ref().expect("decided from it");
+            format!(
+                "decision: nothing fit; what was fit went unfit together {:.1} s ago -> last known good (tier {tier}) for {:.1} s more, then {then} -> {}",
+                good.ago.as_secs_f64(),
+                good.left.as_secs_f64(),
+                shown.join(" ")
+            )
+        }
         Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
         Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
         Decision::Unprobed => {

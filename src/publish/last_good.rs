@@ -1,0 +1,217 @@
+//! Last known good: the publisher's record of when each endpoint was last
+//! fit, and of the services answering from it.
+//!
+//! Owns: one mark per endpoint (by probe id), updated from the health state
+//! each time a snapshot is about to be built (not by the probe state
+//! machines), the WARN/INFO lines and metrics of services entering and
+//! leaving a last-known-good hold, and the wake-ups at the holds' ends. The
+//! choice itself is made in `model::service` from `EndpointInput::fit_ago`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{EndpointHealth, EndpointInfo, Publisher};
+use crate::health::{HealthState, Layer, Status};
+use crate::model::{Decision, ServiceView, Snapshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Fit,
+    /// Was fit, and stopped being fit then.
+    UnfitSince(Instant),
+}
+
+/// When each endpoint was last fit, by probe id. An endpoint never fit
+/// since it is watched has no mark.
+#[derive(Debug, Default)]
+pub(super) struct FitLog {
+    marks: HashMap<u64, Mark>,
+}
+
+impl FitLog {
+    /// Records whether endpoint `id` is fit at `now`.
+    fn note(&mut self, id: u64, fit: bool, now: Instant) {
+        match (self.marks.get(&id), fit) {
+            (_, true) => {
+                self.marks.insert(id, Mark::Fit);
+            }
+            (Some(Mark::Fit), false) => {
+                self.marks.insert(id, Mark::UnfitSince(now));
+            }
+            (Some(Mark::UnfitSince(_)) | None, false) => {}
+        }
+    }
+
+    /// How long ago endpoint `id` was last fit (zero while it is); `None`
+    /// if it never was.
+    pub(super) fn ago(&self, id: u64, now: Instant) -> Option<Duration> {
+        match self.marks.get(&id)? {
+            Mark::Fit => Some(Duration::ZERO),
+            Mark::UnfitSince(at) => Some(now.saturating_duration_since(*at)),
+        }
+    }
+}
+
+/// Fit on every layer it is probed on and not drained (the model is the
+/// service's: it is checked per answer).
+fn endpoint_fit(h: &EndpointHealth, info: &EndpointInfo, drained: bool, now: Instant) -> bool {
+    let layer_up = |layer: Layer, state: &HealthState| {
+        !info.layers.contains(&layer) || state.status == Status::Up
+    };
+    !drained
+        && h.state.status == Status::Up
+        && layer_up(Layer::Models, &h.models_state)
+        && layer_up(Layer::Completion, &h.completion_state)
+        && h.cooling_until.is_none_or(|u| u <= now)
+        && h.silent(info, now).is_none()
+}
+
+/// Whether any class of clients of the service answers last known good.
+fn holding(view: &ServiceView) -> Option<&Decision> {
+    match &view.residency {
+        None => Some(&view.decision).filter(|d| d.is_last_known_good()),
+        Some(classes) => classes
+            .iter()
+            .map(|c| &c.decision)
+            .find(|d| d.is_last_known_good()),
+    }
+}
+
+impl Publisher {
+    /// Marks which endpoints are fit now; called before every build, so a
+    /// mark changes at the moment the endpoint's state did (every change of
+    /// health publishes at once, and silence limits and cool-downs wake the
+    /// publisher).
+    pub(super) fn note_fitness(&mut self) {
+        let now = Instant::now();
+        let ids = &self.loaded.ids;
+        self.fit_log
+            .marks
+            .retain(|id, _| self.loaded.by_id.contains_key(id));
+        for ((h, info), id) in self.health.iter().zip(&self.loaded.info).zip(ids) {
+            let drained = self.drained.contains(&info.region);
+            self.fit_log
+                .note(*id, endpoint_fit(h, info, drained, now), now);
+        }
+    }
+
+    /// Per global endpoint, how long ago it was last fit.
+    pub(super) fn fit_ago(&self) -> Vec<Option<Duration>> {
+        let now = Instant::now();
+        self.loaded
+            .ids
+            .iter()
+            .map(|id| self.fit_log.ago(*id, now))
+            .collect()
+    }
+
+    /// When a last-known-good hold may end: each hold after each endpoint
+    /// went unfit (the publisher republishes then).
+    pub(super) fn last_good_deadlines(&self) -> Vec<Instant> {
+        let holds: HashSet<Duration> = self
+            .loaded
+            .config
+            .services
+            .iter()
+            .map(|s| s.last_known_good)
+            .filter(|h| !h.is_zero())
+            .collect();
+        let mut out = Vec::new();
+        for mark in self.fit_log.marks.values() {
+            if let Mark::UnfitSince(at) = mark {
+                out.extend(holds.iter().map(|h| *at + *h));
+            }
+        }
+        out
+    }
+
+    /// Logs services that began or stopped answering last known good in
+    /// `next`, and keeps their metrics.
+    pub(super) fn note_last_known_good(&mut self, next: &Snapshot) {
+        let mut now_holding = HashSet::new();
+        for view in &next.service_views {
+            let Some(decision) = holding(view) else {
+                if self.holding.contains(&view.id) {
+                    if matches!(
+                        view.decision,
+                        Decision::FailOpen | Decision::NoData | Decision::ServFail
+                    ) {
+                        tracing::warn!(
+                            service = %view.id, decision = ?view.decision, answer = ?view.answer,
+                            "Last-known-good hold ended with nothing fit; the when-all-down rule applies."
+                        );
+                    } else {
+                        tracing::info!(
+                            service = %view.id, decision = ?view.decision, answer = ?view.answer,
+                            "Service no longer answers from last known good."
+                        );
+                    }
+                    self.metrics
+                        .last_known_good
+                        .with_label_values(&[view.id.as_str()])
+                        .set(0);
+                }
+                continue;
+            };
+            now_holding.insert(view.id.clone());
+            if !self.holding.contains(&view.id) {
+                let (hold_left_ms, then) = match decision {
+                    Decision::LastKnownGood {
+                        hold_left_ms, then, ..
+                    } => (*hold_left_ms, *then),
+                    _ => (0, ""),
+                };
+                tracing::warn!(
+                    service = %view.id, answer = ?view.answer, hold_left_ms, then,
+                    "Nothing fit: every endpoint that was fit went unfit together; answering the last known good ones for the hold."
+                );
+                self.metrics
+                    .last_known_good
+                    .with_label_values(&[view.id.as_str()])
+                    .set(1);
+                self.metrics
+                    .last_known_good_holds
+                    .with_label_values(&[view.id.as_str()])
+                    .inc();
+            }
+        }
+        // Services a reload removed while holding.
+        for gone in self.holding.difference(&now_holding) {
+            if !next.service_views.iter().any(|v| &v.id == gone) {
+                let _ = self
+                    .metrics
+                    .last_known_good
+                    .remove_label_values(&[gone.as_str()]);
+            }
+        }
+        self.holding = now_holding;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_keeps_the_moment_an_endpoint_stopped_being_fit() {
+        let mut log = FitLog::default();
+        let t0 = Instant::now();
+        log.note(7, false, t0);
+        assert_eq!(log.ago(7, t0), None, "never fit: no mark");
+        log.note(7, true, t0);
+        assert_eq!(
+            log.ago(7, t0 + Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
+        let t1 = t0 + Duration::from_secs(10);
+        log.note(7, false, t1);
+        // Later publishes while it stays unfit do not move the mark.
+        log.note(7, false, t1 + Duration::from_secs(3));
+        assert_eq!(
+            log.ago(7, t1 + Duration::from_secs(4)),
+            Some(Duration::from_secs(4))
+        );
+    }
+}
