@@ -1764,6 +1764,257 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
         cancel.cancel();
     }
 
+    /// The primary probed on every layer: alive every 500 ms, the model
+    /// list every 2 s, a completion every 30 s (the defaults).
+    const LAYERED: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { models-path = "/v1/models", completion = { model = "test-model" } }
+[regions.secondary]
+endpoints = [{ address = "192.0.2.2" }]
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+"#;
+
+    const ALIVE: Schedule = Schedule {
+        interval: Duration::from_millis(500),
+        timeout: Duration::from_millis(800),
+    };
+    const MODELS: Schedule = Schedule {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_millis(800),
+    };
+    const COMPLETION: Schedule = Schedule {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(5),
+    };
+
+    /// A running publisher for `config` with probe loops steered by it, as
+    /// the daemon wires them: endpoint 0 probed on each `(probe, schedule)`,
+    /// endpoint 1 on an alive probe that always answers. Returns the
+    /// snapshot, the publisher's channel, the first-round flag and the token
+    /// that stops it all.
+    fn steered(
+        config: &str,
+        primary: Vec<(Scripted, Schedule)>,
+    ) -> (
+        Arc<ArcSwap<Snapshot>>,
+        mpsc::Sender<Msg>,
+        watch::Receiver<bool>,
+        CancellationToken,
+    ) {
+        let (mut publisher, snapshot, first) =
+            Publisher::new(load(config), vec![0, 1], None, Metrics::new());
+        let (hints, hints_rx) = watch::channel(ProbeHints::default());
+        publisher.connect_probes(hints);
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        for (probe, schedule) in primary {
+            let (tx, hints, cancel) = (tx.clone(), hints_rx.clone(), cancel.clone());
+            tokio::spawn(probe_loop(0, probe, schedule, tx, hints, cancel));
+        }
+        tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            ALIVE,
+            tx.clone(),
+            hints_rx,
+            cancel.clone(),
+        ));
+        (snapshot, tx, first, cancel)
+    }
+
+    /// Waits (in virtual time, at most `limit`) until the service answers
+    /// `want`; returns how long that took.
+    async fn within(snapshot: &ArcSwap<Snapshot>, want: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while answer(snapshot) != [want] && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        start.elapsed()
+    }
+
+    /// Issue 13: a server that was not listening yet refused the first
+    /// completion probe, and the completion layer (first result decides)
+    /// held the endpoint out for rise x 30 s. The alive layer explains a
+    /// refusal; when it comes up, the layers above are probed at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_refused_before_the_server_listened_does_not_hold_failback() {
+        let server = Scripted::new(Scripted::REFUSE);
+        let layers = vec![
+            (server.clone(), ALIVE),
+            (server.layer(Layer::Models), MODELS),
+            (server.layer(Layer::Completion), COMPLETION),
+        ];
+        let (snapshot, _tx, mut first, cancel) = steered(LAYERED, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server.set(Scripted::OK);
+        // rise x alive interval (+10% jitter) + one model-list interval.
+        let bound = Duration::from_millis(2 * 550) + MODELS.interval;
+        let back = within(&snapshot, "192.0.2.1", Duration::from_secs(90)).await;
+        assert!(back <= bound, "failback after {back:?}, bound {bound:?}");
+        cancel.cancel();
+    }
+
+    /// A 1 s outage (connection refused) while the 30 s completion probe
+    /// runs: even with `fall = 1` the completion layer does not count the
+    /// refusal (the alive layer sees it too and takes the endpoint out), so
+    /// failback needs only the alive layer's rise.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_outage_during_a_completion_probe_fails_back_on_the_alive_rise() {
+        let config = LAYERED.replace(
+            "completion = { model = \"test-model\" } }",
+            "completion = { model = \"test-model\" }, fall = 1 }",
+        );
+        let server = Scripted::new(Scripted::OK);
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let layers = vec![
+            (server.clone(), ALIVE),
+            (server.layer(Layer::Models), MODELS),
+            (completion.clone(), COMPLETION),
+        ];
+        let (snapshot, _tx, mut first, cancel) = steered(&config, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // Hold the next completion probe, then start the outage with it.
+        completion.set(Scripted::HANG);
+        let calls = completion.calls();
+        while completion.calls() == calls {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        server.set(Scripted::REFUSE);
+        completion.set(Scripted::REFUSE);
+        let out = within(&snapshot, "192.0.2.2", Duration::from_secs(1)).await;
+        assert!(
+            out < Duration::from_secs(1),
+            "the alive layer saw the outage"
+        );
+        tokio::time::sleep(Duration::from_secs(1) - out).await;
+        server.set(Scripted::OK);
+        completion.set(Scripted::OK);
+        let bound = Duration::from_millis(2 * 550) + MODELS.interval;
+        let back = within(&snapshot, "192.0.2.1", Duration::from_secs(90)).await;
+        assert!(back <= bound, "failback after {back:?}, bound {bound:?}");
+        cancel.cancel();
+    }
+
+    /// The load signal says the region is full: its completion probes are
+    /// not sent (they would queue behind the load), status says why, and
+    /// they resume at once when the load ends.
+    #[tokio::test(start_paused = true)]
+    async fn no_completion_probe_is_sent_to_a_region_whose_load_signal_is_full() {
+        let config = LAYERED.replace(
+            "[regions.secondary]",
+            "capacity = { max-age = \"1h\" }\n[regions.secondary]",
+        );
+        let server = Scripted::new(Scripted::OK);
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let layers = vec![(server.clone(), ALIVE), (completion.clone(), COMPLETION)];
+        let config = config.replace("models-path = \"/v1/models\", ", "");
+        let (snapshot, tx, mut first, cancel) = steered(&config, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        let push = |utilization: f64| {
+            let tx = tx.clone();
+            async move {
+                let (done, generation) = oneshot::channel();
+                tx.send(Msg::Capacity {
+                    region: "primary".into(),
+                    report: PushReport {
+                        utilization: Some(utilization),
+                        ..PushReport::default()
+                    },
+                    done,
+                })
+                .await
+                .unwrap();
+                generation.await.unwrap().unwrap();
+            }
+        };
+        push(0.97).await;
+        let sent = completion.calls();
+        let skipped = |s: &ArcSwap<Snapshot>| s.load().endpoints[0].skipped.clone();
+        // Five completion intervals: nothing sent, status says why.
+        tokio::time::sleep(COMPLETION.interval * 5).await;
+        assert_eq!(completion.calls() - sent, 0, "probes sent to a full region");
+        assert_eq!(
+            skipped(&snapshot).as_deref(),
+            Some("completion probe skipped: region full")
+        );
+        assert!(
+            snapshot.load().endpoints[0].silent.is_none(),
+            "skipping is not silence"
+        );
+        assert_eq!(snapshot.load().endpoints[0].status, Status::Up);
+        // The load ends: the next completion probe goes out at once.
+        push(0.5).await;
+        let ended = Instant::now();
+        while completion.calls() == sent && ended.elapsed() < COMPLETION.interval {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_millis(10),
+            "{:?}",
+            ended.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(skipped(&snapshot), None);
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        cancel.cancel();
+    }
+
+    /// A completion that times out on a region the load signal already
+    /// sheds is "overloaded": shown, never counted as dead. On an unloaded
+    /// region a timeout still counts toward `fall`.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_timeout_on_a_loaded_region_is_overloaded_not_dead() {
+        let config = LAYERED
+            .replace(
+                "[regions.secondary]",
+                "capacity = { max-age = \"1h\" }\n[regions.secondary]",
+            )
+            .replace("models-path = \"/v1/models\", ", "");
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(&config), vec![0, 1], None, Metrics::new());
+        let completion = |result| report_on(0, Layer::Completion, result);
+        publisher.apply(report(0, true));
+        publisher.apply(report(1, true));
+        publisher.apply(completion(Ok(Payload::Completion)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        push(&mut publisher, "primary", 0.85);
+        for _ in 0..5 {
+            publisher.apply(completion(Err(ProbeError::Timeout)));
+            publisher.publish();
+            assert_eq!(
+                answer(&snapshot),
+                ["192.0.2.1"],
+                "shed by load, not removed"
+            );
+        }
+        let ep = &snapshot.load().endpoints[0];
+        assert_eq!(
+            ep.last_error.as_deref(),
+            Some(
+                "completion timed out while the region is loaded (overloaded, not counted as down)"
+            )
+        );
+        // Without load, two timeouts in a row take it out.
+        push(&mut publisher, "primary", 0.2);
+        publisher.apply(completion(Err(ProbeError::Timeout)));
+        publisher.apply(completion(Err(ProbeError::Timeout)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+    }
+
     const POOL: &str = r#"
 [server]
 dns-listen = ["127.0.0.1:0"]

@@ -587,6 +587,86 @@ mod tests {
         assert_eq!(failures(), 1);
     }
 
+    const SLOW: Schedule = Schedule {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(5),
+    };
+
+    /// When the publisher says the alive layer came back, the layers above
+    /// it probe at once instead of at their next (long) interval; the alive
+    /// layer and other endpoints keep their schedule.
+    #[tokio::test(start_paused = true)]
+    async fn a_recovery_hint_makes_the_layers_above_probe_at_once() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let (hints, hints_rx) = watch::channel(ProbeHints::default());
+        let cancel = CancellationToken::new();
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let other = Scripted::on(Layer::Completion, Scripted::OK);
+        for (id, probe) in [(0, completion.clone()), (1, other.clone())] {
+            let (tx, hints, cancel) = (tx.clone(), hints_rx.clone(), cancel.clone());
+            tokio::spawn(probe_loop(id, probe, SLOW, tx, hints, cancel));
+        }
+        for _ in 0..2 {
+            rx.recv().await.unwrap();
+        }
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        hints.send_modify(|h| h.recover(0));
+        let report = rx.recv().await.unwrap();
+        assert_eq!(report.endpoint, 0);
+        assert_eq!(report.outcome.result, Ok(Payload::Completion));
+        assert_eq!(t0.elapsed(), Duration::from_secs(5), "probed at once");
+        assert_eq!(other.calls(), 1, "another endpoint is not kicked");
+        // Then the interval again, from that probe.
+        while rx.recv().await.unwrap().endpoint != 0 {}
+        assert!(
+            t0.elapsed() >= Duration::from_secs(5 + 27),
+            "{:?}",
+            t0.elapsed()
+        );
+        cancel.cancel();
+    }
+
+    /// While the endpoint's region is full its completion probe is not
+    /// sent: the loop reports `Skipped` at each interval instead (so the
+    /// layer is not silent), and probes at once when the region has room.
+    #[tokio::test(start_paused = true)]
+    async fn completion_probes_are_skipped_while_the_region_is_full() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let mut full = ProbeHints::default();
+        full.set_full([0].into());
+        let (hints, hints_rx) = watch::channel(full);
+        let cancel = CancellationToken::new();
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        tokio::spawn(probe_loop(
+            0,
+            completion.clone(),
+            SLOW,
+            tx,
+            hints_rx,
+            cancel.clone(),
+        ));
+        for _ in 0..3 {
+            let report = rx.recv().await.unwrap();
+            assert_eq!(report.outcome.result, Ok(Payload::Skipped));
+        }
+        assert_eq!(completion.calls(), 0, "nothing sent to a full region");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let room = Instant::now();
+        hints.send_modify(|h| {
+            h.set_full(HashSet::new());
+        });
+        let report = rx.recv().await.unwrap();
+        assert_eq!(report.outcome.result, Ok(Payload::Completion));
+        assert_eq!(
+            room.elapsed(),
+            Duration::ZERO,
+            "probed as soon as there is room"
+        );
+        assert_eq!(completion.calls(), 1);
+        cancel.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_the_loop() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(4);
