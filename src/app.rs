@@ -25,7 +25,7 @@ use crate::config::{self, Config, Secret};
 use crate::dns::{DnsServer, Handler, TcpLimits};
 use crate::error::AppError;
 use crate::geo::{GeoDb, GeoError};
-use crate::health::ProbeSet;
+use crate::health::{ProbeHints, ProbeSet};
 use crate::metrics::Metrics;
 use crate::publish::{Msg, Publisher};
 
@@ -216,15 +216,18 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let mut tasks = Tasks::new();
     let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(1024);
-    let mut probes = ProbeSet::new(cancel.clone(), metrics.clone());
+    // The publisher steers the probe loops (recoveries, full regions).
+    let (probe_hints, probe_hints_rx) = watch::channel(ProbeHints::default());
+    let mut probes = ProbeSet::new(cancel.clone(), metrics.clone(), probe_hints_rx);
     let ids = probes.sync(&config, &tx)?;
     let admin_token = Arc::new(ArcSwap::from_pointee(server.admin_token.clone()));
     let geo_db = load_geo(&config, &metrics)
         .await
         .map_err(|e| AppError::Geo(e.to_string()))?;
     let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config, geo_db.as_deref()));
-    let (publisher, snapshot, mut first_round) =
+    let (mut publisher, snapshot, mut first_round) =
         Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
+    publisher.connect_probes(probe_hints);
     {
         let cancel = cancel.clone();
         tasks.spawn("publisher", async move {

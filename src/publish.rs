@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::capacity::{self, Level, PushReport};
 use crate::config::Config;
 use crate::geo::GeoDb;
-use crate::health::{HealthState, Layer, Payload, ProbeError, ProbeReport, Status, silence_limit};
+use crate::health::{
+    HealthState, Layer, Payload, ProbeError, ProbeHints, ProbeReport, Status, silence_limit,
+};
 use crate::metrics::{Metrics, QueryTable};
 use crate::model::{
     self, EndpointIndex, EndpointInput, EndpointView, GeoView, RegionInputs, RegionLoad, Snapshot,
@@ -71,6 +73,8 @@ struct EndpointInfo {
     probe: String,
     rise: u32,
     fall: u32,
+    /// Refused or reset connections of the alive probe that take it down.
+    fall_refused: u32,
     layers: Vec<Layer>,
     /// The health layers with their silence limits (3 x interval + timeout).
     silence: Vec<(Layer, Duration)>,
@@ -101,6 +105,14 @@ struct EndpointHealth {
     load: Option<(crate::capacity::Load, Instant)>,
     /// When each health layer last reported (or its probe started).
     heard: Vec<(Layer, Instant)>,
+    /// Whether the alive probe's latest result was a success.
+    alive_ok: Option<bool>,
+    /// Refusals of a layer above alive that arrived while the alive layer
+    /// was up and answering: counted against their layer only if the next
+    /// alive probe succeeds (then the alive layer does not explain them).
+    held: Vec<(Layer, ProbeError)>,
+    /// The completion probe is not being sent: the region is full.
+    completion_skipped: bool,
 }
 
 impl EndpointHealth {
@@ -141,6 +153,9 @@ fn silence_reason(layer: Layer, limit: Duration) -> String {
         limit.as_secs_f64()
     )
 }
+
+/// Why a completion probe is not sent, as status shows it.
+const SKIPPED_FULL: &str = "completion probe skipped: region full";
 
 /// The longest a 429 takes an endpoint out, whatever its Retry-After says.
 const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
@@ -239,6 +254,7 @@ impl Loaded {
                     },
                     rise: p.rise,
                     fall: p.fall,
+                    fall_refused: p.fall_refused,
                     layers,
                     silence,
                     cooldown: p.cooldown,
@@ -312,6 +328,8 @@ pub struct Publisher {
     fit_log: last_good::FitLog,
     /// Services answering last known good, as last published.
     holding: HashSet<String>,
+    /// What the probe loops are told: recoveries and full regions.
+    hints: watch::Sender<ProbeHints>,
 }
 
 impl Publisher {
@@ -391,9 +409,17 @@ impl Publisher {
             silent: HashSet::new(),
             fit_log: last_good::FitLog::default(),
             holding: HashSet::new(),
+            hints: watch::channel(ProbeHints::default()).0,
         };
         publisher.metrics.snapshot_generation.set(1);
         (publisher, snapshot, first_round_rx)
+    }
+
+    /// Tells the probe loops (through `hints`) when an endpoint's alive
+    /// layer recovers and which regions are full.
+    pub fn connect_probes(&mut self, hints: watch::Sender<ProbeHints>) {
+        hints.send_replace(self.hints.borrow().clone());
+        self.hints = hints;
     }
 
     /// Applies one message; returns true when answers or status changed.
@@ -465,15 +491,25 @@ impl Publisher {
         }
     }
 
-    fn apply_probe(&mut self, report: ProbeReport) -> bool {
+    fn apply_probe(&mut self, mut report: ProbeReport) -> bool {
         let Some(&i) = self.loaded.by_id.get(&report.endpoint) else {
             // The last report of an endpoint that a reload removed.
             return false;
         };
         let now = Instant::now();
+        let r = self.loaded.region_of[i];
+        // A completion that times out while the load signal already sheds
+        // the region is a symptom of load: overloaded, not dead.
+        if report.layer == Layer::Completion
+            && report.outcome.result == Err(ProbeError::Timeout)
+            && self.region_level(r) >= Level::Prepare
+        {
+            report.outcome.result = Err(ProbeError::Overloaded);
+        }
         let info = &self.loaded.info[i];
         let h = &mut self.health[i];
         let label = match &report.outcome.result {
+            Ok(Payload::Skipped) => "skipped",
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
@@ -481,10 +517,12 @@ impl Publisher {
             .probes
             .with_label_values(&[info.region.as_str(), label])
             .inc();
-        self.metrics
-            .probe_seconds
-            .with_label_values(&[info.region.as_str()])
-            .observe(report.outcome.elapsed.as_secs_f64());
+        if report.outcome.result != Ok(Payload::Skipped) {
+            self.metrics
+                .probe_seconds
+                .with_label_values(&[info.region.as_str()])
+                .observe(report.outcome.elapsed.as_secs_f64());
+        }
         let mut changed = false;
         if self.pending_first.remove(&(report.endpoint, report.layer))
             && self.pending_first.is_empty()
@@ -515,7 +553,6 @@ impl Publisher {
                     .capacity_reports
                     .with_label_values(&[info.region.as_str(), "metrics"])
                     .inc();
-                let r = self.loaded.region_of[i];
                 let util = self.region_load(r, now).util;
                 let then = self.published_util.get(r).copied().flatten();
                 changed |= match (util, then) {
@@ -524,6 +561,17 @@ impl Publisher {
                 };
             }
             return changed;
+        }
+        if report.layer == Layer::Completion {
+            let skipped = report.outcome.result == Ok(Payload::Skipped);
+            if h.completion_skipped != skipped {
+                h.completion_skipped = skipped;
+                changed = true;
+            }
+            if skipped {
+                // Neither a success nor a failure: the layer keeps its state.
+                return changed;
+            }
         }
         // 429: rate limited is not dead. Out of answers for the cool-down,
         // and back afterwards without a rise count.
@@ -552,36 +600,65 @@ impl Publisher {
             }
             return changed;
         }
+        let upper = matches!(report.layer, Layer::Models | Layer::Completion);
+        match &report.outcome.result {
+            // Shown, never counted: the load signal sheds the region.
+            Err(e @ ProbeError::Overloaded) => {
+                changed |= note_error(h, e);
+                return changed;
+            }
+            // All layers connect to the same listener: a refusal above the
+            // alive layer is the alive layer's to judge. While it is down or
+            // failing, it explains the refusal; while it is up and
+            // answering, the refusal waits for its next result.
+            Err(e @ ProbeError::Refused) if upper => {
+                changed |= note_error(h, e);
+                if h.state.status == Status::Up && h.alive_ok == Some(true) {
+                    h.held.retain(|(l, _)| *l != report.layer);
+                    h.held.push((report.layer, e.clone()));
+                }
+                return changed;
+            }
+            _ => {}
+        }
         let ok = report.outcome.result.is_ok();
-        let (state, what) = match report.layer {
-            Layer::Alive => (&mut h.state, "alive"),
-            Layer::Models => (&mut h.models_state, "model list"),
-            Layer::Completion => (&mut h.completion_state, "completion"),
-            Layer::Metrics => return changed,
-        };
-        let before = state.status;
-        if let Some(status) = state.observe(ok, info.rise, info.fall) {
-            changed = true;
-            if report.layer == Layer::Alive {
-                h.since = Some(SystemTime::now());
-                self.metrics
-                    .endpoint_up
-                    .with_label_values(&[info.region.as_str(), info.target.as_str()])
-                    .set(i64::from(status == Status::Up));
-                // Back after being down: ramp its share up (slow start).
-                if before == Status::Down && status == Status::Up && !info.slow_start.is_zero() {
-                    h.up_since = Some(now);
+        if report.layer == Layer::Alive {
+            h.alive_ok = Some(ok);
+            // Refusals held for this result: explained by a failure, or
+            // counted now against their layer if the listener answers.
+            for (layer, e) in std::mem::take(&mut h.held) {
+                if ok {
+                    let fall = info.fall;
+                    changed |= observe(info, h, layer, Err(&e), fall, now, &self.metrics).0;
                 }
             }
-            match &report.outcome.result {
-                Err(e) => tracing::info!(
-                    region = %info.region, endpoint = %info.target, probe = what, status = "down", reason = %e,
-                    "Endpoint is down."
-                ),
-                Ok(_) => tracing::info!(
-                    region = %info.region, endpoint = %info.target, probe = what, status = "up",
-                    "Endpoint is up."
-                ),
+        }
+        let fall = match &report.outcome.result {
+            Err(ProbeError::Refused) => info.fall_refused,
+            _ => info.fall,
+        };
+        let (moved, became) = observe(
+            info,
+            h,
+            report.layer,
+            report.outcome.result.as_ref().map(|_| ()),
+            fall,
+            now,
+            &self.metrics,
+        );
+        changed |= moved;
+        if report.layer == Layer::Alive && became.is_some_and(|(before, _)| before != Status::Up) {
+            // Back up: probe the layers above now, if it was down or a
+            // layer above has no counted result yet (its first was a
+            // refusal the alive layer explained).
+            let id = report.endpoint;
+            let unsettled = info.layers.iter().any(|l| {
+                *l != Layer::Alive
+                    && layer_state(h, *l).status == Status::Unknown
+                    && !self.pending_first.contains(&(id, *l))
+            });
+            if became.is_some_and(|(before, _)| before == Status::Down) || unsettled {
+                self.hints.send_modify(|hints| hints.recover(id));
             }
         }
         match &report.outcome.result {
@@ -604,17 +681,11 @@ impl Publisher {
                 h.latency_ms = h.rtt.median();
             }
             // Handled above, before the state machines.
-            Ok(Payload::Load(_)) | Err(_) => {}
-        }
-        if let Err(e) = report.outcome.result
-            && h.last_error.as_ref() != Some(&e)
-        {
-            h.last_error = Some(e);
-            changed = true;
+            Ok(Payload::Load(_) | Payload::Skipped) => {}
+            Err(e) => changed |= note_error(h, e),
         }
         if ok {
             // Republish only when the region's latency moved noticeably.
-            let r = self.loaded.region_of[i];
             let now_ms = region_latency_of(&self.loaded, &self.health, r);
             let then = self.published_latency.get(r).copied().unwrap_or(0.0);
             if (now_ms - then).abs() > (0.2 * then).max(2.0) {
@@ -622,6 +693,44 @@ impl Publisher {
             }
         }
         changed
+    }
+
+    /// The highest shedding level of region `r` among the services that
+    /// use it, as last published.
+    fn region_level(&self, r: usize) -> Level {
+        let config = &self.loaded.config;
+        let region = &config.regions[r].id;
+        config
+            .services
+            .iter()
+            .filter(|s| s.tiers.iter().flatten().any(|t| *t == r))
+            .filter_map(|s| self.levels.get(&(s.id.clone(), region.clone())))
+            .copied()
+            .max()
+            .unwrap_or(Level::Normal)
+    }
+
+    /// Tells the probe loops which endpoints are in full regions (their
+    /// completion probes are skipped).
+    fn steer_completions(&mut self) {
+        let full_regions: Vec<bool> = (0..self.loaded.config.regions.len())
+            .map(|r| self.region_level(r) == Level::Removed)
+            .collect();
+        let full: HashSet<u64> = self
+            .loaded
+            .ids
+            .iter()
+            .zip(&self.loaded.region_of)
+            .filter(|(_, r)| full_regions[**r])
+            .map(|(id, _)| *id)
+            .collect();
+        let ids = &self.loaded.by_id;
+        self.hints.send_if_modified(|hints| {
+            let before = hints.clone();
+            hints.retain(|id| ids.contains_key(&id));
+            hints.set_full(full);
+            *hints != before
+        });
     }
 
     /// When the next cool-down ends or slow-start step is due, if any.
@@ -888,6 +997,7 @@ impl Publisher {
         self.note_silence();
         self.note_fitness();
         let dynamic = self.dynamic();
+        self.steer_completions();
         let next = build(
             &self.loaded,
             &self.health,
@@ -984,6 +1094,70 @@ impl Publisher {
             }
         }
     }
+}
+
+/// Records `e` as the endpoint's last error; true if that changed.
+fn note_error(h: &mut EndpointHealth, e: &ProbeError) -> bool {
+    if h.last_error.as_ref() == Some(e) {
+        return false;
+    }
+    h.last_error = Some(e.clone());
+    true
+}
+
+fn layer_state(h: &EndpointHealth, layer: Layer) -> &HealthState {
+    match layer {
+        Layer::Models => &h.models_state,
+        Layer::Completion => &h.completion_state,
+        Layer::Alive | Layer::Metrics => &h.state,
+    }
+}
+
+/// Feeds one counted result to `layer`'s state machine (`fall` failures in
+/// a row take it down), logs and counts a change. Returns whether the
+/// status changed and, if so, from what to what.
+fn observe(
+    info: &EndpointInfo,
+    h: &mut EndpointHealth,
+    layer: Layer,
+    result: Result<(), &ProbeError>,
+    fall: u32,
+    now: Instant,
+    metrics: &Metrics,
+) -> (bool, Option<(Status, Status)>) {
+    let state = match layer {
+        Layer::Alive => &mut h.state,
+        Layer::Models => &mut h.models_state,
+        Layer::Completion => &mut h.completion_state,
+        Layer::Metrics => return (false, None),
+    };
+    let before = state.status;
+    let Some(status) = state.observe(result.is_ok(), info.rise, fall) else {
+        return (false, None);
+    };
+    let what = layer_name(layer);
+    if layer == Layer::Alive {
+        h.since = Some(SystemTime::now());
+        metrics
+            .endpoint_up
+            .with_label_values(&[info.region.as_str(), info.target.as_str()])
+            .set(i64::from(status == Status::Up));
+        // Back after being down: ramp its share up (slow start).
+        if before == Status::Down && status == Status::Up && !info.slow_start.is_zero() {
+            h.up_since = Some(now);
+        }
+    }
+    match result {
+        Err(e) => tracing::info!(
+            region = %info.region, endpoint = %info.target, probe = what, status = "down", reason = %e,
+            "Endpoint is down."
+        ),
+        Ok(()) => tracing::info!(
+            region = %info.region, endpoint = %info.target, probe = what, status = "up",
+            "Endpoint is up."
+        ),
+    }
+    (true, Some((before, status)))
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {
@@ -1115,6 +1289,7 @@ fn build(
             latency_ms: h.completion_ms.or(h.latency_ms),
             last_error,
             silent,
+            skipped: h.completion_skipped.then(|| SKIPPED_FULL.to_string()),
             since_unix_s: h
                 .since
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -1160,7 +1335,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::health::testing::Scripted;
+    use crate::health::testing::{Scripted, no_hints};
     use crate::health::{Schedule, probe_loop};
     use crate::model::Decision;
 
@@ -1210,14 +1385,15 @@ tiers = [["primary"], ["secondary"]]
             Decision::Tier { tier: 0 }
         );
 
-        // Killed: fall = 2 consecutive refusals, probes every 500ms ± 10%.
+        // Killed: one refusal is enough (fall-refused = 1), at the next
+        // probe, every 500ms ± 10%.
         tokio::time::sleep(Duration::from_millis(1234)).await;
         let fault = Instant::now();
         primary.set(Scripted::REFUSE);
         let moved = until(&snapshot, "192.0.2.2").await - fault;
         assert!(
-            moved > Duration::from_millis(450) && moved <= Duration::from_millis(1100),
-            "failover after {moved:?}, expected between one and two intervals"
+            moved <= Duration::from_millis(550),
+            "failover after {moved:?}, expected within one interval"
         );
         assert_eq!(
             snapshot.load().service_views[0].decision,
@@ -1256,18 +1432,28 @@ tiers = [["primary"], ["secondary"]]
     }
 
     fn report(endpoint: u64, ok: bool) -> Msg {
+        let result = if ok {
+            Ok(Payload::Alive)
+        } else {
+            Err(ProbeError::Refused)
+        };
+        report_on(endpoint, Layer::Alive, result)
+    }
+
+    fn report_on(endpoint: u64, layer: Layer, result: Result<Payload, ProbeError>) -> Msg {
         Msg::Probe(ProbeReport {
             endpoint,
-            layer: Layer::Alive,
+            layer,
             outcome: crate::health::ProbeOutcome {
-                result: if ok {
-                    Ok(Payload::Alive)
-                } else {
-                    Err(ProbeError::Refused)
-                },
+                result,
                 elapsed: Duration::from_millis(1),
             },
         })
+    }
+
+    /// A failure that is not a refusal: it needs `fall` in a row.
+    fn timeout(endpoint: u64) -> Msg {
+        report_on(endpoint, Layer::Alive, Err(ProbeError::Timeout))
     }
 
     #[test]
@@ -1281,9 +1467,9 @@ tiers = [["primary"], ["secondary"]]
         publisher.publish();
         assert!(*first.borrow(), "every endpoint has reported once");
         assert_eq!(answer(&snapshot), ["192.0.2.1"]);
-        // Alternating failures never reach fall = 2 in a row.
+        // Alternating timeouts never reach fall = 2 in a row.
         for _ in 0..10 {
-            let changed = publisher.apply(report(0, false));
+            let changed = publisher.apply(timeout(0));
             publisher.apply(report(0, true));
             if changed {
                 publisher.publish();
@@ -1294,11 +1480,61 @@ tiers = [["primary"], ["secondary"]]
         assert_eq!(snapshot.load().endpoints[0].status, Status::Up);
         assert_eq!(
             snapshot.load().endpoints[0].last_error.as_deref(),
-            Some("connection refused")
+            Some("timed out")
         );
         // Two in a row do.
+        publisher.apply(timeout(0));
+        assert!(publisher.apply(timeout(0)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+    }
+
+    /// A refused connection is unambiguous: one takes the endpoint down
+    /// (`fall-refused` 1 by default), where a timeout needs `fall`; and it
+    /// counts from the first refusal even after a timeout.
+    #[test]
+    fn typed_failures_carry_their_own_fall_count() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        publisher.publish();
+        publisher.apply(timeout(0));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"], "one timeout of fall 2");
+        publisher.apply(report(0, true));
         publisher.apply(report(0, false));
-        assert!(publisher.apply(report(0, false)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"], "one refusal is enough");
+        // Coming back still needs rise = 2.
+        publisher.apply(report(0, true));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+        publisher.apply(report(0, true));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // A timeout then a refusal: the refusal decides.
+        publisher.apply(timeout(0));
+        publisher.apply(report(0, false));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+        // Configurable: fall-refused = 3 waits for three.
+        let config = MAIN.replace(
+            "endpoints = [{ address = \"192.0.2.1\" }]",
+            "endpoints = [{ address = \"192.0.2.1\" }]\nprobe = { fall-refused = 3 }",
+        );
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(&config), vec![0, 1], None, Metrics::new());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        publisher.publish();
+        publisher.apply(report(0, false));
+        publisher.apply(report(0, false));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"], "two of three");
+        publisher.apply(report(0, false));
         publisher.publish();
         assert_eq!(answer(&snapshot), ["192.0.2.2"]);
     }
@@ -1369,7 +1605,14 @@ tiers = [["primary"], ["secondary"]]
         let primary = Scripted::new(Scripted::OK);
         let secondary = Scripted::new(Scripted::OK);
         for (id, script) in [(0, primary.clone()), (1, secondary.clone())] {
-            tokio::spawn(probe_loop(id, script, schedule, tx.clone(), cancel.clone()));
+            tokio::spawn(probe_loop(
+                id,
+                script,
+                schedule,
+                tx.clone(),
+                no_hints(),
+                cancel.clone(),
+            ));
         }
         first.wait_for(|done| *done).await.unwrap();
         primary.set(Scripted::HANG);
@@ -1932,6 +2175,7 @@ strategy = "proximity"
             primary.clone(),
             schedule,
             relay_tx,
+            no_hints(),
             cancel.clone(),
         ));
         tokio::spawn(probe_loop(
@@ -1939,6 +2183,7 @@ strategy = "proximity"
             Scripted::new(Scripted::OK),
             schedule,
             tx,
+            no_hints(),
             cancel.clone(),
         ));
         first.wait_for(|done| *done).await.unwrap();
@@ -2002,6 +2247,257 @@ strategy = "proximity"
         cancel.cancel();
     }
 
+    /// The primary probed on every layer: alive every 500 ms, the model
+    /// list every 2 s, a completion every 30 s (the defaults).
+    const LAYERED: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.primary]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { models-path = "/v1/models", completion = { model = "test-model" } }
+[regions.secondary]
+endpoints = [{ address = "192.0.2.2" }]
+[services.chat]
+tiers = [["primary"], ["secondary"]]
+"#;
+
+    const ALIVE: Schedule = Schedule {
+        interval: Duration::from_millis(500),
+        timeout: Duration::from_millis(800),
+    };
+    const MODELS: Schedule = Schedule {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_millis(800),
+    };
+    const COMPLETION: Schedule = Schedule {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(5),
+    };
+
+    /// A running publisher for `config` with probe loops steered by it, as
+    /// the daemon wires them: endpoint 0 probed on each `(probe, schedule)`,
+    /// endpoint 1 on an alive probe that always answers. Returns the
+    /// snapshot, the publisher's channel, the first-round flag and the token
+    /// that stops it all.
+    fn steered(
+        config: &str,
+        primary: Vec<(Scripted, Schedule)>,
+    ) -> (
+        Arc<ArcSwap<Snapshot>>,
+        mpsc::Sender<Msg>,
+        watch::Receiver<bool>,
+        CancellationToken,
+    ) {
+        let (mut publisher, snapshot, first) =
+            Publisher::new(load(config), vec![0, 1], None, Metrics::new());
+        let (hints, hints_rx) = watch::channel(ProbeHints::default());
+        publisher.connect_probes(hints);
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        for (probe, schedule) in primary {
+            let (tx, hints, cancel) = (tx.clone(), hints_rx.clone(), cancel.clone());
+            tokio::spawn(probe_loop(0, probe, schedule, tx, hints, cancel));
+        }
+        tokio::spawn(probe_loop(
+            1,
+            Scripted::new(Scripted::OK),
+            ALIVE,
+            tx.clone(),
+            hints_rx,
+            cancel.clone(),
+        ));
+        (snapshot, tx, first, cancel)
+    }
+
+    /// Waits (in virtual time, at most `limit`) until the service answers
+    /// `want`; returns how long that took.
+    async fn within(snapshot: &ArcSwap<Snapshot>, want: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while answer(snapshot) != [want] && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        start.elapsed()
+    }
+
+    /// Issue 13: a server that was not listening yet refused the first
+    /// completion probe, and the completion layer (first result decides)
+    /// held the endpoint out for rise x 30 s. The alive layer explains a
+    /// refusal; when it comes up, the layers above are probed at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_refused_before_the_server_listened_does_not_hold_failback() {
+        let server = Scripted::new(Scripted::REFUSE);
+        let layers = vec![
+            (server.clone(), ALIVE),
+            (server.layer(Layer::Models), MODELS),
+            (server.layer(Layer::Completion), COMPLETION),
+        ];
+        let (snapshot, _tx, mut first, cancel) = steered(LAYERED, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        server.set(Scripted::OK);
+        // rise x alive interval (+10% jitter) + one model-list interval.
+        let bound = Duration::from_millis(2 * 550) + MODELS.interval;
+        let back = within(&snapshot, "192.0.2.1", Duration::from_secs(90)).await;
+        assert!(back <= bound, "failback after {back:?}, bound {bound:?}");
+        cancel.cancel();
+    }
+
+    /// A 1 s outage (connection refused) while the 30 s completion probe
+    /// runs: even with `fall = 1` the completion layer does not count the
+    /// refusal (the alive layer sees it too and takes the endpoint out), so
+    /// failback needs only the alive layer's rise.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_outage_during_a_completion_probe_fails_back_on_the_alive_rise() {
+        let config = LAYERED.replace(
+            "completion = { model = \"test-model\" } }",
+            "completion = { model = \"test-model\" }, fall = 1 }",
+        );
+        let server = Scripted::new(Scripted::OK);
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let layers = vec![
+            (server.clone(), ALIVE),
+            (server.layer(Layer::Models), MODELS),
+            (completion.clone(), COMPLETION),
+        ];
+        let (snapshot, _tx, mut first, cancel) = steered(&config, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // Hold the next completion probe, then start the outage with it.
+        completion.set(Scripted::HANG);
+        let calls = completion.calls();
+        while completion.calls() == calls {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        server.set(Scripted::REFUSE);
+        completion.set(Scripted::REFUSE);
+        let out = within(&snapshot, "192.0.2.2", Duration::from_secs(1)).await;
+        assert!(
+            out < Duration::from_secs(1),
+            "the alive layer saw the outage"
+        );
+        tokio::time::sleep(Duration::from_secs(1) - out).await;
+        server.set(Scripted::OK);
+        completion.set(Scripted::OK);
+        let bound = Duration::from_millis(2 * 550) + MODELS.interval;
+        let back = within(&snapshot, "192.0.2.1", Duration::from_secs(90)).await;
+        assert!(back <= bound, "failback after {back:?}, bound {bound:?}");
+        cancel.cancel();
+    }
+
+    /// The load signal says the region is full: its completion probes are
+    /// not sent (they would queue behind the load), status says why, and
+    /// they resume at once when the load ends.
+    #[tokio::test(start_paused = true)]
+    async fn no_completion_probe_is_sent_to_a_region_whose_load_signal_is_full() {
+        let config = LAYERED.replace(
+            "[regions.secondary]",
+            "capacity = { max-age = \"1h\" }\n[regions.secondary]",
+        );
+        let server = Scripted::new(Scripted::OK);
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let layers = vec![(server.clone(), ALIVE), (completion.clone(), COMPLETION)];
+        let config = config.replace("models-path = \"/v1/models\", ", "");
+        let (snapshot, tx, mut first, cancel) = steered(&config, layers);
+        first.wait_for(|done| *done).await.unwrap();
+        let push = |utilization: f64| {
+            let tx = tx.clone();
+            async move {
+                let (done, generation) = oneshot::channel();
+                tx.send(Msg::Capacity {
+                    region: "primary".into(),
+                    report: PushReport {
+                        utilization: Some(utilization),
+                        ..PushReport::default()
+                    },
+                    done,
+                })
+                .await
+                .unwrap();
+                generation.await.unwrap().unwrap();
+            }
+        };
+        push(0.97).await;
+        let sent = completion.calls();
+        let skipped = |s: &ArcSwap<Snapshot>| s.load().endpoints[0].skipped.clone();
+        // Five completion intervals: nothing sent, status says why.
+        tokio::time::sleep(COMPLETION.interval * 5).await;
+        assert_eq!(completion.calls() - sent, 0, "probes sent to a full region");
+        assert_eq!(
+            skipped(&snapshot).as_deref(),
+            Some("completion probe skipped: region full")
+        );
+        assert!(
+            snapshot.load().endpoints[0].silent.is_none(),
+            "skipping is not silence"
+        );
+        assert_eq!(snapshot.load().endpoints[0].status, Status::Up);
+        // The load ends: the next completion probe goes out at once.
+        push(0.5).await;
+        let ended = Instant::now();
+        while completion.calls() == sent && ended.elapsed() < COMPLETION.interval {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_millis(10),
+            "{:?}",
+            ended.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(skipped(&snapshot), None);
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        cancel.cancel();
+    }
+
+    /// A completion that times out on a region the load signal already
+    /// sheds is "overloaded": shown, never counted as dead. On an unloaded
+    /// region a timeout still counts toward `fall`.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_timeout_on_a_loaded_region_is_overloaded_not_dead() {
+        let config = LAYERED
+            .replace(
+                "[regions.secondary]",
+                "capacity = { max-age = \"1h\" }\n[regions.secondary]",
+            )
+            .replace("models-path = \"/v1/models\", ", "");
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(&config), vec![0, 1], None, Metrics::new());
+        let completion = |result| report_on(0, Layer::Completion, result);
+        publisher.apply(report(0, true));
+        publisher.apply(report(1, true));
+        publisher.apply(completion(Ok(Payload::Completion)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        push(&mut publisher, "primary", 0.85);
+        for _ in 0..5 {
+            publisher.apply(completion(Err(ProbeError::Timeout)));
+            publisher.publish();
+            assert_eq!(
+                answer(&snapshot),
+                ["192.0.2.1"],
+                "shed by load, not removed"
+            );
+        }
+        let ep = &snapshot.load().endpoints[0];
+        assert_eq!(
+            ep.last_error.as_deref(),
+            Some(
+                "completion timed out while the region is loaded (overloaded, not counted as down)"
+            )
+        );
+        // Without load, two timeouts in a row take it out.
+        push(&mut publisher, "primary", 0.2);
+        publisher.apply(completion(Err(ProbeError::Timeout)));
+        publisher.apply(completion(Err(ProbeError::Timeout)));
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+    }
+
     const POOL: &str = r#"
 [server]
 dns-listen = ["127.0.0.1:0"]
@@ -2037,6 +2533,7 @@ tiers = [["pool"]]
             flaky.clone(),
             schedule,
             tx.clone(),
+            no_hints(),
             cancel.clone(),
         ));
         tokio::spawn(probe_loop(
@@ -2044,6 +2541,7 @@ tiers = [["pool"]]
             Scripted::new(Scripted::OK),
             schedule,
             tx,
+            no_hints(),
             cancel.clone(),
         ));
         first.wait_for(|done| *done).await.unwrap();

@@ -583,3 +583,32 @@ fallback = "e"
         "{text}"
     );
 }
+
+#[test]
+fn fall_refused_defaults_to_one_and_is_range_checked() {
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    let main = base_config(&format!(
+        "{REGIONS}\n[services.chat]\ntiers = [[\"us-east\"], [\"us-west\"]]\n"
+    ));
+    let config = config::load(&files.write("inferdns.toml", &main)).unwrap();
+    let probe = &config.regions[0].endpoints[0].probe;
+    assert_eq!((probe.fall, probe.fall_refused), (2, 1));
+    let main = main.replace(
+        "rise = 3, fall = 4 }",
+        "rise = 3, fall = 4, fall-refused = 3 }",
+    );
+    let config = config::load(&files.write("inferdns.toml", &main)).unwrap();
+    assert_eq!(config.regions[1].endpoints[0].probe.fall_refused, 3);
+    let bad = main.replace("fall-refused = 3", "fall-refused = 0");
+    let (_files, errors) = load_errors(&bad, ZONE, &[]);
+    let (line, col) = pos(&bad, "fall-refused = 0");
+    let col = col + "fall-refused = ".len();
+    has(
+        &errors,
+        "inferdns.toml",
+        line,
+        col,
+        "fall-refused 0 is not in 1..=100",
+    );
+}

@@ -340,3 +340,94 @@ fallback = "llama"
     assert_eq!(m.answers[1].data.to_string(), "127.0.0.82");
     let _ = &s.b;
 }
+
+/// Two regions, `a` (`a_ip`) then `b` (`b_ip`), for service `llama`, each
+/// probed with `probe` (and `extra` in region a).
+async fn pair(a_ip: &str, b_ip: &str, probe: &str, extra: &str) -> (Server, SimRegion, SimRegion) {
+    let a = SimRegion::start_models(format!("{a_ip}:0").parse().unwrap(), &[LLAMA])
+        .await
+        .unwrap();
+    let b = SimRegion::start_models(format!("{b_ip}:0").parse().unwrap(), &[LLAMA])
+        .await
+        .unwrap();
+    let text = format!(
+        "[regions.a]\nendpoints = [{{ address = \"{a_ip}\", port = {} }}]\n{probe}\n{extra}\n[regions.b]\nendpoints = [{{ address = \"{b_ip}\", port = {} }}]\n{probe}\n[services.llama]\nmodel = \"{LLAMA}\"\ntiers = [[\"a\"], [\"b\"]]\n",
+        a.addr().port(),
+        b.addr().port()
+    );
+    (Server::start(&base_config(&text)).await, a, b)
+}
+
+/// Issue 13: the first completion probe of a server that was not listening
+/// yet was refused and held the region out for rise x the completion
+/// interval (30 s here) after `/health` and `/v1/models` were back. The
+/// alive layer explains a refusal, and its recovery probes the rest at once.
+#[tokio::test]
+async fn a_completion_refused_before_the_server_listened_does_not_hold_the_region_out() {
+    let probe = format!(
+        r#"probe = {{ path = "/health", interval = "100ms", timeout = "300ms", models-path = "/v1/models", models-interval = "200ms", completion = {{ model = "{LLAMA}", interval = "30s" }} }}"#
+    );
+    let a = SimRegion::start_models("127.0.0.85:0".parse().unwrap(), &[LLAMA])
+        .await
+        .unwrap();
+    a.set_fault(Fault::Down);
+    let b = SimRegion::start_models("127.0.0.86:0".parse().unwrap(), &[LLAMA])
+        .await
+        .unwrap();
+    let text = format!(
+        "[regions.a]\nendpoints = [{{ address = \"127.0.0.85\", port = {} }}]\n{probe}\n[regions.b]\nendpoints = [{{ address = \"127.0.0.86\", port = {} }}]\n{probe}\n[services.llama]\nmodel = \"{LLAMA}\"\ntiers = [[\"a\"], [\"b\"]]\n",
+        a.addr().port(),
+        b.addr().port()
+    );
+    let server = Server::start(&base_config(&text)).await;
+    let name = "llama.inference.example.com.";
+    server.wait_answer(name, &["127.0.0.86"], LIMIT).await;
+    a.set_fault(Fault::None);
+    // Well under the 30 s completion interval.
+    server.wait_answer(name, &["127.0.0.85"], LIMIT).await;
+    assert!(a.completions() >= 1, "the completion was probed again");
+    drop(b);
+}
+
+/// While a region's load signal says it is full, its completion probes are
+/// not sent (they would queue behind the load); status says why, and they
+/// resume when the load ends.
+#[tokio::test]
+async fn completion_probes_are_not_sent_to_a_full_region() {
+    let probe = format!(
+        r#"probe = {{ path = "/health", interval = "100ms", timeout = "300ms", completion = {{ model = "{LLAMA}", interval = "1s" }} }}"#
+    );
+    let capacity = r#"capacity = { metrics = "vllm", metrics-interval = "100ms" }"#;
+    let (server, a, _b) = pair("127.0.0.87", "127.0.0.88", &probe, capacity).await;
+    let name = "llama.inference.example.com.";
+    server.wait_answer(name, &["127.0.0.87"], LIMIT).await;
+    let skipped = |status: &serde_json::Value| endpoint(status, "127.0.0.87")["skipped"].clone();
+    a.set_load(inferdns::demo::Load {
+        running: 8,
+        waiting: 40,
+        kv_cache: 0.99,
+    });
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while skipped(&status(&server).await) != "completion probe skipped: region full" {
+        assert!(tokio::time::Instant::now() < deadline, "never skipped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = a.completions();
+    // Three completion intervals: none sent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        a.completions(),
+        sent,
+        "completion probes sent to a full region"
+    );
+    let ep = endpoint(&status(&server).await, "127.0.0.87");
+    assert_eq!(ep["status"], "up", "full is shed by load, not down");
+    a.set_load(inferdns::demo::Load::default());
+    while a.completions() == sent || !skipped(&status(&server).await).is_null() {
+        assert!(
+            tokio::time::Instant::now() < deadline + Duration::from_secs(3),
+            "completion probes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -633,6 +633,7 @@ impl Checker {
             timeout: timeout?,
             rise: rise?,
             fall: fall?,
+            fall_refused: layers.fall_refused,
             host: p.host.as_ref().map(|h| h.get_ref().clone()),
             tls_server_name: p.tls_server_name.as_ref().map(|s| s.get_ref().clone()),
             kind: layers.kind,

@@ -347,6 +347,9 @@ pub struct ProbeSection {
     pub rise: Option<Spanned<u32>>,
     /// Consecutive failures to mark an up endpoint down. Default 2.
     pub fall: Option<Spanned<u32>>,
+    /// Consecutive refused or reset connections of the alive probe that
+    /// mark an up endpoint down (nothing listens: unambiguous). Default 1.
+    pub fall_refused: Option<Spanned<u32>>,
     /// Host header to send (default: the address, or the CNAME target).
     pub host: Option<Spanned<String>>,
     /// TLS server name (SNI and certificate name) for https.

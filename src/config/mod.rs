@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use hickory_proto::rr::{Name, Record};
 
+pub use probes::DEFAULT_FALL_REFUSED;
+
 pub use check::{
     DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_SERVICE_TTL, DEFAULT_TIMEOUT, load,
 };
@@ -243,7 +245,11 @@ pub struct ProbeSpec {
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
+    /// Consecutive failures (timeouts, 5xx, ...) that take an endpoint down.
     pub fall: u32,
+    /// Consecutive refused or reset connections of the alive probe that
+    /// take an endpoint down.
+    pub fall_refused: u32,
     pub host: Option<String>,
     pub tls_server_name: Option<String>,
     pub kind: ProbeKind,

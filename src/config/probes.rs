@@ -1,6 +1,6 @@
 //! Checks of the model-aware probe settings: the alive probe kind, the
-//! model list, the synthetic completion, TLS trust, API keys, cool-down and
-//! slow start.
+//! model list, the synthetic completion, TLS trust, API keys, cool-down,
+//! slow start and the fall count of refused connections.
 
 use std::time::Duration;
 
@@ -15,6 +15,9 @@ const DEFAULT_COMPLETION_INTERVAL: Duration = Duration::from_secs(30);
 const DEFAULT_COMPLETION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Cool-down after a 429 that gives no Retry-After.
 const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+/// A refused (or reset) connection is unambiguous: nothing listens. One is
+/// enough to take an endpoint down; timeouts and 5xx still need `fall`.
+pub const DEFAULT_FALL_REFUSED: u32 = 1;
 
 /// The model-aware part of a region's probe settings.
 pub(super) struct Layers {
@@ -25,6 +28,7 @@ pub(super) struct Layers {
     pub api_key: Option<Secret>,
     pub cooldown: Duration,
     pub slow_start: Duration,
+    pub fall_refused: u32,
 }
 
 impl Checker {
@@ -200,7 +204,20 @@ impl Checker {
             )?,
             None => Duration::ZERO,
         };
+        let fall_refused = match &p.fall_refused {
+            Some(v) if (1..=100).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                self.err(
+                    src,
+                    v.span(),
+                    format!("fall-refused {} is not in 1..=100", v.get_ref()),
+                );
+                DEFAULT_FALL_REFUSED
+            }
+            None => DEFAULT_FALL_REFUSED,
+        };
         Some(Layers {
+            fall_refused,
             kind,
             models,
             completion,

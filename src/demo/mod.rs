@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::app::{self, StartOptions};
-use crate::config::{self, DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT};
+use crate::config::{
+    self, DEFAULT_FALL, DEFAULT_FALL_REFUSED, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_TIMEOUT,
+};
 use crate::error::AppError;
 pub use region::{Fault, Load, SimRegion};
 
@@ -162,10 +164,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
             "event": "started", "dns": dns.to_string(), "admin": running.admin.to_string(),
             "service": SERVICE, "primary": primary.addr().to_string(), "secondary": secondary.addr().to_string(),
             "probe": { "interval_s": DEFAULT_INTERVAL.as_secs_f64(), "timeout_s": DEFAULT_TIMEOUT.as_secs_f64(),
-                       "rise": DEFAULT_RISE, "fall": DEFAULT_FALL },
+                       "rise": DEFAULT_RISE, "fall": DEFAULT_FALL, "fall_refused": DEFAULT_FALL_REFUSED },
         }),
         format!(
-            "inferdns serving inference.example.com on {dns} (admin http://{}); regions us-east {} (primary), us-west {} (secondary); probes every {:?}, timeout {:?}, rise {DEFAULT_RISE}, fall {DEFAULT_FALL}",
+            "inferdns serving inference.example.com on {dns} (admin http://{}); regions us-east {} (primary), us-west {} (secondary); probes every {:?}, timeout {:?}, rise {DEFAULT_RISE}, fall {DEFAULT_FALL} (refused: {DEFAULT_FALL_REFUSED})",
             running.admin,
             primary.addr(),
             secondary.addr(),

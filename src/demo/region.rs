@@ -78,6 +78,8 @@ struct Shared {
     load: Mutex<Load>,
     /// Headers of the last request seen, lowercased names.
     last_headers: Mutex<Vec<(String, String)>>,
+    /// Completion requests answered (whatever the fault made of them).
+    completions: std::sync::atomic::AtomicU64,
 }
 
 /// A running simulated region. Dropping it stops it.
@@ -102,6 +104,7 @@ impl SimRegion {
             models: Mutex::new(models.iter().map(|m| m.to_string()).collect()),
             load: Mutex::new(Load::default()),
             last_headers: Mutex::new(Vec::new()),
+            completions: Default::default(),
         });
         let (fault, fault_rx) = watch::channel(Fault::None);
         let cancel = CancellationToken::new();
@@ -154,6 +157,13 @@ impl SimRegion {
 
     pub fn set_load(&self, load: Load) {
         *self.shared.load.lock().expect("load lock poisoned") = load;
+    }
+
+    /// Completion requests this region has answered.
+    pub fn completions(&self) -> u64 {
+        self.shared
+            .completions
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -372,6 +382,9 @@ fn route(
             ("200 OK", JSON, body.to_string(), "")
         }
         ("POST", "/v1/chat/completions") => {
+            shared
+                .completions
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let content = if fault == Fault::EmptyCompletion {
                 ""
             } else {

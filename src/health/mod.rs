@@ -8,12 +8,12 @@
 pub mod probe;
 pub mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,52 @@ pub fn silence_limit(interval: Duration, timeout: Duration) -> Duration {
     interval * 3 + timeout
 }
 
+/// What the publisher tells the probe loops, by probe id: when to probe the
+/// layers above alive at once, and which completion probes to hold back.
+/// Published on a `watch` channel; the query path never sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeHints {
+    /// How many times each endpoint's alive layer has come back up (down ->
+    /// up). A new count makes its model-list and completion loops probe at
+    /// once instead of waiting for their next interval.
+    recovered: HashMap<u64, u64>,
+    /// Endpoints whose region the load signal says is full (at the remove
+    /// watermark): their completion probes are skipped, not queued behind
+    /// the load they would only add to.
+    full: HashSet<u64>,
+}
+
+impl ProbeHints {
+    /// Times `endpoint`'s alive layer has recovered.
+    pub fn recoveries(&self, endpoint: u64) -> u64 {
+        self.recovered.get(&endpoint).copied().unwrap_or(0)
+    }
+
+    /// Notes that `endpoint`'s alive layer came back up.
+    pub fn recover(&mut self, endpoint: u64) {
+        *self.recovered.entry(endpoint).or_default() += 1;
+    }
+
+    pub fn is_full(&self, endpoint: u64) -> bool {
+        self.full.contains(&endpoint)
+    }
+
+    /// Replaces the set of endpoints in full regions; true if it changed.
+    pub fn set_full(&mut self, full: HashSet<u64>) -> bool {
+        if self.full == full {
+            return false;
+        }
+        self.full = full;
+        true
+    }
+
+    /// Forgets endpoints that are gone (after a reload).
+    pub fn retain(&mut self, alive: impl Fn(u64) -> bool) {
+        self.recovered.retain(|id, _| alive(*id));
+        self.full.retain(|id| alive(*id));
+    }
+}
+
 /// Up to 10% either way, so endpoints probed at the same interval drift
 /// apart instead of probing in lock-step.
 pub fn jittered(interval: Duration) -> Duration {
@@ -61,27 +107,64 @@ pub fn jittered(interval: Duration) -> Duration {
 /// run back to back: a hung probe counts as exactly one failure, and when a
 /// hang clears, `rise` successes are spaced by the interval (sustained
 /// health), not answered together by a backend that wakes up.
+///
+/// `hints` steers the layers above alive: when the endpoint's alive layer
+/// comes back up, the model-list and completion probes run at once (a
+/// recovered endpoint is not held out for their long intervals); while its
+/// region is full, a due completion probe is not sent but reported as
+/// [`Payload::Skipped`] (the publisher still hears from the layer), and the
+/// first probe after the region stops being full runs at once.
 pub async fn probe_loop<P, M>(
     endpoint: u64,
     probe: P,
     schedule: Schedule,
     tx: mpsc::Sender<M>,
+    mut hints: watch::Receiver<ProbeHints>,
     cancel: CancellationToken,
 ) where
     P: Probe,
     M: From<ProbeReport> + Send + 'static,
 {
+    let layer = probe.layer();
+    let steered = matches!(layer, Layer::Models | Layer::Completion);
+    let mut seen = hints.borrow_and_update().recoveries(endpoint);
+    let mut hints_open = steered;
+    let mut skipped = false;
     let mut next = Instant::now();
     loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = sleep_until(next) => {}
+        // Sleep until due, or until a hint says "now".
+        loop {
+            {
+                let h = hints.borrow_and_update();
+                let kicked = steered && h.recoveries(endpoint) != seen;
+                let unblocked = skipped && !h.is_full(endpoint);
+                if kicked || unblocked {
+                    break;
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = sleep_until(next) => break,
+                changed = hints.changed(), if hints_open => {
+                    // The publisher is gone: no more hints, just the schedule.
+                    hints_open = changed.is_ok();
+                }
+            }
         }
-        let outcome = tokio::select! {
-            () = cancel.cancelled() => return,
-            outcome = probe::run_once(&probe, schedule.timeout) => outcome,
+        seen = hints.borrow().recoveries(endpoint);
+        let outcome = if layer == Layer::Completion && hints.borrow().is_full(endpoint) {
+            skipped = true;
+            ProbeOutcome {
+                result: Ok(Payload::Skipped),
+                elapsed: Duration::ZERO,
+            }
+        } else {
+            skipped = false;
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                outcome = probe::run_once(&probe, schedule.timeout) => outcome,
+            }
         };
-        let layer = probe.layer();
         let report = ProbeReport {
             endpoint,
             layer,
@@ -110,16 +193,23 @@ pub struct ProbeSet {
     next_id: u64,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
+    hints: watch::Receiver<ProbeHints>,
 }
 
 impl ProbeSet {
-    /// Probe tasks are children of `cancel`; their deaths are counted in `metrics`.
-    pub fn new(cancel: CancellationToken, metrics: Arc<Metrics>) -> Self {
+    /// Probe tasks are children of `cancel`; their deaths are counted in
+    /// `metrics`; `hints` come from the publisher.
+    pub fn new(
+        cancel: CancellationToken,
+        metrics: Arc<Metrics>,
+        hints: watch::Receiver<ProbeHints>,
+    ) -> Self {
         Self {
             running: HashMap::new(),
             next_id: 1,
             cancel,
             metrics,
+            hints,
         }
     }
 
@@ -167,7 +257,14 @@ impl ProbeSet {
             for (probe, interval, timeout) in probes {
                 let schedule = Schedule { interval, timeout };
                 let layer = probe.layer();
-                let task = tokio::spawn(probe_loop(id, probe, schedule, tx.clone(), token.clone()));
+                let task = tokio::spawn(probe_loop(
+                    id,
+                    probe,
+                    schedule,
+                    tx.clone(),
+                    self.hints.clone(),
+                    token.clone(),
+                ));
                 let endpoint = format!("{} in region {}", key.target, key.region);
                 tokio::spawn(watch_probe(task, endpoint, layer, self.metrics.clone()));
             }
@@ -208,11 +305,31 @@ pub(crate) mod testing {
 
     use tokio::sync::Notify;
 
-    use super::{Probe, ProbeError};
+    use super::{Layer, Payload, Probe, ProbeError};
 
-    /// The backend's mode, and a wake-up for requests it holds while hung.
-    #[derive(Clone, Default)]
-    pub struct Scripted(Arc<(AtomicU32, Notify)>);
+    /// The model every scripted model list names.
+    pub const MODEL: &str = "test-model";
+
+    /// Hints from a publisher that is gone: probe loops keep their schedule.
+    pub fn no_hints() -> tokio::sync::watch::Receiver<super::ProbeHints> {
+        tokio::sync::watch::channel(super::ProbeHints::default()).1
+    }
+
+    #[derive(Default)]
+    struct Backend {
+        mode: AtomicU32,
+        released: Notify,
+        /// Probes received (answered or not).
+        calls: AtomicU32,
+    }
+
+    /// The backend's mode, a wake-up for requests it holds while hung, and
+    /// the layer it answers as.
+    #[derive(Clone)]
+    pub struct Scripted {
+        backend: Arc<Backend>,
+        layer: Layer,
+    }
 
     impl Scripted {
         pub const OK: u32 = 0;
@@ -226,26 +343,56 @@ pub(crate) mod testing {
         /// The probe task panics (a bug in a probe).
         pub const PANIC: u32 = 4;
 
+        /// An alive probe.
         pub fn new(mode: u32) -> Self {
-            Self(Arc::new((AtomicU32::new(mode), Notify::new())))
+            Self::on(Layer::Alive, mode)
+        }
+
+        /// A probe of `layer` with a backend of its own.
+        pub fn on(layer: Layer, mode: u32) -> Self {
+            let backend = Arc::new(Backend::default());
+            backend.mode.store(mode, Ordering::SeqCst);
+            Self { backend, layer }
+        }
+
+        /// A probe of `layer` against the same backend (another path of
+        /// the same server).
+        pub fn layer(&self, layer: Layer) -> Self {
+            Self {
+                backend: self.backend.clone(),
+                layer,
+            }
         }
 
         pub fn set(&self, mode: u32) {
-            self.0.0.store(mode, Ordering::SeqCst);
-            self.0.1.notify_waiters();
+            self.backend.mode.store(mode, Ordering::SeqCst);
+            self.backend.released.notify_waiters();
+        }
+
+        /// Probes this backend has received.
+        pub fn calls(&self) -> u32 {
+            self.backend.calls.load(Ordering::SeqCst)
         }
     }
 
     impl Probe for Scripted {
-        fn layer(&self) -> super::Layer {
-            super::Layer::Alive
+        fn layer(&self) -> Layer {
+            self.layer
         }
 
-        async fn check(&self) -> Result<super::Payload, ProbeError> {
+        async fn check(&self) -> Result<Payload, ProbeError> {
+            self.backend.calls.fetch_add(1, Ordering::SeqCst);
             loop {
-                let released = self.0.1.notified();
-                match self.0.0.load(Ordering::SeqCst) {
-                    Self::OK => return Ok(super::Payload::Alive),
+                let released = self.backend.released.notified();
+                match self.backend.mode.load(Ordering::SeqCst) {
+                    Self::OK => {
+                        return Ok(match self.layer {
+                            Layer::Alive => Payload::Alive,
+                            Layer::Models => Payload::Models(vec![MODEL.into()]),
+                            Layer::Completion => Payload::Completion,
+                            Layer::Metrics => Payload::Load(Default::default()),
+                        });
+                    }
                     Self::REFUSE => return Err(ProbeError::Refused),
                     Self::RATE_LIMITED => {
                         return Err(ProbeError::RateLimited {
@@ -262,7 +409,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::Scripted;
+    use super::testing::{Scripted, no_hints};
     use super::*;
 
     fn schedule() -> Schedule {
@@ -278,7 +425,14 @@ mod tests {
         let cancel = CancellationToken::new();
         let backend = Scripted::new(Scripted::OK);
         let t0 = Instant::now();
-        tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
+        tokio::spawn(probe_loop(
+            0,
+            backend,
+            schedule(),
+            tx,
+            no_hints(),
+            cancel.clone(),
+        ));
         let mut times = Vec::new();
         for _ in 0..6 {
             let report = rx.recv().await.unwrap();
@@ -303,8 +457,22 @@ mod tests {
         let hung = Scripted::new(Scripted::HANG);
         let fine = Scripted::new(Scripted::OK);
         let t0 = Instant::now();
-        tokio::spawn(probe_loop(0, hung, schedule(), tx.clone(), cancel.clone()));
-        tokio::spawn(probe_loop(1, fine, schedule(), tx, cancel.clone()));
+        tokio::spawn(probe_loop(
+            0,
+            hung,
+            schedule(),
+            tx.clone(),
+            no_hints(),
+            cancel.clone(),
+        ));
+        tokio::spawn(probe_loop(
+            1,
+            fine,
+            schedule(),
+            tx,
+            no_hints(),
+            cancel.clone(),
+        ));
         let mut hung_reports = Vec::new();
         let mut fine_reports = 0;
         while hung_reports.len() < 3 {
@@ -348,6 +516,7 @@ mod tests {
             backend.clone(),
             schedule(),
             tx,
+            no_hints(),
             cancel.clone(),
         ));
         for _ in 0..2 {
@@ -386,6 +555,7 @@ mod tests {
             Scripted::new(Scripted::PANIC),
             schedule(),
             tx.clone(),
+            no_hints(),
             cancel.clone(),
         ));
         watch_probe(
@@ -403,6 +573,7 @@ mod tests {
             Scripted::new(Scripted::OK),
             schedule(),
             tx,
+            no_hints(),
             cancel.clone(),
         ));
         cancel.cancel();
@@ -416,12 +587,99 @@ mod tests {
         assert_eq!(failures(), 1);
     }
 
+    const SLOW: Schedule = Schedule {
+        interval: Duration::from_secs(30),
+        timeout: Duration::from_secs(5),
+    };
+
+    /// When the publisher says the alive layer came back, the layers above
+    /// it probe at once instead of at their next (long) interval; the alive
+    /// layer and other endpoints keep their schedule.
+    #[tokio::test(start_paused = true)]
+    async fn a_recovery_hint_makes_the_layers_above_probe_at_once() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let (hints, hints_rx) = watch::channel(ProbeHints::default());
+        let cancel = CancellationToken::new();
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        let other = Scripted::on(Layer::Completion, Scripted::OK);
+        for (id, probe) in [(0, completion.clone()), (1, other.clone())] {
+            let (tx, hints, cancel) = (tx.clone(), hints_rx.clone(), cancel.clone());
+            tokio::spawn(probe_loop(id, probe, SLOW, tx, hints, cancel));
+        }
+        for _ in 0..2 {
+            rx.recv().await.unwrap();
+        }
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        hints.send_modify(|h| h.recover(0));
+        let report = rx.recv().await.unwrap();
+        assert_eq!(report.endpoint, 0);
+        assert_eq!(report.outcome.result, Ok(Payload::Completion));
+        assert_eq!(t0.elapsed(), Duration::from_secs(5), "probed at once");
+        assert_eq!(other.calls(), 1, "another endpoint is not kicked");
+        // Then the interval again, from that probe.
+        while rx.recv().await.unwrap().endpoint != 0 {}
+        assert!(
+            t0.elapsed() >= Duration::from_secs(5 + 27),
+            "{:?}",
+            t0.elapsed()
+        );
+        cancel.cancel();
+    }
+
+    /// While the endpoint's region is full its completion probe is not
+    /// sent: the loop reports `Skipped` at each interval instead (so the
+    /// layer is not silent), and probes at once when the region has room.
+    #[tokio::test(start_paused = true)]
+    async fn completion_probes_are_skipped_while_the_region_is_full() {
+        let (tx, mut rx) = mpsc::channel::<ProbeReport>(16);
+        let mut full = ProbeHints::default();
+        full.set_full([0].into());
+        let (hints, hints_rx) = watch::channel(full);
+        let cancel = CancellationToken::new();
+        let completion = Scripted::on(Layer::Completion, Scripted::OK);
+        tokio::spawn(probe_loop(
+            0,
+            completion.clone(),
+            SLOW,
+            tx,
+            hints_rx,
+            cancel.clone(),
+        ));
+        for _ in 0..3 {
+            let report = rx.recv().await.unwrap();
+            assert_eq!(report.outcome.result, Ok(Payload::Skipped));
+        }
+        assert_eq!(completion.calls(), 0, "nothing sent to a full region");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let room = Instant::now();
+        hints.send_modify(|h| {
+            h.set_full(HashSet::new());
+        });
+        let report = rx.recv().await.unwrap();
+        assert_eq!(report.outcome.result, Ok(Payload::Completion));
+        assert_eq!(
+            room.elapsed(),
+            Duration::ZERO,
+            "probed as soon as there is room"
+        );
+        assert_eq!(completion.calls(), 1);
+        cancel.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_the_loop() {
         let (tx, mut rx) = mpsc::channel::<ProbeReport>(4);
         let cancel = CancellationToken::new();
         let backend = Scripted::new(Scripted::REFUSE);
-        let task = tokio::spawn(probe_loop(0, backend, schedule(), tx, cancel.clone()));
+        let task = tokio::spawn(probe_loop(
+            0,
+            backend,
+            schedule(),
+            tx,
+            no_hints(),
+            cancel.clone(),
+        ));
         assert_eq!(
             rx.recv().await.unwrap().outcome.result,
             Err(ProbeError::Refused)

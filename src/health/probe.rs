@@ -47,13 +47,19 @@ pub enum Payload {
     Completion,
     /// The load the metrics show.
     Load(crate::capacity::Load),
+    /// Not sent: the completion probe of an endpoint whose region the load
+    /// signal says is full (it would only queue behind the load). Neither a
+    /// success nor a failure; it tells the publisher the layer is alive.
+    Skipped,
 }
 
 /// Why a probe failed; each type has its own rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "detail")]
 pub enum ProbeError {
-    /// Connection refused or reset: nothing listens.
+    /// Connection refused or reset: nothing listens. On the alive layer it
+    /// falls after `fall-refused` (1 by default); on the layers above, the
+    /// alive layer explains it (see `publish`).
     Refused,
     /// No complete answer within the timeout (hung, overloaded, slow drip).
     Timeout,
@@ -73,6 +79,10 @@ pub enum ProbeError {
     Tls(String),
     /// Any other transport error.
     Transport(String),
+    /// A completion that timed out while the load signal already sheds its
+    /// region: a symptom of load, not of death. Set by the publisher (a
+    /// probe itself reports `Timeout`); never counted toward `fall`.
+    Overloaded,
 }
 
 impl ProbeError {
@@ -89,6 +99,7 @@ impl ProbeError {
             ProbeError::Malformed(_) => "malformed",
             ProbeError::Tls(_) => "tls",
             ProbeError::Transport(_) => "transport",
+            ProbeError::Overloaded => "overloaded",
         }
     }
 }
@@ -111,6 +122,10 @@ impl std::fmt::Display for ProbeError {
             ProbeError::Malformed(e) => write!(f, "malformed answer: {e}"),
             ProbeError::Tls(e) => write!(f, "TLS: {e}"),
             ProbeError::Transport(e) => write!(f, "transport: {e}"),
+            ProbeError::Overloaded => write!(
+                f,
+                "completion timed out while the region is loaded (overloaded, not counted as down)"
+            ),
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct EndpointView {
     /// Why the last status is not trusted: a probe layer sent no result for
     /// longer than 3 x interval + timeout (the endpoint is unfit meanwhile).
     pub silent: Option<String>,
+    /// A probe that is not being sent, and why (`completion probe skipped:
+    /// region full`).
+    pub skipped: Option<String>,
     /// When the status last changed (seconds since the Unix epoch).
     pub since_unix_s: Option<u64>,
 }
