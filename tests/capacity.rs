@@ -322,3 +322,342 @@ tiers = [["a"], ["b"]]
         ]
     );
 }
+
+// ---------------------------------------------------------------------------
+// llama.cpp, from responses captured from a real `llama-server`
+// (tests/fixtures/llama.cpp, see ORIGIN.md there).
+
+mod llamacpp {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use hickory_proto::rr::RecordType;
+    use inferdns::demo::client::answer_strings;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::common::{Server, base_config, http};
+
+    const HEALTH_200: &[u8] = include_bytes!("fixtures/llama.cpp/health-200.txt");
+    const HEALTH_BUSY: &[u8] = include_bytes!("fixtures/llama.cpp/health-busy.txt");
+    const HEALTH_LOADING: &[u8] = include_bytes!("fixtures/llama.cpp/health-503-loading.json");
+    const MODELS: &[u8] = include_bytes!("fixtures/llama.cpp/v1-models.json");
+    const PROPS: &[u8] = include_bytes!("fixtures/llama.cpp/props.json");
+    const METRICS_IDLE: &[u8] = include_bytes!("fixtures/llama.cpp/metrics-idle.txt");
+    const METRICS_BUSY: &[u8] = include_bytes!("fixtures/llama.cpp/metrics-busy.txt");
+    const MODEL: &str = "smollm2-135m";
+
+    /// A body as llama.cpp sends it (its headers, `Connection: close`).
+    fn response(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\nServer: llama.cpp\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn json(body: &[u8]) -> Vec<u8> {
+        response("200 OK", "application/json; charset=utf-8", body)
+    }
+
+    fn metrics(body: &[u8]) -> Vec<u8> {
+        response("200 OK", "text/plain; version=0.0.4", body)
+    }
+
+    fn loading() -> Vec<u8> {
+        response(
+            "503 Service Unavailable",
+            "application/json; charset=utf-8",
+            HEALTH_LOADING,
+        )
+    }
+
+    /// A loopback HTTP server answering each path with a captured response,
+    /// byte for byte, and counting the requests per path.
+    struct Captured {
+        addr: SocketAddr,
+        routes: Arc<Mutex<HashMap<&'static str, Vec<u8>>>>,
+        hits: Arc<Mutex<HashMap<String, u32>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Captured {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Captured {
+        async fn start(ip: &str, routes: &[(&'static str, Vec<u8>)]) -> Captured {
+            let listener = TcpListener::bind((ip, 0)).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let routes = Arc::new(Mutex::new(
+                routes.iter().cloned().collect::<HashMap<_, _>>(),
+            ));
+            let hits = Arc::new(Mutex::new(HashMap::new()));
+            let (r, h) = (routes.clone(), hits.clone());
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((mut stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (routes, hits) = (r.clone(), h.clone());
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let line = String::from_utf8_lossy(&head);
+                        let path = line
+                            .split_whitespace()
+                            .nth(1)
+                            .unwrap_or("/")
+                            .split('?')
+                            .next()
+                            .unwrap_or("/")
+                            .to_string();
+                        *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                        let reply = routes.lock().unwrap().get(path.as_str()).cloned();
+                        let reply = reply.unwrap_or_else(|| {
+                            response("404 Not Found", "text/plain", b"File Not Found")
+                        });
+                        let _ = stream.write_all(&reply).await;
+                        let _ = stream.shutdown().await;
+                    });
+                }
+            });
+            Captured {
+                addr,
+                routes,
+                hits,
+                task,
+            }
+        }
+
+        fn set(&self, path: &'static str, reply: Vec<u8>) {
+            self.routes.lock().unwrap().insert(path, reply);
+        }
+
+        fn hits(&self, path: &str) -> u32 {
+            self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+        }
+    }
+
+    /// Idle: both slots free.
+    async fn idle(ip: &str) -> Captured {
+        Captured::start(
+            ip,
+            &[
+                ("/health", HEALTH_200.to_vec()),
+                ("/v1/models", json(MODELS)),
+                ("/props", json(PROPS)),
+                ("/metrics", metrics(METRICS_IDLE)),
+            ],
+        )
+        .await
+    }
+
+    /// Saturated: both slots busy, two requests queued; `/health` stays 200.
+    async fn busy(ip: &str) -> Captured {
+        Captured::start(
+            ip,
+            &[
+                ("/health", HEALTH_BUSY.to_vec()),
+                ("/v1/models", json(MODELS)),
+                ("/props", json(PROPS)),
+                ("/metrics", metrics(METRICS_BUSY)),
+            ],
+        )
+        .await
+    }
+
+    /// Two llama.cpp regions behind one capacity name, default settings
+    /// except the model-list check.
+    async fn server(busy: &Captured, idle: &Captured, service: &str) -> Server {
+        let text = format!(
+            r#"
+[regions.busy]
+endpoints = [{{ address = "{}", port = {} }}]
+probe = {{ models-path = "/v1/models" }}
+capacity = {{ metrics = "llamacpp" }}
+
+[regions.idle]
+endpoints = [{{ address = "{}", port = {} }}]
+probe = {{ models-path = "/v1/models" }}
+capacity = {{ metrics = "llamacpp" }}
+
+[services.chat]
+tiers = [["busy", "idle"]]
+model = "{MODEL}"
+{service}
+"#,
+            busy.addr.ip(),
+            busy.addr.port(),
+            idle.addr.ip(),
+            idle.addr.port(),
+        );
+        Server::start(&base_config(&text)).await
+    }
+
+    async fn status(server: &Server) -> serde_json::Value {
+        let url = format!("http://{}/v1/status", server.running.admin);
+        let (code, body) = http("GET", &url, None, None).await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn utilization(server: &Server, region: &str) -> Option<f64> {
+        status(server).await["regions"]
+            .as_array()?
+            .iter()
+            .find(|r| r["id"] == region)?["utilization"]
+            .as_f64()
+    }
+
+    /// Waits (bounded) until both regions have a scraped utilisation.
+    async fn wait_loads(server: &Server) -> (f64, f64) {
+        for _ in 0..500 {
+            if let (Some(b), Some(i)) = (
+                utilization(server, "busy").await,
+                utilization(server, "idle").await,
+            ) {
+                return (b, i);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no load scraped from the llama.cpp regions");
+    }
+
+    /// The issue-13 case: every slot busy and two queued counted as 25 %
+    /// (the queue over the default queue-saturation of 8), so the busy
+    /// region got 43 % of answers. Busy slots against `total_slots` from
+    /// `/props` make it full: removed at the 95 % watermark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn llamacpp_busy_region_gets_under_a_tenth_of_answers() {
+        let b = busy("127.0.0.95").await;
+        let i = idle("127.0.0.96").await;
+        let server = server(&b, &i, r#"strategy = "capacity""#).await;
+        let (busy_util, idle_util) = wait_loads(&server).await;
+        assert_eq!(busy_util, 1.0, "2 of 2 slots busy and 2 queued");
+        assert_eq!(idle_util, 0.0);
+
+        let n = 2000;
+        let mut to_busy = 0;
+        for _ in 0..n {
+            let got = answer_strings(
+                &server
+                    .udp("chat.inference.example.com.", RecordType::A)
+                    .await,
+            );
+            assert_eq!(got.len(), 1, "{got:?}");
+            to_busy += u32::from(got[0] == b.addr.ip().to_string());
+        }
+        let share = f64::from(to_busy) / f64::from(n);
+        eprintln!("llama.cpp busy region: {to_busy} of {n} answers ({share:.4})");
+        assert!(share < 0.10, "busy region got {share} of answers");
+
+        // `/props` is read once and cached (total_slots changes only on restart).
+        assert_eq!(b.hits("/props"), 1, "props read once");
+        assert!(b.hits("/metrics") >= 1);
+    }
+
+    /// The slot count comes from `/props`; when it cannot be read, the
+    /// queue still says the server is full (llama.cpp defers a request only
+    /// when no slot is free).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn llamacpp_without_props_a_queue_still_means_full() {
+        let b = busy("127.0.0.97").await;
+        b.set(
+            "/props",
+            response("404 Not Found", "text/plain", b"File Not Found"),
+        );
+        let i = idle("127.0.0.98").await;
+        let server = server(&b, &i, r#"strategy = "capacity""#).await;
+        let (busy_util, _) = wait_loads(&server).await;
+        assert_eq!(busy_util, 1.0);
+        // Draining: two slots busy, nobody queued, slot count unknown:
+        // the queue over queue-saturation (0 of 8) is all that is known.
+        b.set(
+            "/metrics",
+            metrics(include_bytes!("fixtures/llama.cpp/metrics-after-load.txt")),
+        );
+        for _ in 0..1000 {
+            if utilization(&server, "busy").await == Some(0.0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the busy region never drained");
+    }
+
+    /// `/health` 503 "Loading model" is the 503 type (loading or
+    /// overloaded), never a refused or dead endpoint; it is answered once
+    /// `/health` is 200.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn llamacpp_loading_is_a_503_not_dead() {
+        let b = busy("127.0.0.99").await;
+        b.set("/health", loading());
+        let i = idle("127.0.0.100").await;
+        let server = server(&b, &i, "").await;
+        let endpoint = |s: &serde_json::Value| {
+            s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["region"] == "busy")
+                .cloned()
+                .unwrap()
+        };
+        let mut seen = None;
+        for _ in 0..500 {
+            let e = endpoint(&status(&server).await);
+            if e["last_error"].is_string() {
+                seen = Some(e);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = seen.expect("the loading endpoint reports an error");
+        assert_eq!(
+            e["last_error"], "HTTP 503 unavailable (loading or overloaded)",
+            "{e}"
+        );
+        let url = format!("http://{}/metrics", server.running.admin);
+        let (_, text) = http("GET", &url, None, None).await;
+        assert!(
+            text.contains(r#"inferdns_probes_total{region="busy",result="unavailable"}"#),
+            "{text}"
+        );
+        for dead in ["refused", "timeout", "transport", "malformed"] {
+            let series = format!(r#"inferdns_probes_total{{region="busy",result="{dead}"}}"#);
+            assert!(!text.contains(&series), "{series} in\n{text}");
+        }
+        // Failover name: the loading region is not answered, the idle one is.
+        server
+            .wait_answer(
+                "chat.inference.example.com.",
+                &[&i.addr.ip().to_string()],
+                Duration::from_secs(10),
+            )
+            .await;
+        // Loaded: back in the answers, beside the other region of its tier.
+        b.set("/health", HEALTH_200.to_vec());
+        let mut both = [b.addr.ip().to_string(), i.addr.ip().to_string()];
+        both.sort();
+        server
+            .wait_answer(
+                "chat.inference.example.com.",
+                &[&both[0], &both[1]],
+                Duration::from_secs(10),
+            )
+            .await;
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::check::Checker;
 use super::file::{CapacitySection, ServiceSection};
 use super::{MetricsSpec, RegionCapacity, Source};
-use crate::capacity::{Preset, Watermarks};
+use crate::capacity::{Preset, Series, Watermarks};
 
 /// Load reports older than this expire to "unknown".
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(15);
@@ -64,20 +64,28 @@ impl Checker {
         let metrics = c.metrics.as_ref().and_then(|name| {
             let preset = match name.get_ref().as_str() {
                 "generic" => {
-                    let one = |m: &Option<toml::Spanned<String>>| m.iter().map(|n| n.get_ref().clone()).collect::<Vec<_>>();
+                    let one = |m: &Option<toml::Spanned<String>>| {
+                        m.iter().map(|n| Series::plain(n.get_ref())).collect::<Vec<_>>()
+                    };
                     let preset = Preset {
-                        kv_cache: one(&c.kv_cache_metric).into_iter().map(|n| (n, None)).collect(),
+                        kv_cache: one(&c.kv_cache_metric),
                         waiting: one(&c.waiting_metric),
                         running: one(&c.running_metric),
+                        slots: one(&c.slots_metric),
                         utilization: one(&c.utilization_metric),
+                        ..Preset::default()
                     };
-                    if preset.kv_cache.is_empty() && preset.waiting.is_empty() && preset.utilization.is_empty() {
+                    if preset.kv_cache.is_empty() && preset.waiting.is_empty() && preset.utilization.is_empty() && preset.slots.is_empty() {
                         self.err(
                             src,
                             name.span(),
-                            "the generic preset needs kv-cache-metric, waiting-metric or utilization-metric",
+                            "the generic preset needs kv-cache-metric, waiting-metric, slots-metric or utilization-metric",
                         );
                         return None;
+                    }
+                    if !preset.slots.is_empty() && preset.running.is_empty() {
+                        let span = c.slots_metric.as_ref().map_or(name.span(), |m| m.span());
+                        self.err(src, span, "slots-metric needs running-metric (slot use is running plus waiting over slots)");
                     }
                     preset
                 }
@@ -87,7 +95,7 @@ impl Checker {
                         self.err(
                             src,
                             name.span(),
-                            format!("metrics preset {other:?} is not one of vllm, sglang, tgi, llamacpp, triton, nim, generic"),
+                            format!("metrics preset {other:?} is not one of {}, generic", Preset::NAMES.join(", ")),
                         );
                         return None;
                     }

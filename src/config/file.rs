@@ -278,6 +278,9 @@ pub struct CapacitySection {
     pub waiting_metric: Option<Spanned<String>>,
     /// generic preset: the running-requests gauge.
     pub running_metric: Option<Spanned<String>>,
+    /// generic preset: the gauge of the most requests served at once
+    /// (slots); slot use is (running + waiting) / slots.
+    pub slots_metric: Option<Spanned<String>>,
     /// generic preset: a utilisation gauge (0..1).
     pub utilization_metric: Option<Spanned<String>>,
     /// Reports older than this expire to unknown. Default 15s.
