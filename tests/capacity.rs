@@ -661,3 +661,314 @@ model = "{MODEL}"
             .await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Shedding scope: which names a full region leaves (`shed`).
+
+/// Region a (tier 1 of the failover names) at 97 %, b idle, with one
+/// name per rule; `services` is appended to the config.
+async fn shed_fleet(services: &str) -> (Server, SimRegion, SimRegion) {
+    let a = SimRegion::start("127.0.0.101:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let b = SimRegion::start("127.0.0.102:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let text = format!(
+        r#"
+[regions.a]
+endpoints = [{{ address = "127.0.0.101", port = {} }}]
+probe = {{ interval = "100ms" }}
+capacity = {{ max-age = "60s" }}
+
+[regions.b]
+endpoints = [{{ address = "127.0.0.102", port = {} }}]
+probe = {{ interval = "100ms" }}
+capacity = {{ max-age = "60s" }}
+{services}
+"#,
+        a.addr().port(),
+        b.addr().port()
+    );
+    let server = Server::start_with_token(&base_config(&text), TOKEN).await;
+    let admin = server.running.admin;
+    for (region, utilization) in [("a", 0.97), ("b", 0.10)] {
+        let (code, reply) = http(
+            "POST",
+            &format!("http://{admin}/v1/regions/{region}/capacity"),
+            Some(TOKEN),
+            Some(format!(r#"{{"utilization": {utilization}}}"#)),
+        )
+        .await;
+        assert_eq!(code, 200, "{reply}");
+    }
+    (server, a, b)
+}
+
+async fn explain(server: &Server, name: &str) -> String {
+    let url = format!(
+        "http://{}/v1/explain?name={name}.inference.example.com&client=127.0.0.1",
+        server.running.admin
+    );
+    let (code, body) = http("GET", &url, None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Explain of `name` once it shows `needle` (bounded wait).
+async fn wait_explain(server: &Server, name: &str, needle: &str) -> String {
+    let mut why = String::new();
+    for _ in 0..500 {
+        why = explain(server, name).await;
+        if why.contains(needle) {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("explain of {name} never showed {needle:?}:\n{why}");
+}
+
+/// A capacity name drops a region at the remove watermark; explain used to
+/// call its endpoint "kept" while it got no answers.
+#[tokio::test]
+async fn explain_says_a_shed_region_was_removed_at_capacity() {
+    let (server, _a, _b) = shed_fleet(
+        r#"
+[services.fleet]
+tiers = [["a", "b"]]
+strategy = "capacity"
+"#,
+    )
+    .await;
+    let why = wait_explain(&server, "fleet", "region a utilisation 97%").await;
+    for _ in 0..50 {
+        let got = answer_strings(
+            &server
+                .udp("fleet.inference.example.com.", RecordType::A)
+                .await,
+        );
+        assert_eq!(got, ["127.0.0.102"]);
+    }
+    let line = why
+        .lines()
+        .find(|l| l.contains("region a endpoint 127.0.0.101"))
+        .unwrap_or_else(|| panic!("no line for a's endpoint:\n{why}"));
+    assert!(
+        line.contains("removed at capacity"),
+        "a gets no answers, yet: {line}"
+    );
+}
+
+/// The rule is per service: by default a failover name keeps its 97 %-full
+/// primary (only health fails it over), a capacity name drops it, and a
+/// failover name with `shed = "at-remove"` fails over to the next tier.
+/// Explain says which rule decided, and whether it is the default.
+#[tokio::test]
+async fn shed_scope_is_per_service_with_documented_defaults() {
+    let (server, _a, _b) = shed_fleet(
+        r#"
+[services.chat]
+tiers = [["a"], ["b"]]
+
+[services.chat-shed]
+tiers = [["a"], ["b"]]
+shed = "at-remove"
+
+[services.fleet]
+tiers = [["a", "b"]]
+strategy = "capacity"
+
+[services.fleet-keep]
+tiers = [["a"], ["b"]]
+strategy = "capacity"
+shed = "never"
+"#,
+    )
+    .await;
+    let limit = Duration::from_secs(10);
+    server
+        .wait_answer("chat-shed.inference.example.com.", &["127.0.0.102"], limit)
+        .await;
+    server
+        .wait_answer("fleet.inference.example.com.", &["127.0.0.102"], limit)
+        .await;
+    // Kept: the failover name (default) and the capacity name told to keep it.
+    for name in ["chat", "fleet-keep"] {
+        for _ in 0..20 {
+            let got = answer_strings(
+                &server
+                    .udp(&format!("{name}.inference.example.com."), RecordType::A)
+                    .await,
+            );
+            assert_eq!(got, ["127.0.0.101"], "{name}");
+        }
+    }
+
+    let chat = explain(&server, "chat").await;
+    assert!(
+        chat.contains(r#"capacity: shed = "never" (default for failover names)"#),
+        "{chat}"
+    );
+    assert!(
+        chat.contains(r#"capacity: region a utilisation 97%, level removed"#)
+            && chat.contains(r#"-> kept: shed = "never""#),
+        "{chat}"
+    );
+    let shed = explain(&server, "chat-shed").await;
+    assert!(
+        shed.contains(r#"capacity: shed = "at-remove" (set for this service)"#),
+        "{shed}"
+    );
+    assert!(
+        shed.contains(r#"region a endpoint 127.0.0.101: up -> removed at capacity: level removed (shed = "at-remove")"#),
+        "{shed}"
+    );
+    assert!(shed.contains("decision: tier 1 -> 127.0.0.102"), "{shed}");
+    let fleet = explain(&server, "fleet").await;
+    assert!(
+        fleet.contains(r#"capacity: shed = "at-remove" (default for capacity names)"#),
+        "{fleet}"
+    );
+
+    // Status names each service's rule.
+    let (_, body) = http(
+        "GET",
+        &format!("http://{}/v1/status", server.running.admin),
+        None,
+        None,
+    )
+    .await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rules: Vec<(String, String)> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                s["shed"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("chat", "never"),
+            ("chat-shed", "at-remove"),
+            ("fleet", "at-remove"),
+            ("fleet-keep", "never"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+}
+
+/// When every region of a shedding name is full, it still answers (the
+/// least bad), and explain says why the full region was kept.
+#[tokio::test]
+async fn a_shedding_name_keeps_answering_when_every_region_is_full() {
+    let (server, _a, _b) = shed_fleet(
+        r#"
+[services.only-a]
+tiers = [["a"]]
+shed = "at-remove"
+"#,
+    )
+    .await;
+    let why = wait_explain(&server, "only-a", "utilisation 97%").await;
+    assert!(
+        why.contains("-> kept: every fit region is this full"),
+        "{why}"
+    );
+    let got = answer_strings(
+        &server
+            .udp("only-a.inference.example.com.", RecordType::A)
+            .await,
+    );
+    assert_eq!(got, ["127.0.0.101"]);
+}
+
+/// `shed` and `slots-metric` are checked like every key: a bad value names
+/// file:line:col and the allowed values; defaults follow the strategy.
+#[test]
+fn shed_and_slots_metric_are_checked() {
+    let files = common::Files::new();
+    files.write("zone.db", common::ZONE);
+    let main = base_config(
+        r#"
+[regions.a]
+endpoints = [{ address = "192.0.2.1", port = 8000 }]
+capacity = { metrics = "generic", slots-metric = "max_seqs" }
+
+[services.chat]
+tiers = [["a"]]
+shed = "capacity"
+"#,
+    );
+    let path = files.write("inferdns.toml", &main);
+    let errors: Vec<String> = inferdns::config::load(&path)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let line_of = |needle: &str| main[..main.find(needle).unwrap()].matches('\n').count() + 1;
+    let shed = format!("inferdns.toml:{}:", line_of("shed = "));
+    assert!(
+        errors.iter().any(|e| e.contains(&shed)
+            && e.contains(r#"shed "capacity" is not one of "never", "at-remove", "at-reduce""#)),
+        "{errors:#?}"
+    );
+    let slots = format!("inferdns.toml:{}:", line_of("slots-metric"));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(&slots) && e.contains("slots-metric needs running-metric")),
+        "{errors:#?}"
+    );
+
+    let good = base_config(
+        r#"
+[regions.a]
+endpoints = [{ address = "192.0.2.1", port = 8000 }]
+capacity = { metrics = "generic", slots-metric = "max_seqs", running-metric = "seqs", cost = 2.0 }
+
+[services.chat]
+tiers = [["a"]]
+
+[services.fleet]
+tiers = [["a"]]
+strategy = "capacity"
+
+[services.batch]
+tiers = [["a"]]
+strategy = "cost"
+
+[services.sheddable]
+tiers = [["a"]]
+shed = "at-reduce"
+"#,
+    );
+    let path = files.write("inferdns.toml", &good);
+    let config = inferdns::config::load(&path).unwrap();
+    let rules: Vec<(&str, &str, bool)> = config
+        .services
+        .iter()
+        .map(|s| (s.id.as_str(), s.shed.name(), s.shed_set))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("batch", "at-remove", false),
+            ("chat", "never", false),
+            ("fleet", "at-remove", false),
+            ("sheddable", "at-reduce", true),
+        ]
+    );
+}

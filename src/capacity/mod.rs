@@ -124,6 +124,53 @@ impl Watermarks {
     }
 }
 
+/// Which shedding level takes a region out of one service's answers (the
+/// service's `shed` key). Weights fall with headroom whatever the rule;
+/// this decides when load alone removes a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shed {
+    /// Load never removes a region from this service; only health does
+    /// (the default of `failover` and `proximity` names).
+    Never,
+    /// From the `remove` watermark, unless every fit region is that full
+    /// (the default of `capacity` and `cost` names).
+    AtRemove,
+    /// From the `reduce` watermark: a sheddable name leaves a busy region
+    /// before the others do.
+    AtReduce,
+}
+
+impl Shed {
+    /// Every rule with its config name.
+    pub const ALL: [(Shed, &'static str); 3] = [
+        (Shed::Never, "never"),
+        (Shed::AtRemove, "at-remove"),
+        (Shed::AtReduce, "at-reduce"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("never", |(_, n)| n)
+    }
+
+    pub fn parse(name: &str) -> Option<Shed> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
+    }
+
+    /// A region at `level` is out of this service's answers (while some
+    /// fit region is not).
+    pub fn removes(self, level: Level) -> bool {
+        match self {
+            Shed::Never => false,
+            Shed::AtRemove => level >= Level::Removed,
+            Shed::AtReduce => level >= Level::Reduce,
+        }
+    }
+}
+
 /// Utilisation: the worst of
 /// - KV-cache use;
 /// - slot use: `(running + waiting) / slots`, capped at 1, when the server
@@ -235,6 +282,24 @@ mod tests {
             "unknown: the static weight"
         );
         assert!(at(0.5) > at(0.7) && at(0.7) > at(0.85) && at(0.85) > at(0.92));
+    }
+
+    #[test]
+    fn shed_rules_by_level() {
+        use Level::*;
+        let removed = |shed: Shed| {
+            [Normal, Prepare, Reduce, Removed]
+                .into_iter()
+                .filter(|l| shed.removes(*l))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(removed(Shed::Never), []);
+        assert_eq!(removed(Shed::AtRemove), [Removed]);
+        assert_eq!(removed(Shed::AtReduce), [Reduce, Removed]);
+        for (shed, name) in Shed::ALL {
+            assert_eq!((Shed::parse(name), shed.name()), (Some(shed), name));
+        }
+        assert_eq!(Shed::parse("capacity"), None);
     }
 
     #[test]

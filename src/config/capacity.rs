@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::check::Checker;
 use super::file::{CapacitySection, ServiceSection};
-use super::{MetricsSpec, RegionCapacity, Source};
-use crate::capacity::{Preset, Series, Watermarks};
+use super::{MetricsSpec, RegionCapacity, Source, Strategy};
+use crate::capacity::{Preset, Series, Shed, Watermarks};
 
 /// Load reports older than this expire to "unknown".
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(15);
@@ -185,5 +185,64 @@ impl Checker {
             None => ttl,
         };
         (records, s.sticky.unwrap_or(false), watermarks, ttl_min)
+    }
+
+    /// The service's shedding rule, and whether it was written.
+    pub(super) fn shed(
+        &mut self,
+        src: &Source<'_>,
+        s: &ServiceSection,
+        strategy: Strategy,
+    ) -> (Shed, bool) {
+        let default = default_shed(strategy);
+        let Some(given) = &s.shed else {
+            return (default, false);
+        };
+        match Shed::parse(given.get_ref()) {
+            Some(shed) => (shed, true),
+            None => {
+                let names: Vec<String> = Shed::ALL.iter().map(|(_, n)| format!("{n:?}")).collect();
+                self.err(
+                    src,
+                    given.span(),
+                    format!(
+                        "shed {:?} is not one of {}",
+                        given.get_ref(),
+                        names.join(", ")
+                    ),
+                );
+                (default, false)
+            }
+        }
+    }
+}
+
+/// Names that answer whole regions (failover, proximity) keep a full
+/// region by default: moving all of a name's clients at once at 95 %
+/// would swing its whole load onto the next tier and back, and such names
+/// are usually the critical ones that capacity names make room for.
+/// Capacity and cost names shed at `remove`: for them a full region is
+/// the end of a gradual ramp of weights.
+pub fn default_shed(strategy: Strategy) -> Shed {
+    match strategy {
+        Strategy::Capacity | Strategy::Cost { .. } => Shed::AtRemove,
+        Strategy::Failover | Strategy::Proximity { .. } => Shed::Never,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_answering_whole_regions_keep_full_ones_by_default() {
+        let tolerance = Duration::from_millis(10);
+        assert_eq!(default_shed(Strategy::Failover), Shed::Never);
+        assert_eq!(default_shed(Strategy::Proximity { tolerance }), Shed::Never);
+        assert_eq!(default_shed(Strategy::Capacity), Shed::AtRemove);
+        assert_eq!(
+            default_shed(Strategy::Cost { min_headroom: 0.2 }),
+            Shed::AtRemove
+        );
     }
 }

@@ -392,6 +392,10 @@ pub struct ServiceSection {
     pub sticky: Option<bool>,
     /// Utilisation watermarks: `{ prepare = 0.8, reduce = 0.9, remove = 0.95 }`.
     pub watermarks: Option<Spanned<WatermarkSection>>,
+    /// When load alone takes a region out of this name's answers: `never`,
+    /// `at-remove` or `at-reduce`. Default: `at-remove` for the capacity
+    /// and cost strategies, `never` for failover and proximity.
+    pub shed: Option<Spanned<String>>,
     /// Cost strategy: the least headroom a region needs to be chosen. Default 0.2.
     pub min_headroom: Option<Spanned<f64>>,
     /// Adaptive TTL: the TTL while weights move or a region is near a watermark.
