@@ -563,10 +563,56 @@ model = "{MODEL}"
         let share = f64::from(to_busy) / f64::from(n);
         eprintln!("llama.cpp busy region: {to_busy} of {n} answers ({share:.4})");
         assert!(share < 0.10, "busy region got {share} of answers");
+    }
 
-        // `/props` is read once and cached (total_slots changes only on restart).
-        assert_eq!(b.hits("/props"), 1, "props read once");
-        assert!(b.hits("/metrics") >= 1);
+    /// `total_slots` changes only when llama.cpp restarts: `/props` is read
+    /// with the first scrape and kept, and read again after a scrape fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn llamacpp_props_is_read_once_and_again_after_a_failed_scrape() {
+        let b = busy("127.0.0.103").await;
+        let i = idle("127.0.0.104").await;
+        let text = format!(
+            r#"
+[regions.busy]
+endpoints = [{{ address = "{}", port = {} }}]
+capacity = {{ metrics = "llamacpp", metrics-interval = "100ms" }}
+
+[regions.idle]
+endpoints = [{{ address = "{}", port = {} }}]
+
+[services.chat]
+tiers = [["busy", "idle"]]
+"#,
+            b.addr.ip(),
+            b.addr.port(),
+            i.addr.ip(),
+            i.addr.port(),
+        );
+        let _server = Server::start(&base_config(&text)).await;
+        let wait_hits = |path: &'static str, n: u32| {
+            let b = &b;
+            async move {
+                for _ in 0..1000 {
+                    if b.hits(path) >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("{path} asked fewer than {n} times");
+            }
+        };
+        wait_hits("/metrics", 6).await;
+        assert_eq!(b.hits("/props"), 1, "read once, then cached");
+        // A restart: one failed scrape, then the server is back.
+        let seen = b.hits("/metrics");
+        b.set(
+            "/metrics",
+            response("500 Internal Server Error", "text/plain", b"x"),
+        );
+        wait_hits("/metrics", seen + 2).await;
+        b.set("/metrics", metrics(METRICS_BUSY));
+        wait_hits("/metrics", seen + 4).await;
+        assert_eq!(b.hits("/props"), 2, "read again after the failed scrape");
     }
 
     /// The slot count comes from `/props`; when it cannot be read, the
