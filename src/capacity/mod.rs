@@ -8,8 +8,11 @@
 //! publisher keeps the reports and expires them.
 
 pub mod exposition;
+mod preset;
 
 use serde::{Deserialize, Serialize};
+
+pub use preset::{PROPS_PATH, Preset, Series, total_slots};
 
 /// What one endpoint's metrics (or a push) say.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -20,113 +23,12 @@ pub struct Load {
     pub waiting: Option<f64>,
     /// Requests being served.
     pub running: Option<f64>,
+    /// The most requests served at once (llama.cpp's slots, TensorRT-LLM's
+    /// maximum active requests, NIM's `num_request_max`).
+    #[serde(default)]
+    pub slots: Option<f64>,
     /// GPU utilisation, 0..1.
     pub utilization: Option<f64>,
-}
-
-/// Which metric names carry which signal.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Preset {
-    /// Names of the KV-cache gauge, first found wins (0..1).
-    pub kv_cache: Vec<(String, Option<(String, String)>)>,
-    pub waiting: Vec<String>,
-    pub running: Vec<String>,
-    pub utilization: Vec<String>,
-}
-
-fn names(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-impl Preset {
-    /// A built-in preset by name.
-    pub fn named(name: &str) -> Option<Preset> {
-        let plain = |list: &[&str]| list.iter().map(|n| (n.to_string(), None)).collect();
-        Some(match name {
-            // V1 `kv_cache_usage_perc`, older `gpu_cache_usage_perc` (both 0..1).
-            "vllm" => Preset {
-                kv_cache: plain(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]),
-                waiting: names(&["vllm:num_requests_waiting"]),
-                running: names(&["vllm:num_requests_running"]),
-                utilization: Vec::new(),
-            },
-            "sglang" => Preset {
-                kv_cache: plain(&["sglang:token_usage"]),
-                waiting: names(&["sglang:num_queue_reqs"]),
-                running: names(&["sglang:num_running_reqs"]),
-                utilization: Vec::new(),
-            },
-            "tgi" => Preset {
-                kv_cache: Vec::new(),
-                waiting: names(&["tgi_queue_size"]),
-                running: names(&["tgi_batch_current_size"]),
-                utilization: Vec::new(),
-            },
-            "llamacpp" => Preset {
-                kv_cache: Vec::new(),
-                waiting: names(&["llamacpp:requests_deferred"]),
-                running: names(&["llamacpp:requests_processing"]),
-                utilization: Vec::new(),
-            },
-            "triton" => Preset {
-                kv_cache: vec![(
-                    "nv_trt_llm_kv_cache_block_metrics".into(),
-                    Some(("kv_cache_block_type".into(), "fraction".into())),
-                )],
-                waiting: names(&["nv_inference_pending_request_count"]),
-                running: Vec::new(),
-                utilization: names(&["nv_gpu_utilization"]),
-            },
-            "nim" => Preset {
-                kv_cache: plain(&[
-                    "gpu_cache_usage_perc",
-                    "vllm:kv_cache_usage_perc",
-                    "vllm:gpu_cache_usage_perc",
-                ]),
-                waiting: names(&["num_requests_waiting", "vllm:num_requests_waiting"]),
-                running: names(&["num_requests_running", "vllm:num_requests_running"]),
-                utilization: Vec::new(),
-            },
-            _ => return None,
-        })
-    }
-
-    /// The signals in a Prometheus text exposition. Gauges with several
-    /// series (engines, GPUs) are summed for queues and averaged for ratios.
-    pub fn read(&self, text: &str) -> Result<Load, String> {
-        let samples = exposition::samples(text);
-        if samples.is_empty() && !text.trim().is_empty() && !text.trim_start().starts_with('#') {
-            return Err("no Prometheus samples in the answer".into());
-        }
-        let values = |name: &str, label: Option<&(String, String)>| -> Vec<f64> {
-            samples
-                .iter()
-                .filter(|s| s.name == name)
-                .filter(|s| label.is_none_or(|(k, v)| s.label(k) == Some(v.as_str())))
-                .map(|s| s.value)
-                .filter(|v| v.is_finite())
-                .collect()
-        };
-        let first = |candidates: &[String], combine: fn(&[f64]) -> f64| {
-            candidates
-                .iter()
-                .map(|n| values(n, None))
-                .find(|v| !v.is_empty())
-                .map(|v| combine(&v))
-        };
-        let kv_cache = self
-            .kv_cache
-            .iter()
-            .map(|(n, label)| values(n, label.as_ref()))
-            .find(|v| !v.is_empty())
-            .map(|v| mean(&v).clamp(0.0, 1.0));
-        Ok(Load {
-            kv_cache,
-            waiting: first(&self.waiting, sum),
-            running: first(&self.running, sum),
-            utilization: first(&self.utilization, mean).map(|u| u.clamp(0.0, 1.0)),
-        })
-    }
 }
 
 fn sum(v: &[f64]) -> f64 {
@@ -151,6 +53,7 @@ pub fn combine(loads: &[Load]) -> Load {
         kv_cache: avg(|l| l.kv_cache),
         waiting: add(|l| l.waiting),
         running: add(|l| l.running),
+        slots: add(|l| l.slots),
         utilization: avg(|l| l.utilization),
     }
 }
@@ -221,19 +124,80 @@ impl Watermarks {
     }
 }
 
-/// Utilisation: the worst of KV-cache use, queue pressure and reported
-/// utilisation. Queue pressure is the waiting requests over
-/// `queue_saturation` (a queue that long counts as full).
+/// Which shedding level takes a region out of one service's answers (the
+/// service's `shed` key). Weights fall with headroom whatever the rule;
+/// this decides when load alone removes a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shed {
+    /// Load never removes a region from this service; only health does
+    /// (the default of `failover` and `proximity` names).
+    Never,
+    /// From the `remove` watermark, unless every fit region is that full
+    /// (the default of `capacity` and `cost` names).
+    AtRemove,
+    /// From the `reduce` watermark: a sheddable name leaves a busy region
+    /// before the others do.
+    AtReduce,
+}
+
+impl Shed {
+    /// Every rule with its config name.
+    pub const ALL: [(Shed, &'static str); 3] = [
+        (Shed::Never, "never"),
+        (Shed::AtRemove, "at-remove"),
+        (Shed::AtReduce, "at-reduce"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("never", |(_, n)| n)
+    }
+
+    pub fn parse(name: &str) -> Option<Shed> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
+    }
+
+    /// A region at `level` is out of this service's answers (while some
+    /// fit region is not).
+    pub fn removes(self, level: Level) -> bool {
+        match self {
+            Shed::Never => false,
+            Shed::AtRemove => level >= Level::Removed,
+            Shed::AtReduce => level >= Level::Reduce,
+        }
+    }
+}
+
+/// Utilisation: the worst of
+/// - KV-cache use;
+/// - slot use: `(running + waiting) / slots`, capped at 1, when the server
+///   says how many requests it serves at once: the share of its slots in
+///   use, and 100 % as soon as requests wait for one (a new request would
+///   wait too) - so two busy slots of two with two queued is full;
+/// - queue pressure: waiting requests over `queue_saturation` (a queue
+///   that long counts as full), for servers that queue for KV space rather
+///   than for a slot;
+/// - reported utilisation.
 pub fn utilization(load: &Load, queue_saturation: f64) -> Option<f64> {
     let queue = load
         .waiting
         .map(|w| (w / queue_saturation.max(1.0)).clamp(0.0, 1.0));
-    [load.kv_cache, queue, load.utilization]
+    [load.kv_cache, slot_use(load), queue, load.utilization]
         .into_iter()
         .flatten()
         .fold(None, |worst: Option<f64>, u| {
             Some(worst.map_or(u, |w| w.max(u)))
         })
+}
+
+/// `(running + waiting) / slots`, 0..1; `None` without both figures.
+pub fn slot_use(load: &Load) -> Option<f64> {
+    let slots = load.slots.filter(|s| *s > 0.0)?;
+    let demand = load.running? + load.waiting.unwrap_or(0.0);
+    Some((demand / slots).clamp(0.0, 1.0))
 }
 
 /// Share of answers: base weight x size x headroom, shed by level.
@@ -256,58 +220,13 @@ pub fn weight(base: f64, gpus: f64, util: Option<f64>, level: Level) -> f64 {
 mod tests {
     use super::*;
 
-    const VLLM_V1: &str = r#"# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
-# TYPE vllm:kv_cache_usage_perc gauge
-vllm:kv_cache_usage_perc{engine="0",model_name="llama"} 0.9
-vllm:kv_cache_usage_perc{engine="1",model_name="llama"} 0.94
-# TYPE vllm:num_requests_waiting gauge
-vllm:num_requests_waiting{engine="0",model_name="llama"} 3
-vllm:num_requests_waiting{engine="1",model_name="llama"} 4
-# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="llama"} 10
-"#;
-
-    #[test]
-    fn presets_read_each_servers_names() {
-        let load = Preset::named("vllm").unwrap().read(VLLM_V1).unwrap();
-        assert!(
-            (load.kv_cache.unwrap() - 0.92).abs() < 1e-9,
-            "engines averaged"
-        );
-        assert_eq!(
-            (load.waiting, load.running),
-            (Some(7.0), Some(10.0)),
-            "queues summed"
-        );
-        // vLLM before V1 named it gpu_cache_usage_perc.
-        let v0 = "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"x\"} 0.5\n";
-        assert_eq!(
-            Preset::named("vllm").unwrap().read(v0).unwrap().kv_cache,
-            Some(0.5)
-        );
-        let sglang =
-            "sglang:token_usage{model_name=\"x\"} 0.3\nsglang:num_queue_reqs{model_name=\"x\"} 2\n";
-        let l = Preset::named("sglang").unwrap().read(sglang).unwrap();
-        assert_eq!((l.kv_cache, l.waiting), (Some(0.3), Some(2.0)));
-        let llamacpp = "# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 2\nllamacpp:requests_processing 2\n";
-        let l = Preset::named("llamacpp").unwrap().read(llamacpp).unwrap();
-        assert_eq!(
-            (l.kv_cache, l.waiting, l.running),
-            (None, Some(2.0), Some(2.0))
-        );
-        let triton = "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"fraction\",model=\"m\"} 0.6\nnv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=\"max\",model=\"m\"} 900\nnv_gpu_utilization{gpu_uuid=\"a\"} 0.5\nnv_gpu_utilization{gpu_uuid=\"b\"} 0.7\n";
-        let l = Preset::named("triton").unwrap().read(triton).unwrap();
-        assert_eq!(l.kv_cache, Some(0.6), "only the fraction series");
-        assert!((l.utilization.unwrap() - 0.6).abs() < 1e-9);
-        assert!(Preset::named("nope").is_none());
-    }
-
     #[test]
     fn utilization_is_the_worst_signal() {
         let l = Load {
             kv_cache: Some(0.3),
             waiting: Some(6.0),
             running: Some(1.0),
+            slots: None,
             utilization: Some(0.5),
         };
         assert_eq!(utilization(&l, 8.0), Some(0.75), "6 of 8 waiting");
@@ -317,6 +236,33 @@ vllm:num_requests_running{engine="0",model_name="llama"} 10
             ..Load::default()
         };
         assert_eq!(utilization(&full_queue, 8.0), Some(1.0));
+    }
+
+    /// llama.cpp's captured states (tests/fixtures/llama.cpp): 2 slots.
+    #[test]
+    fn busy_slots_and_a_queue_are_full() {
+        let slots = |running: f64, waiting: f64| Load {
+            running: Some(running),
+            waiting: Some(waiting),
+            slots: Some(2.0),
+            ..Load::default()
+        };
+        let u = |l: Load| utilization(&l, 8.0).unwrap();
+        assert_eq!(u(slots(0.0, 0.0)), 0.0, "idle");
+        assert_eq!(u(slots(1.0, 0.0)), 0.5, "one slot of two");
+        assert_eq!(u(slots(2.0, 0.0)), 1.0, "every slot busy");
+        assert_eq!(u(slots(2.0, 2.0)), 1.0, "busy and two queued: capped");
+        let w = Watermarks::default();
+        assert_eq!(w.level(u(slots(2.0, 2.0)), Level::Normal), Level::Removed);
+        // Without a slot count the queue alone decides, as before: 2 of 8.
+        let unknown = Load {
+            slots: None,
+            ..slots(2.0, 2.0)
+        };
+        assert_eq!(u(unknown), 0.25);
+        // Slots of several endpoints add up, like their requests.
+        let region = combine(&[slots(2.0, 1.0), slots(0.0, 0.0)]);
+        assert_eq!((region.slots, slot_use(&region)), (Some(4.0), Some(0.75)));
     }
 
     #[test]
@@ -336,6 +282,24 @@ vllm:num_requests_running{engine="0",model_name="llama"} 10
             "unknown: the static weight"
         );
         assert!(at(0.5) > at(0.7) && at(0.7) > at(0.85) && at(0.85) > at(0.92));
+    }
+
+    #[test]
+    fn shed_rules_by_level() {
+        use Level::*;
+        let removed = |shed: Shed| {
+            [Normal, Prepare, Reduce, Removed]
+                .into_iter()
+                .filter(|l| shed.removes(*l))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(removed(Shed::Never), []);
+        assert_eq!(removed(Shed::AtRemove), [Removed]);
+        assert_eq!(removed(Shed::AtReduce), [Reduce, Removed]);
+        for (shed, name) in Shed::ALL {
+            assert_eq!((Shed::parse(name), shed.name()), (Some(shed), name));
+        }
+        assert_eq!(Shed::parse("capacity"), None);
     }
 
     #[test]
@@ -461,6 +425,7 @@ impl PushReport {
             kv_cache: self.kv_cache,
             waiting: self.queue_depth,
             running: None,
+            slots: None,
             utilization: self.utilization.or(busy),
         }
     }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::check::Checker;
 use super::file::{CapacitySection, ServiceSection};
-use super::{MetricsSpec, RegionCapacity, Source};
-use crate::capacity::{Preset, Watermarks};
+use super::{MetricsSpec, RegionCapacity, Source, Strategy};
+use crate::capacity::{Preset, Series, Shed, Watermarks};
 
 /// Load reports older than this expire to "unknown".
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(15);
@@ -64,20 +64,28 @@ impl Checker {
         let metrics = c.metrics.as_ref().and_then(|name| {
             let preset = match name.get_ref().as_str() {
                 "generic" => {
-                    let one = |m: &Option<toml::Spanned<String>>| m.iter().map(|n| n.get_ref().clone()).collect::<Vec<_>>();
+                    let one = |m: &Option<toml::Spanned<String>>| {
+                        m.iter().map(|n| Series::plain(n.get_ref())).collect::<Vec<_>>()
+                    };
                     let preset = Preset {
-                        kv_cache: one(&c.kv_cache_metric).into_iter().map(|n| (n, None)).collect(),
+                        kv_cache: one(&c.kv_cache_metric),
                         waiting: one(&c.waiting_metric),
                         running: one(&c.running_metric),
+                        slots: one(&c.slots_metric),
                         utilization: one(&c.utilization_metric),
+                        ..Preset::default()
                     };
-                    if preset.kv_cache.is_empty() && preset.waiting.is_empty() && preset.utilization.is_empty() {
+                    if preset.kv_cache.is_empty() && preset.waiting.is_empty() && preset.utilization.is_empty() && preset.slots.is_empty() {
                         self.err(
                             src,
                             name.span(),
-                            "the generic preset needs kv-cache-metric, waiting-metric or utilization-metric",
+                            "the generic preset needs kv-cache-metric, waiting-metric, slots-metric or utilization-metric",
                         );
                         return None;
+                    }
+                    if !preset.slots.is_empty() && preset.running.is_empty() {
+                        let span = c.slots_metric.as_ref().map_or(name.span(), |m| m.span());
+                        self.err(src, span, "slots-metric needs running-metric (slot use is running plus waiting over slots)");
                     }
                     preset
                 }
@@ -87,7 +95,7 @@ impl Checker {
                         self.err(
                             src,
                             name.span(),
-                            format!("metrics preset {other:?} is not one of vllm, sglang, tgi, llamacpp, triton, nim, generic"),
+                            format!("metrics preset {other:?} is not one of {}, generic", Preset::NAMES.join(", ")),
                         );
                         return None;
                     }
@@ -177,5 +185,64 @@ impl Checker {
             None => ttl,
         };
         (records, s.sticky.unwrap_or(false), watermarks, ttl_min)
+    }
+
+    /// The service's shedding rule, and whether it was written.
+    pub(super) fn shed(
+        &mut self,
+        src: &Source<'_>,
+        s: &ServiceSection,
+        strategy: Strategy,
+    ) -> (Shed, bool) {
+        let default = default_shed(strategy);
+        let Some(given) = &s.shed else {
+            return (default, false);
+        };
+        match Shed::parse(given.get_ref()) {
+            Some(shed) => (shed, true),
+            None => {
+                let names: Vec<String> = Shed::ALL.iter().map(|(_, n)| format!("{n:?}")).collect();
+                self.err(
+                    src,
+                    given.span(),
+                    format!(
+                        "shed {:?} is not one of {}",
+                        given.get_ref(),
+                        names.join(", ")
+                    ),
+                );
+                (default, false)
+            }
+        }
+    }
+}
+
+/// Names that answer whole regions (failover, proximity) keep a full
+/// region by default: moving all of a name's clients at once at 95 %
+/// would swing its whole load onto the next tier and back, and such names
+/// are usually the critical ones that capacity names make room for.
+/// Capacity and cost names shed at `remove`: for them a full region is
+/// the end of a gradual ramp of weights.
+pub fn default_shed(strategy: Strategy) -> Shed {
+    match strategy {
+        Strategy::Capacity | Strategy::Cost { .. } => Shed::AtRemove,
+        Strategy::Failover | Strategy::Proximity { .. } => Shed::Never,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_answering_whole_regions_keep_full_ones_by_default() {
+        let tolerance = Duration::from_millis(10);
+        assert_eq!(default_shed(Strategy::Failover), Shed::Never);
+        assert_eq!(default_shed(Strategy::Proximity { tolerance }), Shed::Never);
+        assert_eq!(default_shed(Strategy::Capacity), Shed::AtRemove);
+        assert_eq!(
+            default_shed(Strategy::Cost { min_headroom: 0.2 }),
+            Shed::AtRemove
+        );
     }
 }

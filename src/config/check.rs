@@ -845,6 +845,7 @@ impl Checker {
                 .push((id.to_string(), f.get_ref().clone(), src.error(f.span(), "")));
         }
         let (records, sticky, watermarks, ttl_min) = self.service_capacity(src, s, ttl);
+        let (shed, shed_set) = self.shed(src, s, strategy);
         Some(Service {
             id: id.to_string(),
             name,
@@ -860,6 +861,8 @@ impl Checker {
             records,
             sticky,
             watermarks,
+            shed,
+            shed_set,
             ttl_min,
         })
     }

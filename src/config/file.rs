@@ -307,6 +307,9 @@ pub struct CapacitySection {
     pub waiting_metric: Option<Spanned<String>>,
     /// generic preset: the running-requests gauge.
     pub running_metric: Option<Spanned<String>>,
+    /// generic preset: the gauge of the most requests served at once
+    /// (slots); slot use is (running + waiting) / slots.
+    pub slots_metric: Option<Spanned<String>>,
     /// generic preset: a utilisation gauge (0..1).
     pub utilization_metric: Option<Spanned<String>>,
     /// Reports older than this expire to unknown. Default 15s.
@@ -425,6 +428,10 @@ pub struct ServiceSection {
     pub sticky: Option<bool>,
     /// Utilisation watermarks: `{ prepare = 0.8, reduce = 0.9, remove = 0.95 }`.
     pub watermarks: Option<Spanned<WatermarkSection>>,
+    /// When load alone takes a region out of this name's answers: `never`,
+    /// `at-remove` or `at-reduce`. Default: `at-remove` for the capacity
+    /// and cost strategies, `never` for failover and proximity.
+    pub shed: Option<Spanned<String>>,
     /// Cost strategy: the least headroom a region needs to be chosen. Default 0.2.
     pub min_headroom: Option<Spanned<f64>>,
     /// Adaptive TTL: the TTL while weights move or a region is near a watermark.

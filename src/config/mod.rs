@@ -329,6 +329,10 @@ pub struct Service {
     pub records: usize,
     pub sticky: bool,
     pub watermarks: crate::capacity::Watermarks,
+    /// When load alone takes a region out of this service's answers.
+    pub shed: crate::capacity::Shed,
+    /// `shed` was written in the config (else it is the strategy's default).
+    pub shed_set: bool,
     /// Adaptive TTL floor; equal to `ttl` when off.
     pub ttl_min: u32,
 }

@@ -420,6 +420,48 @@ pub struct MetricsProbe {
     pub http: Http,
     pub path: String,
     pub preset: crate::capacity::Preset,
+    /// llama.cpp's `total_slots` from `/props`, and when it was read.
+    pub props: std::sync::Mutex<Option<(f64, Instant)>>,
+}
+
+/// `total_slots` changes only when llama.cpp restarts: read `/props` again
+/// after this long (or after a failed scrape, which a restart causes).
+pub const PROPS_MAX_AGE: Duration = Duration::from_secs(60);
+
+impl MetricsProbe {
+    pub fn new(http: Http, path: String, preset: crate::capacity::Preset) -> Self {
+        Self {
+            http,
+            path,
+            preset,
+            props: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn cached_slots(&self) -> Option<f64> {
+        let cached = *self.props.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .filter(|(_, at)| at.elapsed() < PROPS_MAX_AGE)
+            .map(|(slots, _)| slots)
+    }
+
+    fn remember_slots(&self, slots: Option<f64>) {
+        *self.props.lock().unwrap_or_else(|e| e.into_inner()) = slots.map(|s| (s, Instant::now()));
+    }
+
+    /// The slot count from `/props` (cached); `None` when it cannot be read:
+    /// the load is then judged without it (the queue still says "full").
+    async fn props_slots(&self) -> Option<f64> {
+        if let Some(slots) = self.cached_slots() {
+            return Some(slots);
+        }
+        let slots = match self.http.get_body(crate::capacity::PROPS_PATH).await {
+            Ok(body) => crate::capacity::total_slots(&body).ok(),
+            Err(_) => None,
+        };
+        self.remember_slots(slots);
+        slots
+    }
 }
 
 impl Probe for MetricsProbe {
@@ -428,12 +470,21 @@ impl Probe for MetricsProbe {
     }
 
     async fn check(&self) -> Result<Payload, ProbeError> {
-        let body = self.http.get_body(&self.path).await?;
+        let body = match self.http.get_body(&self.path).await {
+            Ok(body) => body,
+            Err(e) => {
+                // Perhaps restarting, perhaps with another slot count.
+                self.remember_slots(None);
+                return Err(e);
+            }
+        };
         let text = String::from_utf8_lossy(&body);
-        self.preset
-            .read(&text)
-            .map(Payload::Load)
-            .map_err(ProbeError::Malformed)
+        let load = self.preset.read(&text).map_err(ProbeError::Malformed)?;
+        let props = match self.preset.props_slots && load.slots.is_none() {
+            true => self.props_slots().await,
+            false => None,
+        };
+        Ok(Payload::Load(self.preset.complete(load, props)))
     }
 }
 
@@ -468,11 +519,11 @@ pub fn probes_for(spec: &ProbeSpec) -> Result<Vec<(AnyProbe, Duration, Duration)
     }
     if let Some(m) = &spec.metrics {
         out.push((
-            AnyProbe::Metrics(MetricsProbe {
-                http: Http::new(spec, spec.timeout)?,
-                path: m.path.clone(),
-                preset: m.preset.clone(),
-            }),
+            AnyProbe::Metrics(MetricsProbe::new(
+                Http::new(spec, spec.timeout)?,
+                m.path.clone(),
+                m.preset.clone(),
+            )),
             m.interval,
             spec.timeout,
         ));

@@ -11,7 +11,7 @@ use hickory_proto::rr::{RData, Record};
 use serde::Serialize;
 
 use super::{EndpointIndex, display_name};
-use crate::capacity::{self, Level};
+use crate::capacity::{self, Level, Shed};
 use crate::config::{AllDown, Allowed, Config, Residency, Strategy, Target};
 use crate::geo::Code;
 use crate::health::Status;
@@ -428,6 +428,8 @@ pub struct ServiceView {
     pub id: String,
     pub name: String,
     pub strategy: &'static str,
+    /// When load alone takes a region out of this service's answers.
+    pub shed: Shed,
     /// The answer for clients no residency rule names (or for everyone).
     pub decision: Decision,
     pub answer: Vec<String>,
@@ -502,18 +504,32 @@ pub fn service_answer(
     let view = ServiceView {
         id: s.id.clone(),
         name: s.name.to_string(),
-        strategy: match s.strategy {
-            Strategy::Failover => "failover",
-            Strategy::Proximity { .. } => "proximity",
-            Strategy::Capacity => "capacity",
-            Strategy::Cost { .. } => "cost",
-        },
+        strategy: strategy_name(s.strategy),
+        shed: s.shed,
         decision: shown.decision.clone(),
         answer: shown.answer.clone(),
         regions: shown.regions.clone(),
         residency: s.residency.as_ref().map(|_| views),
     };
     (answer, view)
+}
+
+fn strategy_name(strategy: Strategy) -> &'static str {
+    match strategy {
+        Strategy::Failover => "failover",
+        Strategy::Proximity { .. } => "proximity",
+        Strategy::Capacity => "capacity",
+        Strategy::Cost { .. } => "cost",
+    }
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Normal => "normal",
+        Level::Prepare => "prepare",
+        Level::Reduce => "reduce",
+        Level::Removed => "removed",
+    }
 }
 
 fn allows(allowed: &Allowed, jurisdictions: &[String]) -> bool {
@@ -559,22 +575,22 @@ fn class_answer(
         };
     let mut decision = None;
     let mut chosen = Vec::new();
-    // Capacity: a region at the remove watermark is skipped (its share
-    // spills to the next tier by headroom), unless every fit region is.
+    // Shedding (the service's `shed` rule): a region whose load reached the
+    // rule's level is skipped (its share goes to the other fit regions of
+    // the tier, else to the next tier), unless every fit region has.
     let capacity = matches!(s.strategy, Strategy::Capacity);
+    let shed = |r: usize| s.shed.removes(regions.levels[r]);
     let mut all_full = false;
     for (t, tier) in s.tiers.iter().enumerate() {
         let mut fit = pick(tier, &|i| i.fit(model));
-        if capacity {
-            fit.retain(|(r, _)| regions.levels[*r] != Level::Removed);
-        }
+        fit.retain(|(r, _)| !shed(*r));
         if !fit.is_empty() {
             decision = Some(Decision::Tier { tier: t });
             chosen = fit;
             break;
         }
     }
-    if capacity && decision.is_none() {
+    if decision.is_none() && s.shed != Shed::Never {
         for (t, tier) in s.tiers.iter().enumerate() {
             let fit = pick(tier, &|i| i.fit(model));
             if !fit.is_empty() {
@@ -590,9 +606,15 @@ fn class_answer(
     if let Strategy::Cost { min_headroom } = s.strategy {
         let mut best: Option<(usize, usize, f64, f64)> = None; // (tier, region, cost, headroom)
         let mut roomiest: Option<(usize, usize, f64)> = None;
+        // Shed regions are candidates only when every fit region is shed.
+        let unshed = s
+            .tiers
+            .iter()
+            .flatten()
+            .any(|&r| !shed(r) && !pick(&vec![r], &|i| i.fit(model)).is_empty());
         for (t, tier) in s.tiers.iter().enumerate() {
             for &r in tier {
-                if pick(&vec![r], &|i| i.fit(model)).is_empty() {
+                if pick(&vec![r], &|i| i.fit(model)).is_empty() || (unshed && shed(r)) {
                     continue;
                 }
                 let headroom = 1.0 - regions.loads[r].util.unwrap_or(0.0);
@@ -926,6 +948,11 @@ fn class_answer(
                         last_good.unwrap_or_default().as_secs_f64()
                     ),
                     (true, Some(why), _) => format!("removed at eligible: {why}"),
+                    (true, None, Some(_)) if shed(r) && !all_full => format!(
+                        "removed at capacity: level {} (shed = \"{}\")",
+                        level_name(regions.levels[r]),
+                        s.shed.name()
+                    ),
                     (true, None, Some(w)) if t == w => match input.weight(max_latency_ms) {
                         w if w < 1.0 => {
                             format!("kept with a {:.0}% share (slow start or slow)", w * 100.0)
@@ -942,7 +969,31 @@ fn class_answer(
             }
         }
     }
-    if matches!(s.strategy, Strategy::Capacity | Strategy::Cost { .. }) {
+    // Capacity: each region's load and what the service's shed rule made
+    // of it (always for capacity and cost names; for the others once a
+    // region of theirs reports load).
+    let load_matters = matches!(s.strategy, Strategy::Capacity | Strategy::Cost { .. })
+        || s.tiers
+            .iter()
+            .flatten()
+            .any(|&r| regions.loads[r].util.is_some());
+    if load_matters {
+        explain.push(format!(
+            "capacity: shed = \"{}\" ({}): {}",
+            s.shed.name(),
+            if s.shed_set {
+                "set for this service".to_string()
+            } else {
+                format!("default for {} names", strategy_name(s.strategy))
+            },
+            match s.shed {
+                Shed::Never => "load never removes a region, only health does",
+                Shed::AtRemove =>
+                    "a region leaves at the remove watermark unless all are that full",
+                Shed::AtReduce =>
+                    "a region leaves at the reduce watermark unless all are that full",
+            }
+        ));
         let mut seen = Vec::new();
         for &r in s.tiers.iter().flatten() {
             if seen.contains(&r) || !allows(allowed, &config.regions[r].jurisdictions) {
@@ -953,10 +1004,20 @@ fn class_answer(
             let util = l.util.map_or("unknown (static weight)".to_string(), |u| {
                 format!("{:.0}%", u * 100.0)
             });
+            let level = regions.levels[r];
+            let rule = if shed(r) && all_full {
+                " -> kept: every fit region is this full"
+            } else if shed(r) {
+                " -> removed by the shed rule"
+            } else if level >= Level::Reduce && s.shed == Shed::Never {
+                " -> kept: shed = \"never\""
+            } else {
+                ""
+            };
             explain.push(format!(
-                "capacity: region {} utilisation {util}, level {:?}, weight {:.3}{}",
+                "capacity: region {} utilisation {util}, level {}, weight {:.3}{}{rule}",
                 config.regions[r].id,
-                regions.levels[r],
+                level_name(level),
                 regions.weight(r),
                 l.cost.map(|c| format!(", cost {c}")).unwrap_or_default()
             ));
