@@ -1704,7 +1704,12 @@ last-known-good = "10s"
     async fn round(publisher: &mut Publisher, ok: [bool; 3]) {
         tokio::time::advance(Duration::from_millis(500)).await;
         for (endpoint, ok) in ok.into_iter().enumerate() {
-            publisher.apply(report(endpoint as u64, ok));
+            // Failures are timeouts (a loaded edge), which need `fall` in a row.
+            publisher.apply(if ok {
+                report(endpoint as u64, true)
+            } else {
+                timeout(endpoint as u64)
+            });
         }
         publisher.publish();
     }
@@ -1930,7 +1935,12 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}] }}
         };
         let step = |publisher: &mut Publisher, ok: [bool; 2]| {
             for (endpoint, ok) in ok.into_iter().enumerate() {
-                publisher.apply(report(endpoint as u64, ok));
+                // Timeouts: `fall` of them in a row take an endpoint down.
+                publisher.apply(if ok {
+                    report(endpoint as u64, true)
+                } else {
+                    timeout(endpoint as u64)
+                });
             }
             publisher.publish();
         };
