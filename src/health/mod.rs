@@ -102,8 +102,9 @@ pub fn jittered(interval: Duration) -> Duration {
 
 /// Probes one layer of one endpoint until `cancel` fires. The first probe
 /// runs at once; each next one starts an interval (with jitter) after the
-/// previous one *finished* (answered, failed or timed out), as HAProxy and
-/// gdnsd schedule checks. Probes of one layer therefore never overlap or
+/// previous one *finished* (answered or failed), as HAProxy and gdnsd
+/// schedule checks, or at once after a timeout (which has waited long
+/// enough). Probes of one layer therefore never overlap or
 /// run back to back: a hung probe counts as exactly one failure, and when a
 /// hang clears, `rise` successes are spaced by the interval (sustained
 /// health), not answered together by a backend that wakes up.
@@ -165,6 +166,12 @@ pub async fn probe_loop<P, M>(
                 outcome = probe::run_once(&probe, schedule.timeout) => outcome,
             }
         };
+        // A probe that timed out has already waited `timeout` (longer than
+        // the interval at the defaults) for an answer: the next one starts
+        // at once, so a hung endpoint meets `fall` after `fall` timeouts
+        // rather than `fall` timeouts plus intervals. The probes still never
+        // overlap, and successes (`rise`) stay an interval apart.
+        let timed_out = outcome.result == Err(ProbeError::Timeout);
         let report = ProbeReport {
             endpoint,
             layer,
@@ -173,7 +180,11 @@ pub async fn probe_loop<P, M>(
         if tx.send(report.into()).await.is_err() {
             return;
         }
-        next = Instant::now() + jittered(schedule.interval);
+        next = if timed_out {
+            Instant::now()
+        } else {
+            Instant::now() + jittered(schedule.interval)
+        };
     }
 }
 
@@ -486,14 +497,15 @@ mod tests {
             }
         }
         cancel.cancel();
-        // Each hung probe times out on its own; the next one starts an
-        // interval (± 10%) after it, never back to back.
+        // Each hung probe times out on its own; the next one starts when
+        // it timed out (never overlapping it): the timeout was wait enough.
         assert_eq!(hung_reports[0], Duration::from_millis(800));
         for pair in hung_reports.windows(2) {
             let gap = pair[1] - pair[0];
-            assert!(
-                gap >= Duration::from_millis(800 + 450) && gap <= Duration::from_millis(800 + 550),
-                "gap {gap:?}: timeout plus one interval"
+            assert_eq!(
+                gap,
+                Duration::from_millis(800),
+                "one timeout after the other"
             );
         }
         // Meanwhile the healthy endpoint kept its own schedule (~every 500 ms).
