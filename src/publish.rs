@@ -602,8 +602,9 @@ impl Publisher {
         }
         let upper = matches!(report.layer, Layer::Models | Layer::Completion);
         match &report.outcome.result {
-            // Shown, never counted: the load signal sheds the region.
-            Err(e @ ProbeError::Overloaded) => {
+            // Shown, never counted: the load signal sheds the region, or
+            // this edge could not make the probe at all.
+            Err(e @ (ProbeError::Overloaded | ProbeError::LocalResource(_))) => {
                 changed |= note_error(h, e);
                 return changed;
             }
@@ -1488,6 +1489,32 @@ tiers = [["primary"], ["secondary"]]
         assert!(publisher.apply(timeout(0)));
         publisher.publish();
         assert_eq!(answer(&snapshot), ["192.0.2.2"]);
+    }
+
+    /// A probe this edge could not make (out of descriptors: a connection
+    /// flood) says nothing about the endpoint: shown, never counted.
+    #[test]
+    fn a_local_resource_error_is_no_result_about_the_endpoint() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        publisher.publish();
+        let emfile = ProbeError::LocalResource("Too many open files (os error 24)".into());
+        for _ in 0..5 {
+            publisher.apply(report_on(0, Layer::Alive, Err(emfile.clone())));
+        }
+        publisher.publish();
+        let snap = snapshot.load();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"], "five of them, still up");
+        assert_eq!(snap.endpoints[0].status, Status::Up);
+        assert_eq!(
+            snap.endpoints[0].last_error.as_deref(),
+            Some(
+                "this edge could not probe (Too many open files (os error 24)); not counted as down"
+            )
+        );
     }
 
     /// A refused connection is unambiguous: one takes the endpoint down

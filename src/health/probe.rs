@@ -83,6 +83,10 @@ pub enum ProbeError {
     /// region: a symptom of load, not of death. Set by the publisher (a
     /// probe itself reports `Timeout`); never counted toward `fall`.
     Overloaded,
+    /// This edge could not make the probe (out of descriptors or buffers,
+    /// no local port): no result about the endpoint, never counted toward
+    /// `fall`. A flood that exhausts descriptors must not fail regions over.
+    LocalResource(String),
 }
 
 impl ProbeError {
@@ -100,6 +104,7 @@ impl ProbeError {
             ProbeError::Tls(_) => "tls",
             ProbeError::Transport(_) => "transport",
             ProbeError::Overloaded => "overloaded",
+            ProbeError::LocalResource(_) => "local_resource",
         }
     }
 }
@@ -126,6 +131,9 @@ impl std::fmt::Display for ProbeError {
                 f,
                 "completion timed out while the region is loaded (overloaded, not counted as down)"
             ),
+            ProbeError::LocalResource(e) => {
+                write!(f, "this edge could not probe ({e}); not counted as down")
+            }
         }
     }
 }
@@ -581,8 +589,18 @@ fn classify(e: reqwest::Error) -> ProbeError {
     classify_chain(&e).unwrap_or_else(|| ProbeError::Transport(root_cause(&e)))
 }
 
+/// Errors of this host's own resources (Linux errno values): EMFILE,
+/// ENFILE, ENOBUFS, ENOMEM, EADDRINUSE, EADDRNOTAVAIL.
+const LOCAL_RESOURCE_ERRNOS: [i32; 6] = [24, 23, 105, 12, 98, 99];
+
 fn classify_io(io: &std::io::Error) -> Option<ProbeError> {
     use std::io::ErrorKind::*;
+    if io
+        .raw_os_error()
+        .is_some_and(|errno| LOCAL_RESOURCE_ERRNOS.contains(&errno))
+    {
+        return Some(ProbeError::LocalResource(io.to_string()));
+    }
     match io.kind() {
         ConnectionRefused | ConnectionReset | ConnectionAborted => Some(ProbeError::Refused),
         TimedOut => Some(ProbeError::Timeout),
@@ -650,6 +668,23 @@ pub async fn run_once<P: Probe>(probe: &P, timeout: Duration) -> ProbeOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_of_this_hosts_own_resources_are_their_own_type() {
+        for errno in [24, 23, 105, 12, 98, 99] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(classify_io(&e), Some(ProbeError::LocalResource(_))),
+                "errno {errno}: {e}"
+            );
+        }
+        let refused = std::io::Error::from_raw_os_error(111);
+        assert_eq!(classify_io(&refused), Some(ProbeError::Refused));
+        assert_eq!(
+            ProbeError::LocalResource("x".into()).kind(),
+            "local_resource"
+        );
+    }
 
     #[test]
     fn model_lists_of_each_server_shape() {
