@@ -851,7 +851,11 @@ impl Publisher {
                     .util
                     .map_or(Level::Normal, |u| s.watermarks.level(u, before));
                 if level != before {
-                    tracing::info!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shedding level changed.");
+                    if level >= Level::Reduce {
+                        tracing::warn!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shed by load.");
+                    } else {
+                        tracing::info!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shedding level changed.");
+                    }
                 }
                 self.levels.insert(key.clone(), level);
                 levels.push(level);
@@ -1014,12 +1018,23 @@ impl Publisher {
             if old.is_none_or(|old| {
                 !old.decision.same_choice(&new.decision) || old.answer != new.answer
             }) {
-                tracing::info!(
-                    service = %new.id,
-                    decision = ?new.decision,
-                    answer = ?new.answer,
-                    "Service answer changed."
-                );
+                // Losing something (failing open, NODATA or SERVFAIL for lack
+                // of a fit region, a model fallback) is a warning.
+                if matches!(new.decision, model::Decision::Tier { .. }) {
+                    tracing::info!(
+                        service = %new.id,
+                        decision = ?new.decision,
+                        answer = ?new.answer,
+                        "Service answer changed."
+                    );
+                } else {
+                    tracing::warn!(
+                        service = %new.id,
+                        decision = ?new.decision,
+                        answer = ?new.answer,
+                        "Service answer changed: no fit region for its normal answer."
+                    );
+                }
             }
         }
         self.note_last_known_good(&next);
@@ -1149,7 +1164,7 @@ fn observe(
         }
     }
     match result {
-        Err(e) => tracing::info!(
+        Err(e) => tracing::warn!(
             region = %info.region, endpoint = %info.target, probe = what, status = "down", reason = %e,
             "Endpoint is down."
         ),
