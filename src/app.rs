@@ -193,6 +193,13 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     if let Some(addr) = options.admin_listen {
         config.server.admin_listen = addr;
     }
+    if let Some(reason) = admin::refuse_exposed(&config.server) {
+        return Err(AppError::Bind {
+            what: "the admin API",
+            addr: config.server.admin_listen,
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, reason),
+        });
+    }
     let server = config.server.clone();
     let endpoints: usize = config.regions.iter().map(|r| r.endpoints.len()).sum();
 
@@ -396,6 +403,10 @@ impl Reloader {
         }
         config.server.dns_listen = self.listen.0.clone();
         config.server.admin_listen = self.listen.1;
+        if let Some(reason) = admin::refuse_exposed(&config.server) {
+            tracing::error!(%reason, "Reload refused; the running configuration stays.");
+            return Err(vec![reason]);
+        }
         // Everything that can fail happens before anything changes.
         let geo = load_geo(&config, &self.metrics).await.map_err(|e| {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");

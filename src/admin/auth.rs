@@ -33,6 +33,16 @@ impl AdminAuth {
     }
 }
 
+/// Why `server` must not serve its admin API: a non-loopback address
+/// without a token (the config check says the same with a position; this
+/// also covers `run --admin-listen`).
+pub fn refuse_exposed(server: &ServerConfig) -> Option<String> {
+    let addr = server.admin_listen;
+    (!addr.ip().to_canonical().is_loopback() && server.admin_token.is_none()).then(|| {
+        format!("admin API on {addr} is not loopback and server.admin-token-file is not set")
+    })
+}
+
 /// The bearer token of `headers` is the configured one.
 fn token_matches(expected: &Secret, headers: &HeaderMap) -> bool {
     let Some(given) = headers

@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::model::Snapshot;
 use crate::publish::Msg;
 
-pub use auth::AdminAuth;
+pub use auth::{AdminAuth, refuse_exposed};
 pub use explain::ExplainQuery;
 pub use serve::MAX_HEADERS;
 
