@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep, timeout};
 
 const TOKEN: &str = "s3cret-token";
 /// Longest any test waits for something that must happen.
-const BOUND: Duration = Duration::from_secs(30);
+const BOUND: Duration = Duration::from_secs(8);
 
 /// A server with the admin token and these extra `[server]` keys.
 async fn server(server_extra: &str) -> Server {
