@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep, timeout};
 
 const TOKEN: &str = "s3cret-token";
 /// Longest any test waits for something that must happen.
-const BOUND: Duration = Duration::from_secs(8);
+const BOUND: Duration = Duration::from_secs(30);
 
 /// A server with the admin token and these extra `[server]` keys.
 async fn server(server_extra: &str) -> Server {
@@ -95,7 +95,10 @@ async fn a_slowloris_head_is_cut_off_and_others_are_served_meanwhile() {
         assert_eq!(code, 200);
     }
     let cut = drip.await.unwrap();
-    assert!(cut.is_some(), "the slowloris connection was still open after {BOUND:?}");
+    assert!(
+        cut.is_some(),
+        "the slowloris connection was still open after {BOUND:?}"
+    );
 }
 
 #[tokio::test]
@@ -133,7 +136,11 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_slots_come_back() {
     // The idle ones are still open (the server never wrote to them)...
     let mut buf = [0u8; 1];
     for stream in &mut idle {
-        assert!(timeout(Duration::ZERO, stream.read(&mut buf)).await.is_err());
+        assert!(
+            timeout(Duration::ZERO, stream.read(&mut buf))
+                .await
+                .is_err()
+        );
     }
     // ...and once they go, their slots serve others.
     drop(idle);
@@ -167,7 +174,10 @@ async fn a_slow_body_gets_408_and_a_whole_one_is_served() {
         .await
         .unwrap();
     let mut buf = [0u8; 512];
-    let n = timeout(BOUND, stream.read(&mut buf)).await.unwrap().unwrap();
+    let n = timeout(BOUND, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
 }

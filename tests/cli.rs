@@ -385,9 +385,16 @@ fn check_refuses_an_exposed_admin_api_without_a_token() {
 
     // With a token it may listen anywhere.
     files.write("admin.token", "t0ken\n");
-    let with_token = exposed.replace("[server]\n", "[server]\nadmin-token-file = \"admin.token\"\n");
+    let with_token = exposed.replace(
+        "[server]\n",
+        "[server]\nadmin-token-file = \"admin.token\"\n",
+    );
     let (_, out) = check(&with_token);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Reads behind a token that does not exist: refused.
     let reads = base_config("").replace("[server]\n", "[server]\nadmin-token-for-reads = true\n");
@@ -438,7 +445,10 @@ async fn no_secret_in_any_output_of_a_run() {
             probe.replace("probe.key", key_file),
             probe.replace("probe.key", key_file),
         ))
-        .replace("[server]\n", "[server]\nadmin-token-file = \"admin.token\"\n")
+        .replace(
+            "[server]\n",
+            "[server]\nadmin-token-file = \"admin.token\"\n",
+        )
     };
     let path = files.write("inferdns.toml", &config("probe.key"));
     let mut outputs: Vec<(String, String)> = Vec::new();
@@ -448,14 +458,31 @@ async fn no_secret_in_any_output_of_a_run() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    outputs.push(("check stdout".into(), String::from_utf8_lossy(&out.stdout).into()));
-    outputs.push(("check stderr".into(), String::from_utf8_lossy(&out.stderr).into()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    outputs.push((
+        "check stdout".into(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    ));
+    outputs.push((
+        "check stderr".into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ));
 
     let stdout_path = files.dir.path().join("stdout");
     let stderr_path = files.dir.path().join("stderr");
     let child = Command::new(BIN)
-        .args(["run", "--dns-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config"])
+        .args([
+            "run",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&path)
         .env("RUST_LOG", "trace")
         .stdout(std::fs::File::create(&stdout_path).unwrap())
@@ -484,17 +511,37 @@ async fn no_secret_in_any_output_of_a_run() {
         ("GET", "/metrics", None, None),
         ("GET", "/metrics", Some(ADMIN_SECRET), None),
         ("GET", "/v1/status", None, None),
-        ("GET", "/v1/explain?name=chat.inference.example.com&client=192.0.2.1", None, None),
-        ("GET", "/v1/explain?name=nothing.inference.example.com", None, None),
+        (
+            "GET",
+            "/v1/explain?name=chat.inference.example.com&client=192.0.2.1",
+            None,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/explain?name=nothing.inference.example.com",
+            None,
+            None,
+        ),
         ("GET", "/v1/log-level", None, None),
         ("POST", "/v1/reload", None, None),
         ("POST", "/v1/reload", Some("adm1n-T0KEN-7f3e9c42"), None),
         ("POST", "/v1/regions/mars/drain", Some(ADMIN_SECRET), None),
-        ("POST", "/v1/regions/r/capacity", Some(ADMIN_SECRET), Some("{not json")),
+        (
+            "POST",
+            "/v1/regions/r/capacity",
+            Some(ADMIN_SECRET),
+            Some("{not json"),
+        ),
         ("POST", "/v1/log-level", Some(ADMIN_SECRET), Some("trace")),
         ("GET", "/v1/reload", Some(ADMIN_SECRET), None),
         ("GET", "/nowhere", Some(ADMIN_SECRET), None),
-        ("POST", "/v1/log-level", Some(ADMIN_SECRET), Some("nonsense=level")),
+        (
+            "POST",
+            "/v1/log-level",
+            Some(ADMIN_SECRET),
+            Some("nonsense=level"),
+        ),
     ];
     for (method, p, token, body) in requests {
         let (code, text) = common::http(method, &url(p), token, body.map(String::from)).await;
@@ -525,13 +572,25 @@ async fn no_secret_in_any_output_of_a_run() {
         .arg(admin.to_string())
         .output()
         .unwrap();
-    outputs.push(("explain stdout".into(), String::from_utf8_lossy(&out.stdout).into()));
-    outputs.push(("explain stderr".into(), String::from_utf8_lossy(&out.stderr).into()));
+    outputs.push((
+        "explain stdout".into(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    ));
+    outputs.push((
+        "explain stderr".into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ));
     let (_, metrics) = common::http("GET", &url("/metrics"), None, None).await;
     outputs.push(("metrics at the end".into(), metrics));
 
     let pid = daemon.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let daemon_exit = tokio::task::spawn_blocking(move || {
         for _ in 0..200 {
             if daemon.0.try_wait().unwrap().is_some() {
@@ -545,7 +604,10 @@ async fn no_secret_in_any_output_of_a_run() {
     let stderr = std::fs::read_to_string(&stderr_path).unwrap();
     // Trace level: the probes, the reloads and the requests were all logged.
     assert!(stderr.lines().count() > 20, "{stderr}");
-    outputs.push(("daemon stdout".into(), std::fs::read_to_string(&stdout_path).unwrap()));
+    outputs.push((
+        "daemon stdout".into(),
+        std::fs::read_to_string(&stdout_path).unwrap(),
+    ));
     outputs.push(("daemon stderr".into(), stderr));
 
     for (what, text) in &outputs {

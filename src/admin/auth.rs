@@ -111,7 +111,10 @@ mod tests {
 
     fn with(value: &[u8]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(value).unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(value).unwrap(),
+        );
         h
     }
 

@@ -72,7 +72,8 @@ pub async fn read_body_in_time(
             return response;
         }
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// The HTTP/1.1 connection settings for `limits`.
