@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
-use crate::config::{self, Config, Secret};
+use crate::admin::{self, AdminAuth, AdminState};
+use crate::config::{self, Config};
 use crate::dns::{DnsServer, Handler, TcpLimits};
 use crate::error::AppError;
 use crate::geo::{GeoDb, GeoError};
@@ -48,8 +48,8 @@ pub type ReloadResult = Result<u64, Vec<String>>;
 pub struct Control {
     pub publisher: mpsc::Sender<Msg>,
     pub reload: mpsc::Sender<oneshot::Sender<ReloadResult>>,
-    /// Bearer token of the mutating admin routes (replaced on reload).
-    pub admin_token: Arc<ArcSwap<Option<Secret>>>,
+    /// Who may use the admin API (replaced on reload).
+    pub admin_auth: Arc<ArcSwap<AdminAuth>>,
 }
 
 impl Control {
@@ -193,6 +193,13 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     if let Some(addr) = options.admin_listen {
         config.server.admin_listen = addr;
     }
+    if let Some(reason) = admin::refuse_exposed(&config.server) {
+        return Err(AppError::Bind {
+            what: "the admin API",
+            addr: config.server.admin_listen,
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, reason),
+        });
+    }
     let server = config.server.clone();
     let endpoints: usize = config.regions.iter().map(|r| r.endpoints.len()).sum();
 
@@ -220,7 +227,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let (probe_hints, probe_hints_rx) = watch::channel(ProbeHints::default());
     let mut probes = ProbeSet::new(cancel.clone(), metrics.clone(), probe_hints_rx);
     let ids = probes.sync(&config, &tx)?;
-    let admin_token = Arc::new(ArcSwap::from_pointee(server.admin_token.clone()));
+    let admin_auth = Arc::new(ArcSwap::from_pointee(AdminAuth::of(&server)));
     let geo_db = load_geo(&config, &metrics)
         .await
         .map_err(|e| AppError::Geo(e.to_string()))?;
@@ -241,7 +248,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         probes,
         publisher: tx.clone(),
         metrics: metrics.clone(),
-        admin_token: admin_token.clone(),
+        admin_auth: admin_auth.clone(),
         listen: (server.dns_listen.clone(), server.admin_listen),
         geo_target,
     };
@@ -255,7 +262,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let control = Control {
         publisher: tx,
         reload: reload_tx,
-        admin_token,
+        admin_auth,
     };
 
     // Never answer before the probes have spoken (bounded by the grace period).
@@ -288,7 +295,12 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     };
     tasks.spawn(
         "admin",
-        admin::serve(admin_listener, admin_state, cancel.clone()),
+        admin::serve(
+            admin_listener,
+            admin_state,
+            server.admin_limits,
+            cancel.clone(),
+        ),
     );
     ready.store(true, Ordering::Release);
 
@@ -334,7 +346,7 @@ struct Reloader {
     probes: ProbeSet,
     publisher: mpsc::Sender<Msg>,
     metrics: Arc<Metrics>,
-    admin_token: Arc<ArcSwap<Option<Secret>>>,
+    admin_auth: Arc<ArcSwap<AdminAuth>>,
     /// The addresses bound at start; a reload cannot move them.
     listen: (Vec<SocketAddr>, SocketAddr),
     /// Which GeoIP file the watcher watches (a reload may move it).
@@ -391,6 +403,10 @@ impl Reloader {
         }
         config.server.dns_listen = self.listen.0.clone();
         config.server.admin_listen = self.listen.1;
+        if let Some(reason) = admin::refuse_exposed(&config.server) {
+            tracing::error!(%reason, "Reload refused; the running configuration stays.");
+            return Err(vec![reason]);
+        }
         // Everything that can fail happens before anything changes.
         let geo = load_geo(&config, &self.metrics).await.map_err(|e| {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");
@@ -400,8 +416,8 @@ impl Reloader {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");
             vec![e.to_string()]
         })?;
-        self.admin_token
-            .store(Arc::new(config.server.admin_token.clone()));
+        self.admin_auth
+            .store(Arc::new(AdminAuth::of(&config.server)));
         self.geo_target
             .send_replace(GeoTarget::of(&config, geo.as_deref()));
         let (done, generation) = oneshot::channel();

@@ -354,3 +354,265 @@ async fn sighup_reloads_and_explain_asks_the_daemon() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a service name"));
 }
+
+#[test]
+fn check_refuses_an_exposed_admin_api_without_a_token() {
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    let exposed = base_config("").replace(
+        "admin-listen = \"127.0.0.1:0\"",
+        "admin-listen = \"0.0.0.0:9053\"",
+    );
+    let check = |text: &str| {
+        let path = files.write("inferdns.toml", text);
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (path, out)
+    };
+    let (path, out) = check(&exposed);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Line 3, at the value.
+    let expected = format!(
+        "{}:3:16: admin-listen 0.0.0.0:9053 is not a loopback address: set admin-token-file",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // With a token it may listen anywhere.
+    files.write("admin.token", "t0ken\n");
+    let with_token = exposed.replace(
+        "[server]\n",
+        "[server]\nadmin-token-file = \"admin.token\"\n",
+    );
+    let (_, out) = check(&with_token);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Reads behind a token that does not exist: refused.
+    let reads = base_config("").replace("[server]\n", "[server]\nadmin-token-for-reads = true\n");
+    let (path, out) = check(&reads);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:2:25: admin-token-for-reads needs admin-token-file",
+            path.display()
+        )),
+        "{stderr}"
+    );
+
+    // `run --admin-listen` cannot get round the check.
+    let (path, _) = check(&base_config(""));
+    let out = Command::new(BIN)
+        .args(["run", "--admin-listen", "0.0.0.0:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not loopback"), "{stderr}");
+}
+
+/// Every output of a run: the daemon's stdout and stderr (at trace level),
+/// every read route, error bodies, refused reloads, `check` and `explain`.
+/// Neither the admin token nor a probe API key shows anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_any_output_of_a_run() {
+    const ADMIN_SECRET: &str = "adm1n-T0KEN-7f3e9c41";
+    const PROBE_SECRET: &str = "pr0be-KEY-a81d42b7";
+    let region = SimRegion::start("127.0.0.43:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    files.write("admin.token", &format!("{ADMIN_SECRET}\n"));
+    files.write("probe.key", &format!("{PROBE_SECRET}\n"));
+    let probe = r#"probe = { path = "/health", interval = "100ms", timeout = "200ms", models-path = "/v1/models", api-key-file = "probe.key" }"#;
+    let config = |key_file: &str| {
+        base_config(&format!(
+            "[regions.r]\nendpoints = [{{ address = \"127.0.0.43\", port = {} }}]\n{}\n\
+             [regions.dead]\nendpoints = [{{ address = \"127.0.0.44\", port = 1 }}]\n{}\n\
+             [services.chat]\nmodel = \"{MODEL}\"\ntiers = [[\"r\"], [\"dead\"]]\n",
+            region.addr().port(),
+            probe.replace("probe.key", key_file),
+            probe.replace("probe.key", key_file),
+        ))
+        .replace(
+            "[server]\n",
+            "[server]\nadmin-token-file = \"admin.token\"\n",
+        )
+    };
+    let path = files.write("inferdns.toml", &config("probe.key"));
+    let mut outputs: Vec<(String, String)> = Vec::new();
+
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    outputs.push((
+        "check stdout".into(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    ));
+    outputs.push((
+        "check stderr".into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ));
+
+    let stdout_path = files.dir.path().join("stdout");
+    let stderr_path = files.dir.path().join("stderr");
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&path)
+        .env("RUST_LOG", "trace")
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let mut admin = None;
+    for _ in 0..300 {
+        let text = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+        if let Some(a) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("inferdns listening "))
+            .and_then(|rest| rest.split(' ').find_map(|f| f.strip_prefix("admin=")))
+        {
+            admin = Some(a.parse::<SocketAddr>().unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = admin.expect("the daemon printed its listening line");
+    let url = |p: &str| format!("http://{admin}{p}");
+
+    // Every read route, with and without the token; every kind of error.
+    let requests: [(&str, &str, Option<&str>, Option<&str>); 14] = [
+        ("GET", "/metrics", None, None),
+        ("GET", "/metrics", Some(ADMIN_SECRET), None),
+        ("GET", "/v1/status", None, None),
+        (
+            "GET",
+            "/v1/explain?name=chat.inference.example.com&client=192.0.2.1",
+            None,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/explain?name=nothing.inference.example.com",
+            None,
+            None,
+        ),
+        ("GET", "/v1/log-level", None, None),
+        ("POST", "/v1/reload", None, None),
+        ("POST", "/v1/reload", Some("adm1n-T0KEN-7f3e9c42"), None),
+        ("POST", "/v1/regions/mars/drain", Some(ADMIN_SECRET), None),
+        (
+            "POST",
+            "/v1/regions/r/capacity",
+            Some(ADMIN_SECRET),
+            Some("{not json"),
+        ),
+        ("POST", "/v1/log-level", Some(ADMIN_SECRET), Some("trace")),
+        ("GET", "/v1/reload", Some(ADMIN_SECRET), None),
+        ("GET", "/nowhere", Some(ADMIN_SECRET), None),
+        (
+            "POST",
+            "/v1/log-level",
+            Some(ADMIN_SECRET),
+            Some("nonsense=level"),
+        ),
+    ];
+    for (method, p, token, body) in requests {
+        let (code, text) = common::http(method, &url(p), token, body.map(String::from)).await;
+        outputs.push((format!("{method} {p} -> {code}"), text));
+    }
+    // The probe with the key ran: the region is up.
+    let (_, status) = common::http("GET", &url("/v1/status"), None, None).await;
+    assert!(status.contains("127.0.0.43"), "{status}");
+    // Refused reloads name the files, not what is in them.
+    std::fs::write(&path, config("missing.key")).unwrap();
+    files.write("empty.token", " \n");
+    let (code, text) = common::http("POST", &url("/v1/reload"), Some(ADMIN_SECRET), None).await;
+    assert_eq!(code, 422, "{text}");
+    outputs.push(("reload with a missing key file".into(), text));
+    std::fs::write(
+        &path,
+        config("probe.key").replace("admin.token", "empty.token"),
+    )
+    .unwrap();
+    let (code, text) = common::http("POST", &url("/v1/reload"), Some(ADMIN_SECRET), None).await;
+    assert_eq!(code, 422, "{text}");
+    outputs.push(("reload with an empty token file".into(), text));
+    std::fs::write(&path, config("probe.key")).unwrap();
+    let (code, text) = common::http("POST", &url("/v1/reload"), Some(ADMIN_SECRET), None).await;
+    assert_eq!(code, 200, "{text}");
+    let out = Command::new(BIN)
+        .args(["explain", "--name", "chat.inference.example.com", "--admin"])
+        .arg(admin.to_string())
+        .output()
+        .unwrap();
+    outputs.push((
+        "explain stdout".into(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    ));
+    outputs.push((
+        "explain stderr".into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ));
+    let (_, metrics) = common::http("GET", &url("/metrics"), None, None).await;
+    outputs.push(("metrics at the end".into(), metrics));
+
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let daemon_exit = tokio::task::spawn_blocking(move || {
+        for _ in 0..200 {
+            if daemon.0.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    assert!(daemon_exit.await.unwrap(), "exits within 10 s of SIGTERM");
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    // Trace level: the probes, the reloads and the requests were all logged.
+    assert!(stderr.lines().count() > 20, "{stderr}");
+    outputs.push((
+        "daemon stdout".into(),
+        std::fs::read_to_string(&stdout_path).unwrap(),
+    ));
+    outputs.push(("daemon stderr".into(), stderr));
+
+    for (what, text) in &outputs {
+        for secret in [ADMIN_SECRET, PROBE_SECRET] {
+            assert!(!text.contains(secret), "{what} shows a secret:\n{text}");
+        }
+    }
+}

@@ -2,20 +2,24 @@
 //!
 //! Owns: the HTTP routes for health, status, metrics, explain, drain,
 //! reload and the log level. Reads snapshots; changes go to the publisher
-//! or the reloader as messages. Mutating routes need the bearer token;
-//! request bodies are size-limited; errors are JSON with a reason. Must not
-//! be on the DNS query path.
+//! or the reloader as messages. Mutating routes need the bearer token (the
+//! read routes too with `admin-token-for-reads`); connections, request heads
+//! and bodies are bounded in number, size and time ([`serve`]); errors are
+//! JSON with a reason. No secret is ever part of a response, a log line or
+//! a metric. Must not be on the DNS query path.
 
+mod auth;
 mod explain;
+mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -26,11 +30,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Control;
 use crate::capacity::PushReport;
+use crate::config::AdminLimits;
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
 use crate::publish::Msg;
 
+pub use auth::{AdminAuth, refuse_exposed};
 pub use explain::ExplainQuery;
+pub use serve::MAX_HEADERS;
 
 /// Largest request body accepted by any route.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -46,23 +53,38 @@ pub struct AdminState {
     pub control: Control,
 }
 
-pub fn router(state: AdminState) -> Router {
+/// The routes; request bodies are read within `body_timeout`.
+pub fn router(state: AdminState, body_timeout: Duration) -> Router {
     let mutating = Router::new()
         .route("/v1/regions/{id}/drain", post(drain))
         .route("/v1/regions/{id}/undrain", post(undrain))
         .route("/v1/regions/{id}/capacity", post(push_capacity))
         .route("/v1/reload", post(reload))
         .route("/v1/log-level", post(log_level))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    // Everything but the liveness and readiness checks.
+    let reads = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/explain", get(explain::explain))
         .route("/v1/log-level", get(current_log_level))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_read_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(reads)
         .merge(mutating)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(
+            body_timeout,
+            serve::read_body_in_time,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(json_errors))
         .with_state(state)
@@ -71,34 +93,6 @@ pub fn router(state: AdminState) -> Router {
 /// A JSON error with a reason.
 pub fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(json!({ "error": reason.into() }))).into_response()
-}
-
-async fn require_token(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
-    let token = state.control.admin_token.load();
-    let Some(expected) = token.as_ref() else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "mutating routes are disabled: set server.admin-token-file in the config",
-        );
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_none_or(|g| !constant_time_eq(g.as_bytes(), expected.0.as_bytes())) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
-    next.run(request).await
-}
-
-/// Compares without stopping at the first difference.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
@@ -308,13 +302,13 @@ async fn json_errors(request: Request, next: Next) -> Response {
     out
 }
 
-/// Serves the admin API on `listener` until `cancel` fires.
+/// Serves the admin API on `listener` within `limits` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
+    limits: AdminLimits,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    let app = router(state, limits.body_timeout);
+    serve::serve_limited(listener, app, limits, cancel).await
 }

@@ -248,6 +248,7 @@ impl Checker {
                 }
             }
         };
+        let (admin_token_for_reads, admin_limits) = self.admin(src, s, admin_listen);
         Some(ServerConfig {
             dns_listen,
             admin_listen: admin_listen?,
@@ -259,6 +260,8 @@ impl Checker {
             nsid,
             explain_acl,
             admin_token,
+            admin_token_for_reads,
+            admin_limits,
         })
     }
 

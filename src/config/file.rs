@@ -163,6 +163,18 @@ pub struct ServerSection {
     pub explain_acl: Vec<Spanned<String>>,
     /// File holding the bearer token of the mutating admin routes.
     pub admin_token_file: Option<Spanned<String>>,
+    /// The read routes (`/v1/status`, `/v1/explain`, `/metrics`,
+    /// `GET /v1/log-level`) need the token too. Default false.
+    pub admin_token_for_reads: Option<Spanned<bool>>,
+    /// Open admin API connections; more are closed at once. Default 64.
+    pub admin_max_connections: Option<Spanned<u32>>,
+    /// A request's head (and an idle keep-alive connection's next one) must
+    /// arrive within this. Default "5s".
+    pub admin_header_timeout: Option<Spanned<String>>,
+    /// A request's body must arrive within this after its head. Default "10s".
+    pub admin_body_timeout: Option<Spanned<String>>,
+    /// Largest request head (request line and headers). Default 16384.
+    pub admin_max_header_bytes: Option<Spanned<u32>>,
 }
 
 /// Explanations reveal the whole routing state: loopback only by default.

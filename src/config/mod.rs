@@ -5,6 +5,7 @@
 //! parse → check → compile; every problem is reported at once as
 //! `file:line:col: message`. Must not open sockets or start tasks.
 
+mod admin;
 mod capacity;
 mod check;
 pub mod file;
@@ -142,6 +143,24 @@ pub struct ServerConfig {
     pub explain_acl: Vec<ipnet::IpNet>,
     /// Bearer token of the mutating admin routes; `None` disables them.
     pub admin_token: Option<Secret>,
+    /// The read routes need the token too.
+    pub admin_token_for_reads: bool,
+    pub admin_limits: AdminLimits,
+}
+
+/// What one admin API client may hold (read at start; a reload does not
+/// change them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Open connections; more are closed at once.
+    pub max_connections: u32,
+    /// The request head (and an idle connection's next head) must arrive
+    /// within this.
+    pub header_timeout: Duration,
+    /// The request body must arrive within this after the head.
+    pub body_timeout: Duration,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: u32,
 }
 
 /// A value that never shows in logs or debug output.
