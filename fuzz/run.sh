@@ -47,7 +47,7 @@ for target in "${targets[@]}"; do
   status=0
   cargo +nightly fuzz run -s none "$target" "corpus/$target" "seeds/$target" -- \
     -max_total_time="$secs" -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
-  grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+== |thread .* panicked|SUMMARY|artifact_prefix|Test unit written)' "$log" || true
+  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+== |thread .* panicked|SUMMARY|artifact_prefix|Test unit written)' "$log" || true
   if [ "$status" -ne 0 ]; then
     tail -n 40 "$log" >&2
     echo "error: fuzz target $target failed (exit $status; fuzz/artifacts/$target/, fuzz/$log)" >&2

@@ -184,7 +184,7 @@ proximity-tolerance = "5ms"
 residency = { rules = [{ clients = ["eu"], allow = ["eu"] }], otherwise = "any", unknown-location = "deny", without-ecs = "unknown" }
 
 [services.eu]
-tiers = [["dead"], ["eu-west"], ["us-east"]]
+tiers = [["dead"], ["eu-west"], ["us-east", "ap"]]
 residency = { rules = [{ clients = ["eu"], allow = ["eu"] }, { clients = ["JP"], allow = ["apac"] }], otherwise = ["us"], unknown-location = "any" }
 
 [services.open]
