@@ -171,18 +171,23 @@ impl Preset {
                 .filter(|v| v.is_finite())
                 .collect()
         };
+        // Finite samples can still add up to infinity (and inf / inf is
+        // NaN): a figure that is not finite is no figure.
         let first = |candidates: &[Series], combine: fn(&[f64]) -> f64| {
             candidates
                 .iter()
                 .map(values)
                 .find(|v| !v.is_empty())
                 .map(|v| combine(&v))
+                .filter(|v| v.is_finite())
         };
         let ratio = || {
             self.kv_ratio.iter().find_map(|(used, total)| {
                 let total = sum(&values(total));
                 let used = values(used);
-                (total > 0.0 && !used.is_empty()).then(|| sum(&used) / total)
+                (total > 0.0 && !used.is_empty())
+                    .then(|| sum(&used) / total)
+                    .filter(|v| v.is_finite())
             })
         };
         let kv_cache = first(&self.kv_cache, mean)
@@ -240,6 +245,22 @@ vllm:num_requests_waiting{engine="1",model_name="llama"} 4
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="llama"} 10
 "#;
+
+    /// Caught by the `exposition` fuzz target's check (ratios in 0..=1) on
+    /// an input written by hand: finite samples that add up to infinity
+    /// made the TGI KV ratio inf / inf, a NaN KV-cache use.
+    #[test]
+    fn sums_that_overflow_are_no_figure() {
+        let text = "tgi_batch_current_max_tokens 1e308\n\
+                    tgi_batch_current_max_tokens 1e308\n\
+                    tgi_batch_max_total_tokens 1e308\n\
+                    tgi_batch_max_total_tokens 1e308\n\
+                    tgi_queue_size 1e308\n\
+                    tgi_queue_size 1e308\n";
+        let load = preset("tgi").read(text).unwrap();
+        assert_eq!(load.kv_cache, None, "{load:?}");
+        assert_eq!(load.waiting, None, "{load:?}");
+    }
 
     fn preset(name: &str) -> Preset {
         Preset::named(name).unwrap()

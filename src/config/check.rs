@@ -39,8 +39,17 @@ pub const MAX_LAST_KNOWN_GOOD: Duration = Duration::from_secs(300);
 /// Loads and checks the configuration at `path` with everything it refers to.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = read(path, None)?;
-    let source = Source { path, text: &text };
-    let file: MainFile = match toml::from_str(&text) {
+    load_str(path, &text)
+}
+
+/// Checks `text` as if it were the main configuration file at `path`: errors
+/// name `path`, and the files it refers to (zone file, policy directory,
+/// token and key files) are read relative to its directory. What [`load`]
+/// does once the file is read; the config fuzz target feeds it arbitrary
+/// text (it must never panic).
+pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let source = Source { path, text };
+    let file: MainFile = match toml::from_str(text) {
         Ok(file) => file,
         Err(e) => return Err(ConfigErrors(vec![toml_error(&source, &e)])),
     };

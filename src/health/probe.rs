@@ -404,22 +404,29 @@ impl Probe for CompletionProbe {
             return Err(status_error(&response));
         }
         let body = read_body(response).await?;
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| ProbeError::Malformed(format!("completion is not JSON: {e}")))?;
-        let choice = v.get("choices").and_then(|c| c.get(0));
-        let content = choice
-            .and_then(|c| {
-                c.get("message")
-                    .and_then(|m| m.get("content"))
-                    .or_else(|| c.get("text"))
-            })
-            .and_then(|c| c.as_str());
-        match content {
-            Some(text) if !text.is_empty() => Ok(Payload::Completion),
-            Some(_) => Err(ProbeError::EmptyCompletion),
-            None if choice.is_some() => Err(ProbeError::EmptyCompletion),
-            None => Err(ProbeError::Malformed("completion has no choices".into())),
-        }
+        parse_completion(&body).map(|()| Payload::Completion)
+    }
+}
+
+/// Checks a completion body (OpenAI chat `choices[0].message.content` or
+/// legacy `choices[0].text`): `Ok` when it carries content, an empty
+/// completion when the first choice has none.
+pub fn parse_completion(body: &[u8]) -> Result<(), ProbeError> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ProbeError::Malformed(format!("completion is not JSON: {e}")))?;
+    let choice = v.get("choices").and_then(|c| c.get(0));
+    let content = choice
+        .and_then(|c| {
+            c.get("message")
+                .and_then(|m| m.get("content"))
+                .or_else(|| c.get("text"))
+        })
+        .and_then(|c| c.as_str());
+    match content {
+        Some(text) if !text.is_empty() => Ok(()),
+        Some(_) => Err(ProbeError::EmptyCompletion),
+        None if choice.is_some() => Err(ProbeError::EmptyCompletion),
+        None => Err(ProbeError::Malformed("completion has no choices".into())),
     }
 }
 
