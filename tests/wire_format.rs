@@ -69,6 +69,17 @@ fn query(qname: &str, qtype: RecordType, payload: Option<u16>) -> Vec<u8> {
     .unwrap()
 }
 
+/// The wire form of an A query for `qname` with an OPT record (payload
+/// 1232) that `edit` completes.
+fn with_edns(qname: &str, edit: impl FnOnce(&mut Edns)) -> Vec<u8> {
+    let mut m = Ask::new(qname, RecordType::A).message();
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    edit(&mut edns);
+    m.set_edns(edns);
+    m.to_vec().unwrap()
+}
+
 /// Length of a question for `qname` on the wire: name, type, class.
 fn question_len(qname: &str) -> usize {
     let labels = qname.trim_end_matches('.').split('.');
@@ -182,19 +193,15 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}], otherwise = "an
     );
     let s = Server::start(&base_config(&extra)).await;
     let qname = "geo.inference.example.com.";
-    let mut m = Ask::new(qname, RecordType::A).message();
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    edns.options_mut()
-        .insert(EdnsOption::Subnet(ClientSubnet::new(
-            "192.0.2.0".parse().unwrap(),
-            24,
-            0,
-        )));
-    m.set_edns(edns);
-    let reply = exchange_udp(s.dns(), &m.to_vec().unwrap(), WAIT)
-        .await
-        .unwrap();
+    let packet = with_edns(qname, |edns| {
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                "192.0.2.0".parse().unwrap(),
+                24,
+                0,
+            )));
+    });
+    let reply = exchange_udp(s.dns(), &packet, WAIT).await.unwrap();
     check_wire(&reply).unwrap();
     let decoded = Message::from_vec(&reply).unwrap();
     assert_eq!(answer_strings(&decoded), ["127.0.0.32"]);
@@ -204,22 +211,15 @@ residency = {{ rules = [{{ clients = ["eu"], allow = ["eu"] }}], otherwise = "an
     // SOURCE 0 asks us not to use the client's subnet: the answer goes by
     // the resolver (127.0.0.1, inside a database network) and says nothing
     // about client subnets, so the echoed SCOPE is 0.
-    let mut m = Ask::new(qname, RecordType::A).message();
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    edns.options_mut()
-        .insert(EdnsOption::Subnet(ClientSubnet::new(
-            "0.0.0.0".parse().unwrap(),
-            0,
-            0,
-        )));
-    m.set_edns(edns);
-    let reply = client::decode(
-        &exchange_udp(s.dns(), &m.to_vec().unwrap(), WAIT)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let packet = with_edns(qname, |edns| {
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                "0.0.0.0".parse().unwrap(),
+                0,
+                0,
+            )));
+    });
+    let reply = client::decode(&exchange_udp(s.dns(), &packet, WAIT).await.unwrap()).unwrap();
     let Some(EdnsOption::Subnet(echo)) = reply
         .edns
         .as_ref()
@@ -242,17 +242,10 @@ async fn strict_reply(server: SocketAddr, packet: &[u8]) -> Message {
 #[tokio::test]
 async fn the_do_bit_is_copied_into_the_response() {
     let (s, _r) = server().await;
-    let mut m = Ask::new("www.inference.example.com.", RecordType::A).message();
-    let mut edns = Edns::new();
-    edns.set_max_payload(1232);
-    edns.set_dnssec_ok(true);
-    m.set_edns(edns);
-    let reply = client::decode(
-        &exchange_udp(s.dns(), &m.to_vec().unwrap(), WAIT)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let packet = with_edns("www.inference.example.com.", |edns| {
+        edns.set_dnssec_ok(true);
+    });
+    let reply = client::decode(&exchange_udp(s.dns(), &packet, WAIT).await.unwrap()).unwrap();
     assert!(reply.edns.as_ref().unwrap().flags().dnssec_ok, "DO copied");
     let plain = client::query_udp(
         s.dns(),
