@@ -245,3 +245,38 @@ async fn the_read_routes_need_the_token_when_asked() {
         assert_eq!(code, 200, "{path}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_slot_after_the_body_timeout() {
+    // One slot; a long header timeout, so only a write deadline can free it.
+    let s = server(
+        "admin-max-connections = 1\nadmin-header-timeout = \"60s\"\nadmin-body-timeout = \"1s\"",
+    )
+    .await;
+    let admin = s.running.admin;
+    // A small receive window, then pipelined requests for the largest page,
+    // never reading a byte: the server's writes fill both buffers and stall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stalled = socket.connect(admin).await.unwrap();
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut written = 0usize;
+    while written < 4 << 20 {
+        match stalled.try_write(request) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("writing the pipelined requests: {e}"),
+        }
+    }
+    assert!(
+        written > 100 * request.len(),
+        "only {written} bytes went out"
+    );
+    // The stalled client holds the only slot until its write deadline ends
+    // the connection; then others are served again.
+    assert!(
+        healthz_answers(admin).await,
+        "a client that never reads held the admin API for {BOUND:?}"
+    );
+    drop(stalled);
+}
