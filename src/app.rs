@@ -231,7 +231,8 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let geo_db = load_geo(&config, &metrics)
         .await
         .map_err(|e| AppError::Geo(e.to_string()))?;
-    let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config, geo_db.as_deref()));
+    let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config));
+    let geo_state = Arc::new(std::sync::Mutex::new(GeoState::of(geo_db.clone())));
     let (mut publisher, snapshot, mut first_round) =
         Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
     publisher.connect_probes(probe_hints);
@@ -251,10 +252,12 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         admin_auth: admin_auth.clone(),
         listen: (server.dns_listen.clone(), server.admin_listen),
         geo_target,
+        geo_state: geo_state.clone(),
     };
     tasks.spawn("reloader", reloader.run(reload_rx, cancel.clone()));
     let watcher = GeoWatcher {
         target: geo_target_rx,
+        state: geo_state,
         publisher: tx.clone(),
         metrics: metrics.clone(),
     };
@@ -351,6 +354,8 @@ struct Reloader {
     listen: (Vec<SocketAddr>, SocketAddr),
     /// Which GeoIP file the watcher watches (a reload may move it).
     geo_target: watch::Sender<GeoTarget>,
+    /// The GeoIP database in use, shared with the watcher.
+    geo_state: Arc<std::sync::Mutex<GeoState>>,
 }
 
 impl Reloader {
@@ -383,7 +388,7 @@ impl Reloader {
         // Reading and checking happen here, off the publisher and the query path.
         let loaded = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || config::load(&path))
+            tokio::task::spawn_blocking(move || config::load_for_reload(&path))
                 .await
                 .map_err(|e| vec![format!("reload task failed: {e}")])?
         };
@@ -408,7 +413,7 @@ impl Reloader {
             return Err(vec![reason]);
         }
         // Everything that can fail happens before anything changes.
-        let geo = load_geo(&config, &self.metrics).await.map_err(|e| {
+        let geo = self.reload_geo(&config).await.map_err(|e| {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");
             vec![e.to_string()]
         })?;
@@ -418,13 +423,14 @@ impl Reloader {
         })?;
         self.admin_auth
             .store(Arc::new(AdminAuth::of(&config.server)));
-        self.geo_target
-            .send_replace(GeoTarget::of(&config, geo.as_deref()));
+        let geo_db = geo.in_use.clone();
+        *self.geo_state.lock().expect("GeoIP state lock poisoned") = geo;
+        self.geo_target.send_replace(GeoTarget::of(&config));
         let (done, generation) = oneshot::channel();
         let msg = Msg::Reload {
             config: Arc::new(config),
             ids,
-            geo,
+            geo: geo_db,
             done,
         };
         if self.publisher.send(msg).await.is_err() {
@@ -434,6 +440,48 @@ impl Reloader {
             .await
             .map_err(|_| vec!["the server is shutting down".to_string()])
     }
+}
+
+impl Reloader {
+    /// The GeoIP database for a reloaded config. The database in use stays
+    /// when its file has not changed since it was read (no re-read: a City
+    /// database is tens of megabytes) or when the file changed into one
+    /// that does not load (refused and counted once, as the watcher does);
+    /// a database at a new path must load, or the reload is refused.
+    /// Returns the state to store once the reload is committed.
+    async fn reload_geo(&self, config: &Config) -> Result<GeoState, GeoError> {
+        let Some(path) = config.geo.database.clone() else {
+            return Ok(GeoState::default());
+        };
+        let (in_use, attempted) = {
+            let state = self.geo_state.lock().expect("GeoIP state lock poisoned");
+            (state.in_use.clone(), state.attempted)
+        };
+        let Some(in_use) = in_use.filter(|db| db.path == path) else {
+            return Ok(GeoState::of(load_geo(config, &self.metrics).await?));
+        };
+        let modified = file_modified(&path);
+        if modified.is_none() || modified == attempted {
+            return Ok(GeoState {
+                in_use: Some(in_use),
+                attempted,
+            });
+        }
+        match load_geo(config, &self.metrics).await {
+            Ok(db) => Ok(GeoState::of(db)),
+            Err(e) => {
+                tracing::error!(error = %e, "GeoIP database file refused; the one in use keeps serving.");
+                Ok(GeoState {
+                    in_use: Some(in_use),
+                    attempted: modified,
+                })
+            }
+        }
+    }
+}
+
+fn file_modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Loads the config's GeoIP database, if it names one (off the runtime's
@@ -457,25 +505,41 @@ async fn load_geo(config: &Config, metrics: &Metrics) -> Result<Option<Arc<GeoDb
 /// does not load is refused and the old database keeps serving.
 struct GeoWatcher {
     target: watch::Receiver<GeoTarget>,
+    state: Arc<std::sync::Mutex<GeoState>>,
     publisher: mpsc::Sender<Msg>,
     metrics: Arc<Metrics>,
 }
 
-/// The GeoIP file to watch, how often, and the modification time of the
-/// database in use.
+/// The GeoIP file to watch and how often.
 #[derive(Debug, Clone, Default)]
 struct GeoTarget {
     path: Option<PathBuf>,
     every: std::time::Duration,
-    loaded: Option<std::time::SystemTime>,
 }
 
 impl GeoTarget {
-    fn of(config: &Config, db: Option<&GeoDb>) -> Self {
+    fn of(config: &Config) -> Self {
         Self {
             path: config.geo.database.clone(),
             every: config.geo.check_interval,
-            loaded: db.and_then(|db| db.modified),
+        }
+    }
+}
+
+/// The GeoIP database in use and the modification time of the last file
+/// read (loaded or refused), shared by the watcher and the reloader so
+/// that neither reads, nor reports, the same file twice.
+#[derive(Debug, Default)]
+struct GeoState {
+    in_use: Option<Arc<GeoDb>>,
+    attempted: Option<std::time::SystemTime>,
+}
+
+impl GeoState {
+    fn of(db: Option<Arc<GeoDb>>) -> Self {
+        Self {
+            attempted: db.as_ref().and_then(|db| db.modified),
+            in_use: db,
         }
     }
 }
@@ -504,12 +568,15 @@ impl GeoWatcher {
             let Some(path) = target.path.clone() else {
                 continue;
             };
-            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            if modified.is_none() || modified == target.loaded {
-                continue;
+            let modified = file_modified(&path);
+            {
+                let mut state = self.state.lock().expect("GeoIP state lock poisoned");
+                if modified.is_none() || modified == state.attempted {
+                    continue;
+                }
+                // Remember the attempt either way: a bad file is reported once, not every interval.
+                state.attempted = modified;
             }
-            // Remember the attempt either way: a bad file is reported once, not every interval.
-            target.loaded = modified;
             let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -519,7 +586,9 @@ impl GeoWatcher {
                         .geoip_loads
                         .with_label_values(&["success"])
                         .inc();
-                    if self.publisher.send(Msg::Geo(Arc::new(db))).await.is_err() {
+                    let db = Arc::new(db);
+                    self.state.lock().expect("GeoIP state lock poisoned").in_use = Some(db.clone());
+                    if self.publisher.send(Msg::Geo(db)).await.is_err() {
                         return Ok(());
                     }
                 }

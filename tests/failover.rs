@@ -76,6 +76,18 @@ async fn hung_primary_fails_over_and_back() {
 }
 
 #[tokio::test]
+async fn a_health_body_that_never_completes_takes_the_primary_out() {
+    // Status line and headers at once, then the body a byte per 100 ms: a
+    // half-dead proxy. Alive means a whole answer within the timeout.
+    let s = setup(Fault::None).await;
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+    s.primary.set_fault(Fault::SlowDrip);
+    s.server.wait_answer(CHAT, &["127.0.0.32"], LIMIT).await;
+    s.primary.set_fault(Fault::None);
+    s.server.wait_answer(CHAT, &["127.0.0.31"], LIMIT).await;
+}
+
+#[tokio::test]
 async fn error_statuses_take_the_primary_out() {
     for fault in [Fault::Unavailable, Fault::RateLimited] {
         let s = setup(Fault::None).await;

@@ -1288,3 +1288,91 @@ async fn ipv4_mapped_subnets_are_located_as_ipv4_with_the_default_cuts() {
         assert_eq!(ecs, Some(expect), "{subnet_text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() {
+    // geoipupdate left a truncated file behind; an operator then reloads a
+    // policy change. The change applies; the database in use stays (as the
+    // file watcher does), rather than the whole reload being refused.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    std::fs::write(&db, tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68)).unwrap();
+    let mut regions = Vec::new();
+    // The watcher looks only once an hour: the reload alone meets the file.
+    let mut text = format!(
+        "[geoip]\ndatabase = \"{}\"\ncheck-interval = \"1h\"\n",
+        db.display()
+    );
+    for (id, ip, country, lat, lon, jurisdiction) in REGIONS {
+        let region = SimRegion::start(format!("{ip}:0").parse().unwrap(), MODEL)
+            .await
+            .unwrap();
+        text.push_str(&format!(
+            "[regions.{id}]\nendpoints = [{{ address = \"{ip}\", port = {} }}]\nlocation = {{ country = \"{country}\", lat = {lat}, lon = {lon} }}\njurisdictions = [\"{jurisdiction}\"]\n",
+            region.addr().port()
+        ));
+        regions.push(region);
+    }
+    let service = |ttl: u32| {
+        format!(
+            "[services.near]\ntiers = [[\"eu-central\", \"us-east\"]]\nstrategy = \"proximity\"\nproximity-tolerance = \"1ms\"\nttl = {ttl}\n"
+        )
+    };
+    let main = base_config(&format!("{text}{}", service(30)));
+    let s = Server::start_with_token(&main, TOKEN).await;
+    let near = |s: &Server| {
+        let dns = s.dns();
+        async move {
+            let mut m = Ask::new("near.inference.example.com.", RecordType::A).message();
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            edns.options_mut()
+                .insert(EdnsOption::Subnet(subnet("192.0.2.0/24")));
+            m.set_edns(edns);
+            let bytes = exchange_udp(dns, &m.to_vec().unwrap(), Duration::from_secs(2))
+                .await
+                .unwrap();
+            Message::from_vec(&bytes).unwrap()
+        }
+    };
+    assert_eq!(answer_strings(&near(&s).await), ["127.0.0.71"]);
+    let good = tiny_db("192.0.2.0/24", "US", "NA", 38.9, -77.04);
+    let staged = dir.path().join("city.mmdb.new");
+    std::fs::write(&staged, &good[..good.len() / 2]).unwrap();
+    std::fs::rename(&staged, &db).unwrap();
+    // The policy change: TTL 30 -> 17.
+    let changed = base_config(&format!("{text}{}", service(17)))
+        .replace("[server]\n", "[server]\nadmin-token-file = \"token\"\n");
+    s.files.write("inferdns.toml", &changed);
+    let reload = format!("http://{}/v1/reload", s.running.admin);
+    let (code, body) = http("POST", &reload, Some(TOKEN), None).await;
+    assert_eq!(code, 200, "reload refused: {body}");
+    let m = near(&s).await;
+    assert_eq!(answer_strings(&m), ["127.0.0.71"], "still the DE database");
+    assert_eq!(m.answers[0].ttl, 17, "the policy change applied");
+    let metrics = http(
+        "GET",
+        &format!("http://{}/metrics", s.running.admin),
+        None,
+        None,
+    )
+    .await
+    .1;
+    assert!(
+        metrics.contains("inferdns_geoip_loads_total{result=\"failure\"} 1"),
+        "the broken file is counted once"
+    );
+    // A second reload does not read (or count) the same broken file again.
+    let (code, _) = http("POST", &reload, Some(TOKEN), None).await;
+    assert_eq!(code, 200);
+    let metrics = http(
+        "GET",
+        &format!("http://{}/metrics", s.running.admin),
+        None,
+        None,
+    )
+    .await
+    .1;
+    assert!(metrics.contains("inferdns_geoip_loads_total{result=\"failure\"} 1"));
+    drop(regions);
+}

@@ -39,7 +39,15 @@ pub const MAX_LAST_KNOWN_GOOD: Duration = Duration::from_secs(300);
 /// Loads and checks the configuration at `path` with everything it refers to.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = read(path, None)?;
-    load_str(path, &text)
+    load_text(path, &text, true)
+}
+
+/// As [`load`], without opening the GeoIP database: a reload opens it
+/// itself, keeping the database in use when the file on disk is broken
+/// (as the file watcher does) instead of refusing the whole reload.
+pub fn load_for_reload(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read(path, None)?;
+    load_text(path, &text, false)
 }
 
 /// Checks `text` as if it were the main configuration file at `path`: errors
@@ -48,6 +56,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// does once the file is read; the config fuzz target feeds it arbitrary
 /// text (it must never panic).
 pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    load_text(path, text, true)
+}
+
+fn load_text(path: &Path, text: &str, open_geoip: bool) -> Result<Config, ConfigErrors> {
     let source = Source { path, text };
     let file: MainFile = match toml::from_str(text) {
         Ok(file) => file,
@@ -58,6 +70,7 @@ pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         cname_targets: Vec::new(),
         fallbacks: Vec::new(),
+        open_geoip,
     };
     let config = checker.main(&source, &file);
     match config {
@@ -92,6 +105,8 @@ pub(super) struct Checker {
     cname_targets: Vec<(Name, ConfigError)>,
     /// (service id, fallback service id, place), resolved once all services are known.
     fallbacks: Vec<(String, String, ConfigError)>,
+    /// Open the GeoIP database to check it (not on reload: the server does).
+    pub(super) open_geoip: bool,
 }
 
 /// What service checks need to know about the rest of the config.

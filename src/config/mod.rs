@@ -25,7 +25,7 @@ pub use probes::DEFAULT_FALL_REFUSED;
 
 pub use check::{
     DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_SERVICE_TTL, DEFAULT_TIMEOUT, load,
-    load_str,
+    load_for_reload, load_str,
 };
 
 /// The checked runtime configuration: everything the daemon needs, no spans.

@@ -35,7 +35,7 @@ impl Checker {
             .database
             .as_ref()
             .map(|d| self.base.join(d.get_ref()));
-        if let (Some(path), Some(d)) = (&database, &file.geoip.database) {
+        if let (Some(path), Some(d), true) = (&database, &file.geoip.database, self.open_geoip) {
             // The real loader: a database that does not load is a config error.
             if let Err(e) = crate::geo::GeoDb::load(path) {
                 self.err(src, d.span(), e.to_string());

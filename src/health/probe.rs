@@ -298,12 +298,14 @@ impl Probe for AliveProbe {
             Some(wanted) => status == wanted,
             None => (200..300).contains(&status),
         };
-        // The body is not read: dropping the response closes the connection.
-        if ok {
-            Ok(Payload::Alive)
-        } else {
-            Err(status_error(&response))
+        if !ok {
+            return Err(status_error(&response));
         }
+        // Alive means a whole answer within the timeout: a body that never
+        // completes (a half-dead proxy dripping bytes) is a timeout, not
+        // "up". Read to the end (bounded), which also keeps the
+        // connection reusable.
+        read_body(response).await.map(|_| Payload::Alive)
     }
 }
 
