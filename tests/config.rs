@@ -183,7 +183,13 @@ tiers = [["us-west"]]
     let (l, c) = at("\"10ms\"");
     has(&errors, f, l, c, "probe interval 10ms is out of range");
     let (l, c) = at("\"soon\"");
-    has(&errors, f, l, c, "not a duration");
+    has(
+        &errors,
+        f,
+        l,
+        c,
+        "probe timeout: expected a duration such as \"500ms\" or \"2s\", found \"soon\"",
+    );
     let (l, c) = at("fall = 0");
     has(&errors, f, l, c + 7, "fall 0 is out of range");
     let (l, c) = at("\"health\"");
