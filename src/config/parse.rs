@@ -166,6 +166,9 @@ impl Parser<'_, '_> {
     /// rest of the file may be read out of step.
     fn syntax(&mut self, root: &Spanned<DeValue<'_>>, mut errors: Vec<toml::de::Error>) -> bool {
         errors.sort_by_key(|e| e.span().map_or(0, |s| s.start));
+        // The offset of the last duplicate table header: its keys are
+        // duplicates too, but only as a consequence.
+        let mut header = None;
         for e in errors {
             let span = e.span().unwrap_or(0..0);
             let text = self.src.text.get(span.clone()).unwrap_or("").to_string();
@@ -173,36 +176,7 @@ impl Parser<'_, '_> {
             if message.starts_with("string values must be quoted") {
                 self.push(span, format!("a name must be quoted: \"{text}\""));
             } else if message.starts_with("duplicate key") {
-                let name = text
-                    .rsplit('.')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .trim_matches(['"', '\''])
-                    .to_string();
-                let mut best = None;
-                earlier_key(
-                    root.get_ref(),
-                    &name,
-                    span.start,
-                    &mut Vec::new(),
-                    &mut best,
-                );
-                let Some((first, path)) = best else {
-                    self.push(span, format!("duplicate key `{name}`"));
-                    return false;
-                };
-                if self.tainted.iter().any(|t| path.starts_with(t)) {
-                    // A key of a table that is itself a duplicate.
-                    continue;
-                }
-                let (line, col) = self.src.position(first.start);
-                let message = format!(
-                    "duplicate key `{name}`, already defined at {}:{line}:{col}",
-                    self.src.path.display()
-                );
-                self.push(span, message);
-                self.tainted.push(path);
+                self.duplicate(root, span, &mut header);
             } else {
                 let first_line = message.lines().next().unwrap_or(message);
                 self.push(span, first_line.to_string());
@@ -210,6 +184,67 @@ impl Parser<'_, '_> {
             }
         }
         true
+    }
+
+    /// Reports a duplicate key with the place of its first definition.
+    fn duplicate(
+        &mut self,
+        root: &Spanned<DeValue<'_>>,
+        span: Range<usize>,
+        header: &mut Option<usize>,
+    ) {
+        let text = self.src.text;
+        let before = text.get(..span.start).unwrap_or("");
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let written = text.get(line_start..span.end).unwrap_or("").trim_start();
+        let is_header = written.starts_with('[');
+        if let Some(h) = *header
+            && !is_header
+            && !text
+                .get(h..line_start)
+                .unwrap_or("")
+                .lines()
+                .skip(1)
+                .any(|l| l.trim_start().starts_with('['))
+        {
+            return;
+        }
+        *header = is_header.then_some(span.start);
+        let name = text.get(span.clone()).unwrap_or("");
+        let name = name.rsplit('.').next().unwrap_or("").trim();
+        let name = name.trim_matches(['"', '\'']).to_string();
+        // The first line written the same way up to the key: same column.
+        let mut first = None;
+        let mut at = 0;
+        for line in before[..line_start].split_inclusive('\n') {
+            if line.trim_start().starts_with(written) {
+                first = Some(at + (span.start - line_start));
+            }
+            at += line.len();
+        }
+        let mut message = format!("duplicate key `{name}`");
+        if let Some(first) = first {
+            let (line, col) = self.src.position(first);
+            message = format!(
+                "{message}, already defined at {}:{line}:{col}",
+                self.src.path.display()
+            );
+        }
+        self.push(span.clone(), message);
+        let mut path = None;
+        entry_at(root.get_ref(), &span, &mut Vec::new(), &mut path);
+        if path.is_none() {
+            let mut earlier = None;
+            earlier_key(
+                root.get_ref(),
+                &name,
+                span.start,
+                &mut Vec::new(),
+                &mut earlier,
+            );
+            path = earlier.map(|(_, p)| p);
+        }
+        self.tainted.extend(path);
     }
 
     /// Deserializes, removing what each error points at and trying again.
