@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Files, ZONE, base_config};
+use common::{Files, TEN_MISTAKES_REPORT, ZONE, base_config, write_ten_mistakes};
 use hickory_proto::rr::RecordType;
 use inferdns::demo::client::{self, Ask, answer_strings};
 use inferdns::demo::{MODEL, SimRegion};
@@ -99,6 +99,22 @@ fn check_accepts_the_example_and_rejects_with_positions() {
         String::from_utf8_lossy(&out.stderr)
             .starts_with("/nonexistent/inferdns.toml:1:1: cannot read")
     );
+}
+
+#[test]
+fn check_reports_ten_mistakes_in_three_files_in_one_run() {
+    let files = Files::new();
+    let path = write_ten_mistakes(&files);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let dir = format!("{}/", files.dir.path().display());
+    let lines: Vec<String> = stderr.lines().map(|l| l.replace(&dir, "")).collect();
+    assert_eq!(lines, TEN_MISTAKES_REPORT, "{stderr}");
 }
 
 #[tokio::test]

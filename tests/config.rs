@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Files, ZONE, base_config};
+use common::{Files, TEN_MISTAKES_REPORT, ZONE, base_config, write_ten_mistakes};
 use inferdns::config::{self, AllDown, ConfigError, Target};
 
 fn load_errors(main: &str, zone: &str, policies: &[(&str, &str)]) -> (Files, Vec<ConfigError>) {
@@ -183,7 +183,13 @@ tiers = [["us-west"]]
     let (l, c) = at("\"10ms\"");
     has(&errors, f, l, c, "probe interval 10ms is out of range");
     let (l, c) = at("\"soon\"");
-    has(&errors, f, l, c, "not a duration");
+    has(
+        &errors,
+        f,
+        l,
+        c,
+        "probe timeout: expected a duration such as \"500ms\" or \"2s\", found \"soon\"",
+    );
     let (l, c) = at("fall = 0");
     has(&errors, f, l, c + 7, "fall 0 is out of range");
     let (l, c) = at("\"health\"");
@@ -611,4 +617,107 @@ fn fall_refused_defaults_to_one_and_is_range_checked() {
         col,
         "fall-refused 0 is not in 1..=100",
     );
+}
+
+#[test]
+fn ten_mistakes_in_three_files_are_reported_in_one_run() {
+    let files = Files::new();
+    let path = write_ten_mistakes(&files);
+    let errors = config::load(&path).unwrap_err().0;
+    let dir = format!("{}/", files.dir.path().display());
+    let shown: Vec<String> = errors
+        .iter()
+        .map(|e| e.to_string().replace(&dir, ""))
+        .collect();
+    assert_eq!(shown, TEN_MISTAKES_REPORT, "\n{}", shown.join("\n"));
+}
+
+#[test]
+fn a_value_that_does_not_parse_is_reported_once_without_follow_ups() {
+    // us-east is defined twice, us-west's port is out of range: services
+    // naming them get no "unknown region"; a policy file that does not
+    // parse reports its first syntax error only, the others are checked.
+    let extra = r#"
+[regions.us-east]
+endpoints = [{ address = "192.0.2.1" }]
+
+[regions.us-west]
+endpoints = [{ address = "192.0.2.2", port = 65536 }]
+
+[regions.us-east]
+endpoints = [{ address = "192.0.2.3" }]
+"#;
+    let main = format!("policy-dir = \"policies\"\n{}", base_config(extra));
+    let (files, errors) = load_errors(
+        &main,
+        ZONE,
+        &[
+            (
+                "a.toml",
+                "tiers = [[\"us-east\"], [\"us-west\"]]\nttl = 0\n",
+            ),
+            ("b.toml", "tiers = [[\"us-west\"]\nttl = 30\nnot valid\n"),
+            (
+                "c.toml",
+                "tiers = [[\"us-west\"]]\nfallback = \"b\"\nttl = 0\n",
+            ),
+        ],
+    );
+    let first = pos(&main, "[regions.us-east]");
+    let second = main.rfind("[regions.us-east]").unwrap();
+    let second = main[..second].matches('\n').count() + 1;
+    has(
+        &errors,
+        "inferdns.toml",
+        second,
+        10,
+        &format!(
+            "duplicate key `us-east`, already defined at {}:{}:10",
+            files.dir.path().join("inferdns.toml").display(),
+            first.0
+        ),
+    );
+    let (l, c) = pos(&main, "65536");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "port: expected a port number 1-65535, found 65536",
+    );
+    has(&errors, "a.toml", 2, 7, "ttl 0 is out of range");
+    has(
+        &errors,
+        "b.toml",
+        2,
+        1,
+        "missing comma between array elements",
+    );
+    has(&errors, "c.toml", 3, 7, "ttl 0 is out of range");
+    assert_eq!(errors.len(), 5, "{errors:#?}");
+
+    // A main file that cannot be used at all still has its policy files read.
+    let main = format!("policy-dir = \"policies\"\n{}", base_config(""))
+        .replace("apex = \"inference.example.com\"", "apex = 5");
+    let (_f, errors) = load_errors(
+        &main,
+        ZONE,
+        &[("d.toml", "tiers = [[\"x\"]]\nttl_min = 5\n")],
+    );
+    let (l, c) = pos(&main, "5\n");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "apex: expected a quoted string, found 5",
+    );
+    has(
+        &errors,
+        "d.toml",
+        2,
+        1,
+        "unknown field `ttl_min`; did you mean `ttl-min`?",
+    );
+    assert_eq!(errors.len(), 2, "{errors:#?}");
 }

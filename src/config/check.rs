@@ -13,6 +13,8 @@ use hickory_proto::rr::{LowerName, Name, RData, Record};
 use toml::Spanned;
 
 use super::file::{EndpointSection, MainFile, ProbeSection, RegionSection, ServiceSection};
+use super::parse::{self, Broken};
+use super::suggest;
 use super::{
     AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, Secret,
     ServerConfig, Service, Soa, Source, Target, ZoneConfig, zonefile,
@@ -61,22 +63,42 @@ pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
 
 fn load_text(path: &Path, text: &str, open_geoip: bool) -> Result<Config, ConfigErrors> {
     let source = Source { path, text };
-    let file: MainFile = match toml::from_str(text) {
-        Ok(file) => file,
-        Err(e) => return Err(ConfigErrors(vec![toml_error(&source, &e)])),
-    };
+    let parsed = parse::parse::<MainFile>(&source);
     let mut checker = Checker {
-        errors: Vec::new(),
+        errors: parsed.errors,
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         cname_targets: Vec::new(),
         fallbacks: Vec::new(),
         open_geoip,
+        broken: Broken::from_paths(&parsed.tainted),
     };
-    let config = checker.main(&source, &file);
+    let config = match &parsed.value {
+        Some(file) => checker.main(&source, file),
+        None => {
+            // The main file is unusable, but its policy files can still
+            // report their own parse errors.
+            if let Some(dir) = parse::top_string(text, "policy-dir") {
+                checker.policy_dir(&source, &dir, None, &mut Vec::new());
+            }
+            None
+        }
+    };
     match config {
         Some(config) if checker.errors.is_empty() => Ok(config),
-        _ => Err(ConfigErrors(checker.errors)),
+        _ => Err(ConfigErrors(in_file_order(checker.errors))),
     }
+}
+
+/// Files in the order they were first reported, each from top to bottom.
+fn in_file_order(mut errors: Vec<ConfigError>) -> Vec<ConfigError> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for e in &errors {
+        if !files.contains(&e.file) {
+            files.push(e.file.clone());
+        }
+    }
+    errors.sort_by_key(|e| (files.iter().position(|f| *f == e.file), e.line, e.col));
+    errors
 }
 
 fn read(path: &Path, at: Option<ConfigError>) -> Result<String, ConfigErrors> {
@@ -92,11 +114,6 @@ fn read(path: &Path, at: Option<ConfigError>) -> Result<String, ConfigErrors> {
     })
 }
 
-fn toml_error(source: &Source<'_>, e: &toml::de::Error) -> ConfigError {
-    let span = e.span().unwrap_or(0..0);
-    source.error(span, e.message().trim_end().to_string())
-}
-
 pub(super) struct Checker {
     pub(super) errors: Vec<ConfigError>,
     /// Directory of the main file; relative paths start here.
@@ -107,6 +124,9 @@ pub(super) struct Checker {
     fallbacks: Vec<(String, String, ConfigError)>,
     /// Open the GeoIP database to check it (not on reload: the server does).
     pub(super) open_geoip: bool,
+    /// Items whose values did not parse: skipped, and never reported as
+    /// unknown when something refers to them.
+    pub(super) broken: Broken,
 }
 
 /// What service checks need to know about the rest of the config.
@@ -116,7 +136,13 @@ pub(super) struct Ctx<'a> {
     pub regions: &'a [Region],
     pub groups: &'a HashMap<String, Vec<crate::geo::Code>>,
     pub has_geoip: bool,
+    /// A section services depend on (geoip, groups) did not parse: checks
+    /// that need it are skipped.
+    pub partial: bool,
 }
+
+/// A probe port of 0, in the words of the parse errors for 70000.
+const PORT_ZERO: &str = "port: expected a port number 1-65535, found 0";
 
 /// Longest `[server] nsid`, in bytes.
 const MAX_NSID: usize = 128;
@@ -132,15 +158,33 @@ impl Checker {
     }
 
     fn main(&mut self, src: &Source<'_>, file: &MainFile) -> Option<Config> {
-        let server = self.server(src, &file.server);
-        let zone = self.zone(src, &file.zone);
+        let server = match self.broken.section("server") {
+            true => None,
+            false => self.server(src, &file.server),
+        };
+        let zone_broken = self.broken.section("zone");
+        let zone = match zone_broken {
+            true => None,
+            false => self.zone(src, &file.zone),
+        };
         let regions = self.regions(src, &file.regions);
         let region_ids: HashMap<&str, usize> = regions
             .iter()
             .enumerate()
             .map(|(i, r)| (r.id.as_str(), i))
             .collect();
-        let apex = zone.as_ref().map(|z| z.apex.clone());
+        let apex = match &zone {
+            Some(z) => Some(z.apex.clone()),
+            // Services can still be checked below an apex that reads well.
+            None if zone_broken => Name::from_ascii(file.zone.apex.get_ref())
+                .ok()
+                .filter(|n| n.num_labels() > 0)
+                .map(|mut n| {
+                    n.set_fqdn(true);
+                    n
+                }),
+            None => None,
+        };
         if let Some(z) = &zone {
             let apex = LowerName::new(&z.apex);
             let owners: HashSet<LowerName> =
@@ -158,10 +202,24 @@ impl Checker {
             }
         }
 
-        let geo = self.geo_config(src, file);
-        let groups = self.groups(src, &file.groups);
-        let overrides = self.overrides(src, &file.overrides, &regions);
-        let rrl = self.rrl(src, &file.rrl);
+        let geo_broken = self.broken.section("geoip") || self.broken.section("ecs");
+        let geo = match geo_broken {
+            true => None,
+            false => self.geo_config(src, file),
+        };
+        let groups_broken = self.broken.section("groups");
+        let groups = match groups_broken {
+            true => HashMap::new(),
+            false => self.groups(src, &file.groups),
+        };
+        let overrides = match self.broken.section("overrides") {
+            true => Vec::new(),
+            false => self.overrides(src, &file.overrides, &regions),
+        };
+        let rrl = match self.broken.section("rrl") {
+            true => None,
+            false => self.rrl(src, &file.rrl),
+        };
         let mut services = Vec::new();
         if let Some(apex) = &apex {
             let ctx = Ctx {
@@ -170,15 +228,21 @@ impl Checker {
                 regions: &regions,
                 groups: &groups,
                 has_geoip: geo.as_ref().is_some_and(|g| g.database.is_some()),
+                partial: geo_broken || groups_broken,
             };
             for (id, section) in &file.services {
+                if self.broken.service(id) {
+                    continue;
+                }
                 if let Some(s) = self.service(src, id, section.get_ref(), section.span(), &ctx) {
                     services.push((s, src.error(section.span(), "")));
                 }
             }
             if let Some(dir) = &file.policy_dir {
-                self.policy_dir(src, dir, &ctx, &mut services);
+                self.policy_dir(src, dir, Some(&ctx), &mut services);
             }
+        } else if let Some(dir) = &file.policy_dir {
+            self.policy_dir(src, dir, None, &mut services);
         }
         let mut services = self.cross_check_services(services, zone.as_ref());
         self.resolve_fallbacks(&mut services);
@@ -432,6 +496,9 @@ impl Checker {
     ) -> Vec<Region> {
         let mut out = Vec::new();
         for (id, region) in regions {
+            if self.broken.region(id) {
+                continue;
+            }
             if !valid_id(id) {
                 self.err(
                     src,
@@ -559,6 +626,11 @@ impl Checker {
             return None;
         }
         let port = ep.port.as_ref().map_or(probe.addr.port(), |p| *p.get_ref());
+        if port == 0
+            && let Some(p) = &ep.port
+        {
+            self.err(src, p.span(), PORT_ZERO);
+        }
         probe.addr = SocketAddr::new(probe_ip, port);
         if probe.host.is_none()
             && let Target::Cname(name) = &target
@@ -588,6 +660,11 @@ impl Checker {
             Scheme::Https => 443,
         };
         let port = p.port.as_ref().map_or(default_port, |p| *p.get_ref());
+        if port == 0
+            && let Some(p) = &p.port
+        {
+            self.err(src, p.span(), PORT_ZERO);
+        }
         let path = p
             .path
             .as_ref()
@@ -678,7 +755,7 @@ impl Checker {
         &mut self,
         src: &Source<'_>,
         dir: &Spanned<String>,
-        ctx: &Ctx<'_>,
+        ctx: Option<&Ctx<'_>>,
         services: &mut Vec<(Service, ConfigError)>,
     ) {
         let path = self.base.join(dir.get_ref());
@@ -714,13 +791,17 @@ impl Checker {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            match toml::from_str::<ServiceSection>(&text) {
-                Ok(section) => {
-                    if let Some(s) = self.service(&psrc, &id, &section, 0..0, ctx) {
+            let parsed = parse::parse::<ServiceSection>(&psrc);
+            self.errors.extend(parsed.errors);
+            match (&parsed.value, ctx) {
+                (Some(section), Some(ctx)) if parsed.tainted.is_empty() => {
+                    if let Some(s) = self.service(&psrc, &id, section, 0..0, ctx) {
                         services.push((s, psrc.error(0..0, "")));
                     }
                 }
-                Err(e) => self.errors.push(toml_error(&psrc, &e)),
+                _ => {
+                    self.broken.services.insert(id);
+                }
             }
         }
     }
@@ -780,6 +861,7 @@ impl Checker {
         }
         let mut tiers = Vec::new();
         let mut seen = HashSet::new();
+        let mut incomplete = false;
         for tier in s.tiers.get_ref() {
             if tier.is_empty() {
                 self.err(
@@ -790,6 +872,11 @@ impl Checker {
             }
             let mut regions = Vec::new();
             for region in tier {
+                if self.broken.region(region.get_ref()) {
+                    // Defined, but it did not parse: nothing to check against.
+                    incomplete = true;
+                    continue;
+                }
                 match region_ids.get(region.get_ref().as_str()) {
                     Some(&i) => {
                         if !seen.insert(i) {
@@ -808,8 +895,15 @@ impl Checker {
                         src,
                         region.span(),
                         format!(
-                            "service {id} refers to unknown region {:?}",
-                            region.get_ref()
+                            "service {id} refers to unknown region {:?}{}",
+                            region.get_ref(),
+                            suggest::hint(
+                                region.get_ref(),
+                                region_ids
+                                    .keys()
+                                    .copied()
+                                    .chain(self.broken.regions.iter().map(String::as_str))
+                            )
                         ),
                     ),
                 }
@@ -832,10 +926,13 @@ impl Checker {
             Some(("nodata", _)) => AllDown::NoData,
             Some(("servfail", _)) => AllDown::ServFail,
             Some((other, span)) => {
+                let hint = suggest::hint(other, ["fail-open", "nodata", "servfail"]);
                 self.err(
                     src,
                     span,
-                    format!("when-all-down {other:?} is not one of fail-open, nodata, servfail"),
+                    format!(
+                        "when-all-down {other:?} is not one of fail-open, nodata, servfail{hint}"
+                    ),
                 );
                 AllDown::FailOpen
             }
@@ -852,11 +949,6 @@ impl Checker {
                 .unwrap_or(DEFAULT_LAST_KNOWN_GOOD),
             None => DEFAULT_LAST_KNOWN_GOOD,
         };
-        let strategy = self.strategy(src, s, &tiers, ctx);
-        let residency = match &s.residency {
-            Some(r) => self.residency(src, r, &tiers, ctx, span.clone()),
-            None => None,
-        };
         let max_latency = match &s.max_latency {
             Some(l) => self.duration(
                 src,
@@ -872,6 +964,17 @@ impl Checker {
                 .push((id.to_string(), f.get_ref().clone(), src.error(f.span(), "")));
         }
         let (records, sticky, watermarks, ttl_min) = self.service_capacity(src, s, ttl);
+        if incomplete || ctx.partial {
+            // Strategy and residency checks need every region (and the
+            // geoip and groups sections): skip them rather than guess.
+            self.broken.services.insert(id.to_string());
+            return None;
+        }
+        let strategy = self.strategy(src, s, &tiers, ctx);
+        let residency = match &s.residency {
+            Some(r) => self.residency(src, r, &tiers, ctx, span.clone()),
+            None => None,
+        };
         let (shed, shed_set) = self.shed(src, s, strategy);
         Some(Service {
             id: id.to_string(),
@@ -908,10 +1011,16 @@ impl Checker {
                     ..place
                 }),
                 Some(to) => services[from].fallback = Some(to),
-                None => self.errors.push(ConfigError {
-                    message: format!("service {id} falls back to unknown service {target:?}"),
-                    ..place
-                }),
+                None if self.broken.service(&target) => {}
+                None => {
+                    let hint = suggest::hint(&target, services.iter().map(|s| s.id.as_str()));
+                    self.errors.push(ConfigError {
+                        message: format!(
+                            "service {id} falls back to unknown service {target:?}{hint}"
+                        ),
+                        ..place
+                    })
+                }
             }
         }
         // A chain that comes back to where it started would CNAME forever.
@@ -959,7 +1068,7 @@ impl Checker {
             .map(|z| z.records.iter().map(|r| LowerName::new(&r.name)).collect())
             .unwrap_or_default();
         let mut by_name: HashMap<LowerName, String> = HashMap::new();
-        let mut ids = HashSet::new();
+        let mut ids: HashMap<String, ConfigError> = HashMap::new();
         let mut out = Vec::new();
         for (service, place) in services {
             let at = |message: String| ConfigError {
@@ -967,11 +1076,18 @@ impl Checker {
                 ..place.clone()
             };
             let lower = LowerName::new(&service.name);
-            if !ids.insert(service.id.clone()) {
-                self.errors
-                    .push(at(format!("service {} is defined twice", service.id)));
+            if let Some(first) = ids.get(&service.id) {
+                let message = format!(
+                    "service {} is defined twice, already defined at {}:{}:{}",
+                    service.id,
+                    first.file.display(),
+                    first.line,
+                    first.col
+                );
+                self.errors.push(at(message));
                 continue;
             }
+            ids.insert(service.id.clone(), place.clone());
             if let Some(other) = by_name.get(&lower) {
                 self.errors.push(at(format!(
                     "service {} has the same name {} as service {other}",
@@ -1088,12 +1204,12 @@ impl Checker {
     ) -> Option<Duration> {
         let d = match humantime::parse_duration(s.get_ref()) {
             Ok(d) => d,
-            Err(e) => {
+            Err(_) => {
                 self.err(
                     src,
                     s.span(),
                     format!(
-                        "{what} {:?} is not a duration like \"500ms\" or \"2s\": {e}",
+                        "{what}: expected a duration such as \"500ms\" or \"2s\", found {:?}",
                         s.get_ref()
                     ),
                 );

@@ -10,8 +10,10 @@ mod capacity;
 mod check;
 pub mod file;
 mod limits;
+mod parse;
 mod probes;
 mod residency;
+mod suggest;
 mod zonefile;
 
 use std::fmt;

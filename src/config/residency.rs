@@ -220,11 +220,19 @@ impl Checker {
                             );
                             continue;
                         }
+                        None if self.broken.region(r.get_ref()) => continue,
                         None => {
+                            let hint = super::suggest::hint(
+                                r.get_ref(),
+                                regions.iter().map(|x| x.id.as_str()),
+                            );
                             self.err(
                                 src,
                                 r.span(),
-                                format!("override refers to unknown region {:?}", r.get_ref()),
+                                format!(
+                                    "override refers to unknown region {:?}{hint}",
+                                    r.get_ref()
+                                ),
                             );
                             continue;
                         }
@@ -374,10 +382,14 @@ impl Checker {
                 Strategy::Cost { min_headroom }
             }
             Some((other, span)) => {
+                let hint =
+                    super::suggest::hint(other, ["failover", "proximity", "capacity", "cost"]);
                 self.err(
                     src,
                     span,
-                    format!("strategy {other:?} is not failover, proximity, capacity or cost"),
+                    format!(
+                        "strategy {other:?} is not failover, proximity, capacity or cost{hint}"
+                    ),
                 );
                 Strategy::Failover
             }

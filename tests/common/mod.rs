@@ -184,3 +184,73 @@ pub async fn http(
     let status = response.status().as_u16();
     (status, response.text().await.expect("HTTP body"))
 }
+
+/// A main file and two policy files with ten mistakes between them, one of
+/// each kind `check` explains (see [`TEN_MISTAKES_REPORT`]).
+pub const TEN_MISTAKES: [(&str, &str); 3] = [
+    (
+        "inferdns.toml",
+        r#"policy-dir = "policies"
+
+[server]
+dns-listen = ["127.0.0.1:0"]
+admin-listen = "127.0.0.1:0"
+tcp-idle-timout = "10s"
+max-udp-payload = "1232"
+
+[zone]
+apex = "inference.example.com"
+[zone.soa]
+primary = "ns1.example.net"
+contact = "hostmaster.example.net"
+
+[[zone.ns]]
+name = "ns1.example.net"
+
+[regions.us-east]
+endpoints = [{ address = "192.0.2.1", port = 70000 }]
+
+[regions.us-west]
+endpoints = [{ address = "192.0.2.2" }]
+probe = { interval = "fast", rise = 0 }
+
+[regions.eu-west]
+endpoints = [{ address = "192.0.2.3" }]
+jurisdictions = "eu"
+
+[services.chat]
+tiers = [["us-west"]]
+"#,
+    ),
+    (
+        "policies/batch.toml",
+        "tiers = [[us-west], [\"us-esat\"]]\n",
+    ),
+    (
+        "policies/chat.toml",
+        "# Chat, again.\ntiers = [[\"us-west\"]]\nstrategy = \"fastest\"\n",
+    ),
+];
+
+/// What one `check` of [`TEN_MISTAKES`] reports, paths relative to its
+/// directory: every mistake, in file order.
+pub const TEN_MISTAKES_REPORT: [&str; 10] = [
+    "inferdns.toml:6:1: unknown field `tcp-idle-timout`; did you mean `tcp-idle-timeout`?",
+    "inferdns.toml:7:19: max-udp-payload: expected a whole number 0-65535, found the string \"1232\" (remove the quotes)",
+    "inferdns.toml:19:46: port: expected a port number 1-65535, found 70000",
+    "inferdns.toml:23:22: probe interval: expected a duration such as \"500ms\" or \"2s\", found \"fast\"",
+    "inferdns.toml:23:37: rise 0 is out of range (1..=100)",
+    "inferdns.toml:27:17: jurisdictions: expected a list of jurisdiction tags: [\"eu\"], found the string \"eu\"",
+    "policies/batch.toml:1:11: a name must be quoted: \"us-west\"",
+    "policies/batch.toml:1:22: service batch refers to unknown region \"us-esat\"; did you mean `us-east`?",
+    "policies/chat.toml:1:1: service chat is defined twice, already defined at inferdns.toml:29:1",
+    "policies/chat.toml:3:12: strategy \"fastest\" is not failover, proximity, capacity or cost",
+];
+
+/// Writes [`TEN_MISTAKES`]; returns the main file's path.
+pub fn write_ten_mistakes(files: &Files) -> PathBuf {
+    for (name, text) in TEN_MISTAKES {
+        files.write(name, text);
+    }
+    files.dir.path().join("inferdns.toml")
+}
