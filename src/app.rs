@@ -278,7 +278,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         tokio::time::timeout(server.startup_grace, first_round.wait_for(|done| *done)).await;
     if waited.is_err() {
         tracing::warn!(
-            grace = ?server.startup_grace,
+            grace_ms = server.startup_grace.as_millis() as u64,
             "Not every endpoint answered its first probe in time; services that need them answer SERVFAIL until they do."
         );
     }
@@ -613,7 +613,8 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
     let running = start(config, options).await?;
     println!("{}", running.listening_line());
-    tracing::info!(dns = ?running.dns, admin = %running.admin, "Serving.");
+    let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
+    tracing::info!(dns = %dns.join(","), admin = %running.admin, "Serving.");
     running.notifier.ready();
     serve(running).await
 }
