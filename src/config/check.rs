@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use super::file::{EndpointSection, MainFile, ProbeSection, RegionSection, ServiceSection};
 use super::{
-    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, Secret,
-    ServerConfig, Service, Soa, Source, Target, ZoneConfig, zonefile,
+    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, ServerConfig,
+    Service, Soa, Source, Target, ZoneConfig, zonefile,
 };
 
 /// Default probe timing: detects a killed endpoint in about 1 s and a hung
@@ -53,12 +53,7 @@ pub fn load_str(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(file) => file,
         Err(e) => return Err(ConfigErrors(vec![toml_error(&source, &e)])),
     };
-    let mut checker = Checker {
-        errors: Vec::new(),
-        base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        cname_targets: Vec::new(),
-        fallbacks: Vec::new(),
-    };
+    let mut checker = Checker::new(path.parent().map(Path::to_path_buf).unwrap_or_default());
     let config = checker.main(&source, &file);
     match config {
         Some(config) if checker.errors.is_empty() => Ok(config),
@@ -107,6 +102,16 @@ pub(super) struct Ctx<'a> {
 const MAX_NSID: usize = 128;
 
 impl Checker {
+    /// A checker for a main file in `base`.
+    pub(super) fn new(base: PathBuf) -> Self {
+        Self {
+            errors: Vec::new(),
+            base,
+            cname_targets: Vec::new(),
+            fallbacks: Vec::new(),
+        }
+    }
+
     pub(super) fn err(
         &mut self,
         source: &Source<'_>,
@@ -232,31 +237,10 @@ impl Checker {
         };
         let explain_acl = self.networks(src, &s.explain_acl);
         let (tcp_max_connections, tcp_max_per_address) = self.tcp_caps(src, s);
-        let admin_token = match &s.admin_token_file {
-            None => None,
-            Some(file) => {
-                let path = self.base.join(file.get_ref());
-                match std::fs::read_to_string(&path) {
-                    Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_string())),
-                    Ok(_) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("admin token file {} is empty", path.display()),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("cannot read admin token file {}: {e}", path.display()),
-                        );
-                        None
-                    }
-                }
-            }
-        };
+        let admin_token = s
+            .admin_token_file
+            .as_ref()
+            .and_then(|file| self.secret_file(src, file, "admin token"));
         let (admin_token_for_reads, admin_limits) = self.admin(src, s, admin_listen);
         Some(ServerConfig {
             dns_listen,

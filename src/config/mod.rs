@@ -12,6 +12,7 @@ pub mod file;
 mod limits;
 mod probes;
 mod residency;
+mod secret;
 mod zonefile;
 
 use std::fmt;
