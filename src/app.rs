@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,6 +28,8 @@ use crate::error::AppError;
 use crate::geo::{GeoDb, GeoError};
 use crate::health::{ProbeHints, ProbeSet};
 use crate::metrics::Metrics;
+use crate::model::Snapshot;
+use crate::notify::Notifier;
 use crate::publish::{Msg, Publisher};
 
 /// How to start: command-line overrides of the config's listen addresses
@@ -119,6 +122,9 @@ pub struct Running {
     cancel: CancellationToken,
     tasks: Tasks,
     metrics: Arc<Metrics>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    /// systemd's `$NOTIFY_SOCKET` (a no-op without it).
+    notifier: Notifier,
 }
 
 impl Running {
@@ -220,6 +226,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let admin_addr = admin_listener.local_addr()?;
 
     let cancel = CancellationToken::new();
+    let notifier = Notifier::from_env();
     let mut tasks = Tasks::new();
     let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(1024);
@@ -253,6 +260,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         listen: (server.dns_listen.clone(), server.admin_listen),
         geo_target,
         geo_state: geo_state.clone(),
+        notifier: notifier.clone(),
     };
     tasks.spawn("reloader", reloader.run(reload_rx, cancel.clone()));
     let watcher = GeoWatcher {
@@ -273,7 +281,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         tokio::time::timeout(server.startup_grace, first_round.wait_for(|done| *done)).await;
     if waited.is_err() {
         tracing::warn!(
-            grace = ?server.startup_grace,
+            grace_ms = server.startup_grace.as_millis() as u64,
             "Not every endpoint answered its first probe in time; services that need them answer SERVFAIL until they do."
         );
     }
@@ -291,7 +299,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     );
     tasks.spawn("dns", dns.run(cancel.clone()));
     let admin_state = AdminState {
-        snapshot,
+        snapshot: snapshot.clone(),
         ready: ready.clone(),
         metrics: metrics.clone(),
         control: control.clone(),
@@ -314,6 +322,8 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         cancel,
         tasks,
         metrics,
+        snapshot,
+        notifier,
     })
 }
 
@@ -356,6 +366,8 @@ struct Reloader {
     geo_target: watch::Sender<GeoTarget>,
     /// The GeoIP database in use, shared with the watcher.
     geo_state: Arc<std::sync::Mutex<GeoState>>,
+    /// Tells systemd a reload is under way, and when it is over.
+    notifier: Notifier,
 }
 
 impl Reloader {
@@ -372,7 +384,11 @@ impl Reloader {
                     None => return Ok(()),
                 },
             };
+            // systemd ≥ 253 holds `systemctl reload` until the READY=1
+            // that ends this reload, applied or refused.
+            self.notifier.reloading();
             let result = self.reload().await;
+            self.notifier.ready();
             let label = if result.is_ok() { "success" } else { "failure" };
             self.metrics.reloads.with_label_values(&[label]).inc();
             let _ = reply.send(result);
@@ -661,26 +677,55 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// `inferdns run`: load, start, print the listening line, serve until
-/// SIGTERM or SIGINT; SIGHUP reloads.
+/// SIGTERM or SIGINT; SIGHUP reloads. systemd hears `READY=1` once DNS is
+/// bound and the first snapshot is live.
 pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
     let running = start(config, options).await?;
     println!("{}", running.listening_line());
-    tracing::info!(dns = ?running.dns, admin = %running.admin, "Serving.");
+    let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
+    tracing::info!(dns = %dns.join(","), admin = %running.admin, "Serving.");
+    running.notifier.ready();
     serve(running).await
 }
+
+/// The `STATUS=` line `systemctl status` shows.
+fn status_line(snapshot: &Snapshot) -> String {
+    let apex = snapshot.zone.apex.to_string();
+    format!(
+        "serving {}, snapshot generation {}, {} services",
+        apex.trim_end_matches('.'),
+        snapshot.generation,
+        snapshot.service_views.len()
+    )
+}
+
+/// How often the serve loop looks at the snapshot generation (at most one
+/// `STATUS=` per tick) when no watchdog asks for more.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves until SIGTERM or SIGINT (then stops cleanly), or until a task
 /// dies: then everything stops and its error comes back (exit code 2), so
 /// systemd restarts a whole process rather than one that limps along.
+///
+/// The same loop pets systemd's watchdog (`WatchdogSec=`): it does so only
+/// while no supervised task has died and the publisher still takes
+/// messages, so a dead task or a wedged runtime lets the watchdog fire.
 async fn serve(mut running: Running) -> Result<(), AppError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let notifier = running.notifier.clone();
+    let watchdog = notifier.watchdog_interval();
+    let mut tick = tokio::time::interval(watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (generation, when) of the last STATUS= sent.
+    let mut last_status: Option<(u64, Instant)> = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             error = running.failed() => {
                 tracing::error!(error = %error, "A server task stopped; shutting down.");
+                notifier.stopping();
                 running.shutdown();
                 let _ = running.wait().await;
                 return Err(error);
@@ -695,9 +740,23 @@ async fn serve(mut running: Running) -> Result<(), AppError> {
                     }
                 });
             }
+            _ = tick.tick(), if notifier.enabled() => {
+                if watchdog.is_some() && !running.control.publisher.is_closed() {
+                    notifier.watchdog();
+                }
+                let snapshot = running.snapshot.load();
+                let due = last_status.is_none_or(|(generation, at)| {
+                    generation != snapshot.generation && at.elapsed() >= STATUS_EVERY
+                });
+                if due {
+                    last_status = Some((snapshot.generation, Instant::now()));
+                    notifier.status(&status_line(&snapshot));
+                }
+            }
         }
     }
     tracing::info!("Shutting down.");
+    notifier.stopping();
     running.shutdown();
     running.wait().await
 }

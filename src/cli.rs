@@ -108,6 +108,11 @@ pub fn main(cli: Cli) -> ExitCode {
             dns_listen,
             admin_listen,
         } => block_on(async move {
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                config = %config.display(),
+                "Starting inferdns."
+            );
             let loaded = config::load(&config)?;
             let options = StartOptions {
                 dns_listen,

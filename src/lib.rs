@@ -17,7 +17,9 @@
 //!   results; [`publish`] is the one writer that turns results into the next
 //!   snapshot and swaps it in.
 //! - Operations: [`admin`] serves health, status, metrics, explain, drain,
-//!   reload and the log level; [`metrics`] holds the Prometheus families.
+//!   reload and the log level; [`metrics`] holds the Prometheus families;
+//!   [`notify`] tells systemd (`Type=notify`) about readiness, reloads and
+//!   the watchdog.
 //! - [`demo`]: simulated inference regions and the `inferdns demo` story;
 //!   the integration tests use the same regions.
 
@@ -34,4 +36,5 @@ pub mod health;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod publish;

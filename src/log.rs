@@ -1,10 +1,24 @@
-//! Logging: plain text on stderr by default (journald adds time and unit),
-//! JSON on request; the filter comes from `RUST_LOG` or the command's
-//! default and can be changed at runtime (admin `POST /v1/log-level`).
+//! Logging on stderr, in the form its reader wants:
+//!
+//! - connected to the journal (`$JOURNAL_STREAM` names stderr's device and
+//!   inode): plain lines with a `<N>` syslog priority prefix (ERROR 3,
+//!   WARN 4, INFO 6, DEBUG and TRACE 7), no colours, no timestamps
+//!   (journald adds time, unit and priority: `journalctl -p warning`);
+//! - a terminal: timestamps and colours;
+//! - a file or a pipe: timestamps, no colours;
+//! - `--log-format json`: one JSON object per line, whatever stderr is.
+//!
+//! The filter comes from `RUST_LOG` or the command's default and can be
+//! changed at runtime (admin `POST /v1/log-level`).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
@@ -19,19 +33,109 @@ pub enum Format {
     Json,
 }
 
+/// Where stderr goes, as far as text lines care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    /// systemd connected stderr to the journal.
+    Journal,
+    /// A terminal: colours.
+    Terminal,
+    /// A file or a pipe: neither colours nor priority prefixes.
+    Plain,
+}
+
+impl Sink {
+    /// What this process's stderr is.
+    pub fn of_stderr() -> Self {
+        let stderr = std::io::stderr();
+        if let Some(stream) = std::env::var_os("JOURNAL_STREAM")
+            && let Some((dev, ino)) = fd_identity(&stderr)
+            && journal_stream_is(&stream.to_string_lossy(), dev, ino)
+        {
+            return Sink::Journal;
+        }
+        if stderr.is_terminal() {
+            Sink::Terminal
+        } else {
+            Sink::Plain
+        }
+    }
+}
+
+/// The device and inode of an open descriptor (via a duplicate: std has
+/// no fstat on a borrowed descriptor).
+fn fd_identity(fd: &impl std::os::fd::AsFd) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let owned = fd.as_fd().try_clone_to_owned().ok()?;
+    let meta = std::fs::File::from(owned).metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Whether `$JOURNAL_STREAM` (`DEVICE:INODE`, both decimal) names the file
+/// with `dev` and `ino`. systemd.exec(5): a process whose stderr was
+/// redirected elsewhere inherits the variable, hence the comparison.
+pub fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.trim().split_once(':') else {
+        return false;
+    };
+    d.parse() == Ok(dev) && i.parse() == Ok(ino)
+}
+
+/// The syslog priority journald files a line under (`sd-daemon(3)`).
+pub fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Text lines for the journal: `<N>` first, then the usual line without
+/// time and colours.
+struct JournalFormat(format::Format<format::Full, ()>);
+
+impl<S, N> FormatEvent<S, N> for JournalFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: format::Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
 pub fn init(default_filter: &str, format: Format) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let done = match format {
-        Format::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+    let text = fmt::layer().with_writer(std::io::stderr).with_target(false);
+    let done = match (format, Sink::of_stderr()) {
+        (Format::Text, Sink::Journal) => registry
+            .with(
+                text.with_ansi(false).event_format(JournalFormat(
+                    fmt::format()
+                        .without_time()
+                        .with_target(false)
+                        .with_ansi(false),
+                )),
+            )
             .try_init(),
-        Format::Json => registry
+        (Format::Text, sink) => registry
+            .with(text.with_ansi(sink == Sink::Terminal))
+            .try_init(),
+        (Format::Json, _) => registry
             .with(
                 fmt::layer()
                     .json()
+                    .with_ansi(false)
                     .with_writer(std::io::stderr)
                     .with_current_span(false),
             )
@@ -128,7 +232,30 @@ pub fn current_filter() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_filter;
+    use super::{journal_stream_is, parse_filter};
+
+    #[test]
+    fn journal_stream_must_name_this_very_file() {
+        assert!(journal_stream_is("8:12345", 8, 12345));
+        assert!(journal_stream_is("8:12345\n", 8, 12345));
+        assert!(!journal_stream_is("8:12346", 8, 12345));
+        assert!(!journal_stream_is("9:12345", 8, 12345));
+        assert!(!journal_stream_is("8", 8, 12345));
+        assert!(!journal_stream_is("", 8, 12345));
+        assert!(!journal_stream_is("x:y", 8, 12345));
+    }
+
+    #[test]
+    fn stderr_redirected_to_another_file_is_not_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = std::fs::File::create(dir.path().join("a")).unwrap();
+        let b = std::fs::File::create(dir.path().join("b")).unwrap();
+        let (dev, ino) = super::fd_identity(&a).unwrap();
+        let (dev_b, ino_b) = super::fd_identity(&b).unwrap();
+        let stream = format!("{dev}:{ino}");
+        assert!(journal_stream_is(&stream, dev, ino));
+        assert!(!journal_stream_is(&stream, dev_b, ino_b));
+    }
 
     #[test]
     fn every_directive_must_name_a_level() {

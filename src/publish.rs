@@ -585,7 +585,7 @@ impl Publisher {
             if h.cooling_until.is_none_or(|u| u < until) {
                 if entering {
                     tracing::info!(
-                        region = %info.region, endpoint = %info.target, cooldown = ?pause,
+                        region = %info.region, endpoint = %info.target, cooldown_ms = pause.as_millis() as u64,
                         "Endpoint rate limited; out of answers for the cool-down."
                     );
                 }
@@ -665,7 +665,7 @@ impl Publisher {
         match &report.outcome.result {
             Ok(Payload::Models(models)) => {
                 if h.models.as_deref() != Some(models.as_slice()) {
-                    tracing::info!(region = %info.region, endpoint = %info.target, models = ?models, "Endpoint model list changed.");
+                    tracing::info!(region = %info.region, endpoint = %info.target, models = %models.join(","), "Endpoint model list changed.");
                     h.models = Some(models.clone().into());
                     changed = true;
                 }
@@ -851,10 +851,13 @@ impl Publisher {
                     .util
                     .map_or(Level::Normal, |u| s.watermarks.level(u, before));
                 if level != before {
-                    if level >= Level::Reduce {
-                        tracing::warn!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shed by load.");
+                    // Only the service's shed rule takes a region out; with
+                    // `shed = "never"` (or a level below the rule's) the
+                    // region stays in answers with a lower weight.
+                    if s.shed.removes(level) {
+                        tracing::warn!(service = %s.id, region = %region.id, level = level.name(), shed = s.shed.name(), utilization = load.util, "Region shed by load.");
                     } else {
-                        tracing::info!(service = %s.id, region = %region.id, level = ?level, utilization = ?load.util, "Region shedding level changed.");
+                        tracing::info!(service = %s.id, region = %region.id, level = level.name(), shed = s.shed.name(), utilization = load.util, "Region load level changed; it stays in answers.");
                     }
                 }
                 self.levels.insert(key.clone(), level);
@@ -1023,15 +1026,17 @@ impl Publisher {
                 if matches!(new.decision, model::Decision::Tier { .. }) {
                     tracing::info!(
                         service = %new.id,
-                        decision = ?new.decision,
-                        answer = ?new.answer,
+                        decision = new.decision.state(),
+                        tier = new.decision.tier(),
+                        answer = %new.answer.join(" "),
                         "Service answer changed."
                     );
                 } else {
                     tracing::warn!(
                         service = %new.id,
-                        decision = ?new.decision,
-                        answer = ?new.answer,
+                        decision = new.decision.state(),
+                        tier = new.decision.tier(),
+                        answer = %new.answer.join(" "),
                         "Service answer changed: no fit region for its normal answer."
                     );
                 }
@@ -1068,7 +1073,7 @@ impl Publisher {
                 if !self.silent.contains(&(*id, *layer)) {
                     tracing::warn!(
                         region = %info.region, endpoint = %info.target, probe = layer_name(*layer),
-                        limit = ?limit,
+                        limit_ms = limit.as_millis() as u64,
                         "Probe sends no results (task dead or stuck); endpoint taken out of answers."
                     );
                 }

@@ -632,3 +632,242 @@ async fn no_secret_in_any_output_of_a_run() {
         }
     }
 }
+
+/// Starts `inferdns run --config path` with stderr to `stderr_path`, and,
+/// when `journal`, `JOURNAL_STREAM` naming that file (as systemd does when
+/// it connects stderr to journald). Returns once the stderr file holds the
+/// endpoint-down line (the endpoint at 127.0.0.46:1 refuses).
+async fn run_logging_to(
+    path: &std::path::Path,
+    stderr_path: &std::path::Path,
+    journal: bool,
+) -> (Daemon, String) {
+    use std::os::unix::fs::MetadataExt;
+    let stderr = std::fs::File::create(stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .args(["run", "--config"])
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    if journal {
+        command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    } else {
+        command.env_remove("JOURNAL_STREAM");
+    }
+    let daemon = Daemon(command.spawn().unwrap());
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = std::fs::read_to_string(stderr_path).unwrap_or_default();
+        if text.contains("Endpoint is down.") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("Endpoint is down."), "{text}");
+    (daemon, text)
+}
+
+fn dead_endpoint_config(files: &Files) -> std::path::PathBuf {
+    files.write("zone.db", ZONE);
+    files.write(
+        "inferdns.toml",
+        &base_config(&format!(
+            "[regions.dead]\nendpoints = [{{ address = \"127.0.0.46\", port = 1 }}]\n{}\n\
+             [services.chat]\ntiers = [[\"dead\"]]\n",
+            common::FAST_PROBE
+        )),
+    )
+}
+
+/// Does `line` carry a timestamp (`2025-01-31T12:00:00…`)?
+fn has_timestamp(line: &str) -> bool {
+    line.as_bytes().windows(11).any(|w| {
+        w[..4].iter().all(u8::is_ascii_digit)
+            && w[4] == b'-'
+            && w[5..7].iter().all(u8::is_ascii_digit)
+            && w[7] == b'-'
+            && w[8..10].iter().all(u8::is_ascii_digit)
+            && w[10] == b'T'
+    })
+}
+
+/// With stderr connected to the journal: every line starts with its syslog
+/// priority, the endpoint-down line is `<4>` (what `journalctl -p warning`
+/// shows), startup is `<6>` with the version, no colour, no timestamp.
+#[tokio::test]
+async fn journal_lines_carry_syslog_priorities_and_no_colour_or_time() {
+    let files = Files::new();
+    let path = dead_endpoint_config(&files);
+    let stderr_path = files.dir.path().join("stderr");
+    let (_daemon, text) = run_logging_to(&path, &stderr_path, true).await;
+    assert!(
+        !text.contains("\x1b["),
+        "ANSI escape in journal lines:\n{text}"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    for line in &lines {
+        let priority = line
+            .strip_prefix('<')
+            .and_then(|rest| rest.split_once('>'))
+            .map(|(n, _)| n);
+        assert!(
+            matches!(priority, Some("3" | "4" | "6" | "7")),
+            "no priority prefix: {line:?}"
+        );
+        assert!(!has_timestamp(line), "timestamp in {line:?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("<4>")
+            && l.contains("Endpoint is down.")
+            && l.contains("region=dead")),
+        "{text}"
+    );
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(
+        lines.iter().any(|l| l.starts_with("<6>")
+            && l.contains("Starting inferdns.")
+            && l.contains(&version)
+            && l.contains("inferdns.toml")),
+        "{text}"
+    );
+}
+
+/// stderr redirected to a file (no journal, no terminal): timestamps stay,
+/// colours never appear.
+#[tokio::test]
+async fn a_log_file_gets_no_colour() {
+    let files = Files::new();
+    let path = dead_endpoint_config(&files);
+    let stderr_path = files.dir.path().join("stderr");
+    let (_daemon, text) = run_logging_to(&path, &stderr_path, false).await;
+    assert!(!text.contains("\x1b["), "ANSI escape in a file:\n{text}");
+    let down = text
+        .lines()
+        .find(|l| l.contains("Endpoint is down."))
+        .unwrap();
+    assert!(has_timestamp(down) && !down.starts_with('<'), "{down:?}");
+    assert!(down.contains("WARN"), "{down:?}");
+}
+
+/// Datagrams to `socket` until `done` says stop (or 60 s without one).
+fn notifications_until(
+    socket: &std::os::unix::net::UnixDatagram,
+    seen: &mut Vec<String>,
+    done: impl Fn(&[String]) -> bool,
+) {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while !done(seen) {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); seen {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+}
+
+/// `Type=notify`: READY=1 once DNS answers (a query sent right after it is
+/// answered), STATUS= with the generation, RELOADING=1 with MONOTONIC_USEC
+/// and READY=1 around a SIGHUP reload, STOPPING=1 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_only_when_dns_answers_and_around_a_reload() {
+    let region = SimRegion::start("127.0.0.45:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    let path = files.write(
+        "inferdns.toml",
+        &base_config(&format!(
+            "[regions.r]\nendpoints = [{{ address = \"127.0.0.45\", port = {} }}]\n[services.chat]\ntiers = [[\"r\"]]\n",
+            region.addr().port()
+        )),
+    );
+    let socket_path = files.dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("WATCHDOG_USEC")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let daemon = Daemon(child);
+
+    let (socket, mut seen) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        notifications_until(&socket, &mut seen, |s| !s.is_empty());
+        (socket, seen)
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen[0], "READY=1", "the first notification: {seen:?}");
+    // READY=1 came after the listening line: the DNS port is known and answers now.
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let dns: SocketAddr = line
+        .split(' ')
+        .find_map(|f| f.strip_prefix("dns="))
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .parse()
+        .unwrap();
+    let ask = Ask::new("chat.inference.example.com.", RecordType::A);
+    let m = client::query_udp(dns, &ask).await.unwrap();
+    assert_eq!(answer_strings(&m), ["127.0.0.45"]);
+
+    let pid = daemon.0.id().to_string();
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-HUP");
+    let (socket, mut seen) = tokio::task::spawn_blocking(move || {
+        notifications_until(&socket, &mut seen, |s| {
+            s.iter()
+                .skip_while(|m| !m.starts_with("RELOADING=1"))
+                .any(|m| m == "READY=1")
+        });
+        (socket, seen)
+    })
+    .await
+    .unwrap();
+    let reloading = seen.iter().find(|m| m.starts_with("RELOADING=1")).unwrap();
+    let usec = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .unwrap_or_else(|| panic!("{reloading:?}"));
+    assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{reloading:?}");
+    assert!(
+        seen.iter().any(|m| m
+            .starts_with("STATUS=serving inference.example.com, snapshot generation ")
+            && m.ends_with(", 1 services")),
+        "{seen:?}"
+    );
+
+    signal("-TERM");
+    let seen = tokio::task::spawn_blocking(move || {
+        notifications_until(&socket, &mut seen, |s| s.iter().any(|m| m == "STOPPING=1"));
+        seen
+    })
+    .await
+    .unwrap();
+    assert!(seen.iter().all(|m| !m.contains("WATCHDOG")), "{seen:?}");
+}

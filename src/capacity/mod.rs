@@ -93,6 +93,18 @@ pub enum Level {
     Removed,
 }
 
+impl Level {
+    /// The level's name, as in the status JSON and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Normal => "normal",
+            Level::Prepare => "prepare",
+            Level::Reduce => "reduce",
+            Level::Removed => "removed",
+        }
+    }
+}
+
 impl Watermarks {
     /// The level for `util`, given the level before: going up at a
     /// watermark, coming down only `hysteresis` below it.

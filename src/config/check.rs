@@ -16,8 +16,8 @@ use super::file::{EndpointSection, MainFile, ProbeSection, RegionSection, Servic
 use super::parse::{self, Broken};
 use super::suggest;
 use super::{
-    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, Secret,
-    ServerConfig, Service, Soa, Source, Target, ZoneConfig, zonefile,
+    AllDown, Config, ConfigError, ConfigErrors, Endpoint, ProbeSpec, Region, Scheme, ServerConfig,
+    Service, Soa, Source, Target, ZoneConfig, zonefile,
 };
 
 /// Default probe timing: detects a killed endpoint in about 1 s and a hung
@@ -148,6 +148,19 @@ const PORT_ZERO: &str = "port: expected a port number 1-65535, found 0";
 const MAX_NSID: usize = 128;
 
 impl Checker {
+    /// A checker for a main file in `base` (tests of single checks).
+    #[cfg(test)]
+    pub(super) fn new(base: PathBuf) -> Self {
+        Self {
+            errors: Vec::new(),
+            base,
+            cname_targets: Vec::new(),
+            fallbacks: Vec::new(),
+            open_geoip: true,
+            broken: Broken::default(),
+        }
+    }
+
     pub(super) fn err(
         &mut self,
         source: &Source<'_>,
@@ -311,31 +324,10 @@ impl Checker {
         };
         let explain_acl = self.networks(src, &s.explain_acl);
         let (tcp_max_connections, tcp_max_per_address) = self.tcp_caps(src, s);
-        let admin_token = match &s.admin_token_file {
-            None => None,
-            Some(file) => {
-                let path = self.base.join(file.get_ref());
-                match std::fs::read_to_string(&path) {
-                    Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_string())),
-                    Ok(_) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("admin token file {} is empty", path.display()),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("cannot read admin token file {}: {e}", path.display()),
-                        );
-                        None
-                    }
-                }
-            }
-        };
+        let admin_token = s
+            .admin_token_file
+            .as_ref()
+            .and_then(|file| self.secret_file(src, file, "admin token"));
         let (admin_token_for_reads, admin_limits) = self.admin(src, s, admin_listen);
         Some(ServerConfig {
             dns_listen,

@@ -13,6 +13,7 @@ mod limits;
 mod parse;
 mod probes;
 mod residency;
+mod secret;
 mod suggest;
 mod zonefile;
 

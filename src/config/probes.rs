@@ -149,28 +149,7 @@ impl Checker {
                 self.err(src, env.span(), "api-key-file and api-key-env: choose one");
                 None
             }
-            (Some(file), None) => {
-                let path = self.base.join(file.get_ref());
-                match std::fs::read_to_string(&path) {
-                    Ok(key) if !key.trim().is_empty() => Some(Secret(key.trim().to_string())),
-                    Ok(_) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("API key file {} is empty", path.display()),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("cannot read API key file {}: {e}", path.display()),
-                        );
-                        None
-                    }
-                }
-            }
+            (Some(file), None) => self.secret_file(src, file, "API key"),
             (None, Some(env)) => match std::env::var(env.get_ref()) {
                 Ok(key) if !key.trim().is_empty() => Some(Secret(key.trim().to_string())),
                 _ => {

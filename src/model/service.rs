@@ -212,6 +212,28 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The decision's name, as the `state` of the status JSON.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Decision::Tier { .. } => "tier",
+            Decision::FailOpen => "fail-open",
+            Decision::LastKnownGood { .. } => "last-known-good",
+            Decision::NoData => "no-data",
+            Decision::ServFail => "serv-fail",
+            Decision::Unprobed => "unprobed",
+            Decision::ResidencyNoData => "residency-no-data",
+            Decision::Fallback { .. } => "fallback",
+        }
+    }
+
+    /// The tier answered from, if any.
+    pub fn tier(&self) -> Option<u64> {
+        match self {
+            Decision::Tier { tier } | Decision::LastKnownGood { tier, .. } => Some(*tier as u64),
+            _ => None,
+        }
+    }
+
     /// The same choice, whatever is left of a last-known-good hold: what
     /// "the answer changed" means for logs.
     pub fn same_choice(&self, other: &Decision) -> bool {

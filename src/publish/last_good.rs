@@ -139,12 +139,12 @@ impl Publisher {
                         Decision::FailOpen | Decision::NoData | Decision::ServFail
                     ) {
                         tracing::warn!(
-                            service = %view.id, decision = ?view.decision, answer = ?view.answer,
+                            service = %view.id, decision = view.decision.state(), tier = view.decision.tier(), answer = %view.answer.join(" "),
                             "Last-known-good hold ended with nothing fit; the when-all-down rule applies."
                         );
                     } else {
                         tracing::info!(
-                            service = %view.id, decision = ?view.decision, answer = ?view.answer,
+                            service = %view.id, decision = view.decision.state(), tier = view.decision.tier(), answer = %view.answer.join(" "),
                             "Service no longer answers from last known good."
                         );
                     }
@@ -164,7 +164,7 @@ impl Publisher {
                     _ => (0, ""),
                 };
                 tracing::warn!(
-                    service = %view.id, answer = ?view.answer, hold_left_ms, then,
+                    service = %view.id, answer = %view.answer.join(" "), hold_left_ms, then,
                     "Nothing fit: every endpoint that was fit went unfit together; answering the last known good ones for the hold."
                 );
                 self.metrics
