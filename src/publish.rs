@@ -412,6 +412,9 @@ impl Publisher {
             hints: watch::channel(ProbeHints::default()).0,
         };
         publisher.metrics.snapshot_generation.set(1);
+        for view in &publisher.snapshot.load().service_views {
+            publisher.metrics.set_decision(&view.id, &view.decision);
+        }
         (publisher, snapshot, first_round_rx)
     }
 
@@ -515,7 +518,12 @@ impl Publisher {
         };
         self.metrics
             .probes
-            .with_label_values(&[info.region.as_str(), label])
+            .with_label_values(&[
+                info.region.as_str(),
+                info.target.as_str(),
+                crate::metrics::layer_label(report.layer),
+                label,
+            ])
             .inc();
         if report.outcome.result != Ok(Payload::Skipped) {
             self.metrics
@@ -835,10 +843,14 @@ impl Publisher {
             .map(|r| self.region_load(r, now))
             .collect();
         for (region, load) in config.regions.iter().zip(&loads) {
-            self.metrics
-                .region_utilization
-                .with_label_values(&[region.id.as_str()])
-                .set(load.util.unwrap_or(-1.0));
+            let gauge = &self.metrics.region_utilization;
+            match load.util {
+                Some(util) => gauge.with_label_values(&[region.id.as_str()]).set(util),
+                // Unknown is absence, not a sentinel value.
+                None => {
+                    let _ = gauge.remove_label_values(&[region.id.as_str()]);
+                }
+            }
         }
         let mut services = Vec::with_capacity(config.services.len());
         for s in &config.services {
@@ -1038,6 +1050,7 @@ impl Publisher {
             }
         }
         self.note_last_known_good(&next);
+        self.note_decisions(&previous, &next);
         self.snapshot.store(Arc::new(next));
         if std::mem::take(&mut self.first_round_due) {
             self.first_round.send_replace(true);
@@ -1046,6 +1059,19 @@ impl Publisher {
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets the decision gauges of every service of `next`, and drops those
+    /// of services that `previous` had and `next` has not.
+    fn note_decisions(&self, previous: &Snapshot, next: &Snapshot) {
+        for view in &next.service_views {
+            self.metrics.set_decision(&view.id, &view.decision);
+        }
+        for old in &previous.service_views {
+            if !next.service_views.iter().any(|v| v.id == old.id) {
+                self.metrics.forget_service(&old.id);
+            }
+        }
     }
 
     /// Logs probe layers that fell silent since the last publish and counts
