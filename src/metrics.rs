@@ -112,6 +112,9 @@ pub struct Metrics {
     pub geoip_loads: IntCounterVec,
     pub region_utilization: prometheus::GaugeVec,
     pub region_weight: prometheus::GaugeVec,
+    /// How hard load sheds a region for a service: 0 normal, 1 prepare,
+    /// 2 reduce, 3 removed.
+    pub region_shed_level: IntGaugeVec,
     pub capacity_reports: IntCounterVec,
     /// Long-lived tasks that died (error or panic), by task.
     pub task_failures: IntCounterVec,
@@ -345,6 +348,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let region_shed_level = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_region_shed_level",
+                    "How hard load sheds a region for a service: 0 normal, 1 prepare (short TTL), 2 reduce (weight cut), 3 removed from answers.",
+                ),
+                &["service", "region"],
+            )
+            .expect("valid metric"),
+        );
         let capacity_reports = register(
             &r,
             IntCounterVec::new(
@@ -471,6 +485,7 @@ impl Metrics {
             geoip_loads,
             region_utilization,
             region_weight,
+            region_shed_level,
             capacity_reports,
             task_failures,
             probe_layers_silent,

@@ -884,6 +884,10 @@ impl Publisher {
                         .region_weight
                         .with_label_values(&[s.id.as_str(), region.id.as_str()])
                         .set(w);
+                    self.metrics
+                        .region_shed_level
+                        .with_label_values(&[s.id.as_str(), region.id.as_str()])
+                        .set(level as i64);
                 }
             }
             // Adaptive TTL: short while weights move or a region nears a watermark.
@@ -1325,6 +1329,12 @@ fn build(
             target: info.target.clone(),
             probe: info.probe.clone(),
             status: h.state.status,
+            layers: info
+                .layers
+                .iter()
+                .filter(|l| **l != Layer::Metrics)
+                .map(|l| (crate::metrics::layer_label(*l), layer_state(h, *l).status))
+                .collect(),
             drained: drained.contains(&info.region),
             models: h.models.as_deref().map(<[String]>::to_vec),
             cooling: h.cooling_until.is_some_and(|u| u > now),
