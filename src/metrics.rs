@@ -534,6 +534,10 @@ impl Metrics {
     /// Sets the decision gauges of `service` (called by the publisher for
     /// each snapshot it builds).
     pub fn set_decision(&self, service: &str, decision: &Decision) {
+        // The series exists at 0 before the first hold.
+        self.last_known_good_holds
+            .with_label_values(&[service])
+            .inc_by(0);
         let current = decision_label(decision);
         for label in DECISIONS {
             self.service_decision
@@ -560,6 +564,7 @@ impl Metrics {
         }
         let _ = self.service_tier.remove_label_values(&[service]);
         let _ = self.last_known_good.remove_label_values(&[service]);
+        let _ = self.last_known_good_holds.remove_label_values(&[service]);
     }
 
     /// Notes that a configuration was loaded and put in force now.

@@ -843,6 +843,11 @@ impl Publisher {
             .map(|r| self.region_load(r, now))
             .collect();
         for (region, load) in config.regions.iter().zip(&loads) {
+            // Every region has the series, 0 until an operator drains it.
+            self.metrics
+                .region_drained
+                .with_label_values(&[region.id.as_str()])
+                .set(i64::from(self.drained.contains(&region.id)));
             let gauge = &self.metrics.region_utilization;
             match load.util {
                 Some(util) => gauge.with_label_values(&[region.id.as_str()]).set(util),
