@@ -558,9 +558,7 @@ impl Metrics {
     /// Drops the decision gauges of a service a reload removed.
     pub fn forget_service(&self, service: &str) {
         for label in DECISIONS {
-            let _ = self
-                .service_decision
-                .remove_label_values(&[service, label]);
+            let _ = self.service_decision.remove_label_values(&[service, label]);
         }
         let _ = self.service_tier.remove_label_values(&[service]);
         let _ = self.last_known_good.remove_label_values(&[service]);

@@ -237,7 +237,10 @@ async fn a_real_scrape_has_the_decisions_and_passes_promtool() {
         (r#"inferdns_service_tier{service="chat"}"#, 0.0),
         (r#"inferdns_region_utilization_ratio{region="up"}"#, 0.25),
         (r#"inferdns_region_drained{region="dead"}"#, 0.0),
-        (r#"inferdns_region_shed_level{region="up",service="chat"}"#, 0.0),
+        (
+            r#"inferdns_region_shed_level{region="up",service="chat"}"#,
+            0.0,
+        ),
         (r#"inferdns_residency_refusals_total{service="chat"}"#, 0.0),
         (r#"inferdns_reloads_total{result="success"}"#, 1.0),
     ] {

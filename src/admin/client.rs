@@ -97,7 +97,10 @@ impl AdminTarget {
         if !status.is_success() {
             return Err(ClientError::Refused {
                 status: status.as_u16(),
-                reason: body["error"].as_str().unwrap_or("unknown error").to_string(),
+                reason: body["error"]
+                    .as_str()
+                    .unwrap_or("unknown error")
+                    .to_string(),
             });
         }
         Ok(body)
@@ -124,7 +127,7 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// A decision of `/v1/status` in words: `tier 0`, `fail-open`,
+/// A decision of `/v1/status` in words: `tier 0`, `fail-open`, `nodata`,
 /// `last-known-good tier 0 (12 s left, then fail-open)`, `fallback to chat`.
 pub fn decision_text(d: &Value) -> String {
     let state = d["state"].as_str().unwrap_or("?");
@@ -137,6 +140,10 @@ pub fn decision_text(d: &Value) -> String {
             text(&d["then"])
         ),
         "fallback" => format!("fallback to {}", text(&d["service"])),
+        // As dig and the metrics say them.
+        "no-data" => "nodata".to_string(),
+        "serv-fail" => "servfail".to_string(),
+        "residency-no-data" => "residency nodata".to_string(),
         other => other.to_string(),
     }
 }
@@ -356,7 +363,7 @@ mod tests {
             "chat chat.example. everyone tier 0 primary 100%",
             "eu eu.example. others fail-open -",
             // A row per residency class, under its service.
-            "EU residency-no-data -",
+            "EU residency nodata -",
         ] {
             assert!(rows.iter().any(|r| r == row), "no row {row:?} in\n{text}");
         }
