@@ -679,12 +679,12 @@ tiers = [["busy", "idle"]]
         let url = format!("http://{}/metrics", server.running.admin);
         let (_, text) = http("GET", &url, None, None).await;
         assert!(
-            common::probe_results(&text, "busy", "unavailable") > 0.0,
+            crate::common::probe_results(&text, "busy", "unavailable") > 0.0,
             "{text}"
         );
         for dead in ["refused", "timeout", "transport", "malformed"] {
             assert_eq!(
-                common::probe_results(&text, "busy", dead),
+                crate::common::probe_results(&text, "busy", dead),
                 0.0,
                 "{dead} in\n{text}"
             );
