@@ -229,6 +229,8 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let notifier = Notifier::from_env();
     let mut tasks = Tasks::new();
     let metrics = Metrics::new();
+    // The config in force was loaded just before start.
+    metrics.config_loaded_now();
     let (tx, rx) = mpsc::channel::<Msg>(1024);
     // The publisher steers the probe loops (recoveries, full regions).
     let (probe_hints, probe_hints_rx) = watch::channel(ProbeHints::default());
@@ -391,6 +393,9 @@ impl Reloader {
             self.notifier.ready();
             let label = if result.is_ok() { "success" } else { "failure" };
             self.metrics.reloads.with_label_values(&[label]).inc();
+            if result.is_ok() {
+                self.metrics.config_loaded_now();
+            }
             let _ = reply.send(result);
         }
     }

@@ -1,11 +1,13 @@
-//! Command line: `inferdns run | check | demo`.
+//! Command line: `inferdns run | check | status | explain | demo`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+use crate::admin::client::{self, AdminTarget};
 
 use crate::app::{self, StartOptions};
 use crate::config;
@@ -45,20 +47,37 @@ pub enum Command {
         #[arg(long, default_value = "/etc/inferdns/inferdns.toml")]
         config: PathBuf,
     },
+    /// Show a running daemon's regions, endpoints and service decisions.
+    Status {
+        /// The daemon's admin API address [default: `[server] admin-listen` of --config].
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// The daemon's configuration file, for its admin address and token
+        /// [default: /etc/inferdns/inferdns.toml, read unless --admin is given].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Ask a running daemon why a service answers what it answers.
     Explain {
-        /// The service name, e.g. chat.inference.example.com.
-        #[arg(long)]
-        name: String,
+        /// The service: its id (`chat`) or DNS name (`chat.inference.example.com.`).
+        #[arg(value_name = "SERVICE", required_unless_present = "name")]
+        service: Option<String>,
+        /// The service, as a flag (same as SERVICE).
+        #[arg(long, conflicts_with = "service")]
+        name: Option<String>,
         /// The client (resolver) address to explain the answer for.
         #[arg(long)]
         client: Option<std::net::IpAddr>,
         /// An EDNS Client Subnet to explain the answer for, e.g. 203.0.113.0/24.
         #[arg(long)]
         ecs: Option<String>,
-        /// The daemon's admin API address.
-        #[arg(long, default_value = "127.0.0.1:9153")]
-        admin: SocketAddr,
+        /// The daemon's admin API address [default: `[server] admin-listen` of --config].
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// The daemon's configuration file, for its admin address and token
+        /// [default: /etc/inferdns/inferdns.toml, read unless --admin is given].
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Start simulated regions and the server on loopback and show failover and failback.
     Demo {
@@ -121,12 +140,18 @@ pub fn main(cli: Cli) -> ExitCode {
             };
             app::run(loaded, options).await
         }),
+        Command::Status { admin, config } => block_on(status(admin, config)),
         Command::Explain {
+            service,
             name,
             client,
             ecs,
             admin,
-        } => block_on(explain(name, client, ecs, admin)),
+            config,
+        } => {
+            let service = service.or(name).unwrap_or_default();
+            block_on(explain(service, client, ecs, admin, config))
+        }
         Command::Demo {
             json,
             dns_listen,
@@ -139,41 +164,40 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// The default configuration file, where `status` and `explain` find the
+/// daemon when not told.
+const DEFAULT_CONFIG: &str = "/etc/inferdns/inferdns.toml";
+
+fn admin_target(
+    admin: Option<SocketAddr>,
+    config: Option<PathBuf>,
+) -> Result<AdminTarget, client::ClientError> {
+    AdminTarget::find(admin, config.as_deref(), Path::new(DEFAULT_CONFIG))
+}
+
+/// `inferdns status`: GET /v1/status on the running daemon, print tables.
+async fn status(admin: Option<SocketAddr>, config: Option<PathBuf>) -> Result<(), AppError> {
+    let error = |e: client::ClientError| AppError::Status(e.to_string());
+    let target = admin_target(admin, config).map_err(error)?;
+    let body = target.get("/v1/status", &[]).await.map_err(error)?;
+    print!("{}", client::render_status(&body));
+    Ok(())
+}
+
 /// `inferdns explain`: GET /v1/explain on the running daemon, print the lines.
 async fn explain(
-    name: String,
+    service: String,
     client: Option<std::net::IpAddr>,
     ecs: Option<String>,
-    admin: SocketAddr,
+    admin: Option<SocketAddr>,
+    config: Option<PathBuf>,
 ) -> Result<(), AppError> {
-    crate::health::probe::install_crypto_provider();
-    let mut query = vec![("name", name)];
+    let error = |e: client::ClientError| AppError::Explain(e.to_string());
+    let target = admin_target(admin, config).map_err(error)?;
+    let mut query = vec![("name", service)];
     query.extend(client.map(|c| ("client", c.to_string())));
     query.extend(ecs.map(|e| ("ecs", e)));
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| AppError::Explain(e.to_string()))?;
-    let mut url = reqwest::Url::parse(&format!("http://{admin}/v1/explain"))
-        .map_err(|e| AppError::Explain(e.to_string()))?;
-    url.query_pairs_mut().extend_pairs(&query);
-    let response =
-        http.get(url).send().await.map_err(|e| {
-            AppError::Explain(format!("cannot reach the admin API at {admin}: {e}"))
-        })?;
-    let status = response.status();
-    let body: serde_json::Value = serde_json::from_str(
-        &response
-            .text()
-            .await
-            .map_err(|e| AppError::Explain(e.to_string()))?,
-    )
-    .map_err(|e| AppError::Explain(format!("the admin API did not answer JSON: {e}")))?;
-    if !status.is_success() {
-        let reason = body["error"].as_str().unwrap_or("unknown error");
-        return Err(AppError::Explain(format!("{status}: {reason}")));
-    }
+    let body = target.get("/v1/explain", &query).await.map_err(error)?;
     for line in body["lines"].as_array().into_iter().flatten() {
         println!("{}", line.as_str().unwrap_or_default());
     }

@@ -25,6 +25,8 @@ pub enum AppError {
     Demo(String),
     #[error("explain: {0}")]
     Explain(String),
+    #[error("status: {0}")]
+    Status(String),
     #[error("{0}")]
     Geo(String),
     /// A long-lived task (publisher, reloader, GeoIP watcher, admin API,

@@ -11,9 +11,12 @@ use std::sync::Arc;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::health::Layer;
+use crate::model::Decision;
 
 /// Query types counted by name; everything else is `other`.
 const QTYPES: [RecordType; 7] = [
@@ -52,6 +55,43 @@ pub const MALFORMED_REASONS: [&str; 6] = [
 /// The `service` label of queries that are not for a service name.
 pub const NO_SERVICE: &str = "-";
 
+/// The `decision` labels of `inferdns_service_decision`, one per
+/// [`Decision`] kind: each service has all of them, the current one 1.
+pub const DECISIONS: [&str; 8] = [
+    "tier",
+    "last_known_good",
+    "fail_open",
+    "nodata",
+    "servfail",
+    "unprobed",
+    "residency_nodata",
+    "fallback",
+];
+
+/// The `decision` label of `decision`.
+pub fn decision_label(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::Tier { .. } => "tier",
+        Decision::LastKnownGood { .. } => "last_known_good",
+        Decision::FailOpen => "fail_open",
+        Decision::NoData => "nodata",
+        Decision::ServFail => "servfail",
+        Decision::Unprobed => "unprobed",
+        Decision::ResidencyNoData => "residency_nodata",
+        Decision::Fallback { .. } => "fallback",
+    }
+}
+
+/// The `layer` labels of `inferdns_probes_total`.
+pub fn layer_label(layer: Layer) -> &'static str {
+    match layer {
+        Layer::Alive => "alive",
+        Layer::Models => "models",
+        Layer::Completion => "completion",
+        Layer::Metrics => "metrics",
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     queries: IntCounterVec,
@@ -72,6 +112,9 @@ pub struct Metrics {
     pub geoip_loads: IntCounterVec,
     pub region_utilization: prometheus::GaugeVec,
     pub region_weight: prometheus::GaugeVec,
+    /// How hard load sheds a region for a service: 0 normal, 1 prepare,
+    /// 2 reduce, 3 removed.
+    pub region_shed_level: IntGaugeVec,
     pub capacity_reports: IntCounterVec,
     /// Long-lived tasks that died (error or panic), by task.
     pub task_failures: IntCounterVec,
@@ -81,6 +124,13 @@ pub struct Metrics {
     pub last_known_good: IntGaugeVec,
     /// Times a service began answering its last known good endpoints.
     pub last_known_good_holds: IntCounterVec,
+    /// 1 for the decision a service's (unrestricted) answer follows, by
+    /// service and decision; set when a snapshot is built.
+    service_decision: IntGaugeVec,
+    /// The tier a service answers, while it answers a tier.
+    service_tier: IntGaugeVec,
+    /// When the config in force was loaded (start or reload).
+    pub config_loaded: Gauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -185,9 +235,9 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "inferdns_probes_total",
-                    "Probe results by region and result type.",
+                    "Probe results by region, endpoint, probe layer and result type.",
                 ),
-                &["region", "result"],
+                &["region", "endpoint", "layer", "result"],
             )
             .expect("valid metric"),
         );
@@ -280,8 +330,8 @@ impl Metrics {
             &r,
             prometheus::GaugeVec::new(
                 Opts::new(
-                    "inferdns_region_utilization",
-                    "Region utilisation 0..1 (worst of KV cache, queue, GPU); -1 unknown.",
+                    "inferdns_region_utilization_ratio",
+                    "Region utilisation 0..1 (worst of KV cache, queue, GPU); absent while unknown.",
                 ),
                 &["region"],
             )
@@ -293,6 +343,17 @@ impl Metrics {
                 Opts::new(
                     "inferdns_region_weight",
                     "Capacity weight of a region for a service (headroom x size x base).",
+                ),
+                &["service", "region"],
+            )
+            .expect("valid metric"),
+        );
+        let region_shed_level = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_region_shed_level",
+                    "How hard load sheds a region for a service: 0 normal, 1 prepare (short TTL), 2 reduce (weight cut), 3 removed from answers.",
                 ),
                 &["service", "region"],
             )
@@ -353,6 +414,43 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let service_decision = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_service_decision",
+                    "1 for the decision the service's answer follows (tier, last_known_good, fail_open, nodata, servfail, unprobed, residency_nodata, fallback), 0 for the others.",
+                ),
+                &["service", "decision"],
+            )
+            .expect("valid metric"),
+        );
+        let service_tier = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_service_tier",
+                    "The tier (0 = best) a service answers; absent while it answers no tier.",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
+        let config_loaded = register(
+            &r,
+            Gauge::new(
+                "inferdns_last_reload_success_timestamp_seconds",
+                "When the configuration in force was loaded (at start or by a reload), in seconds since the Unix epoch.",
+            )
+            .expect("valid metric"),
+        );
+        // process_cpu_seconds_total, process_resident_memory_bytes,
+        // process_open_fds, process_max_fds, process_start_time_seconds, ...
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process metric names are unique and valid");
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -387,11 +485,15 @@ impl Metrics {
             geoip_loads,
             region_utilization,
             region_weight,
+            region_shed_level,
             capacity_reports,
             task_failures,
             probe_layers_silent,
             last_known_good,
             last_known_good_holds,
+            service_decision,
+            service_tier,
+            config_loaded,
         })
     }
 
@@ -427,6 +529,48 @@ impl Metrics {
     /// The counter of answers for `service` that carried `region`.
     pub fn answer_counter(&self, service: &str, region: &str) -> IntCounter {
         self.answers.with_label_values(&[service, region])
+    }
+
+    /// Sets the decision gauges of `service` (called by the publisher for
+    /// each snapshot it builds).
+    pub fn set_decision(&self, service: &str, decision: &Decision) {
+        // The series exists at 0 before the first hold.
+        self.last_known_good_holds
+            .with_label_values(&[service])
+            .inc_by(0);
+        let current = decision_label(decision);
+        for label in DECISIONS {
+            self.service_decision
+                .with_label_values(&[service, label])
+                .set(i64::from(label == current));
+        }
+        match decision {
+            Decision::Tier { tier } | Decision::LastKnownGood { tier, .. } => self
+                .service_tier
+                .with_label_values(&[service])
+                .set(i64::try_from(*tier).unwrap_or(i64::MAX)),
+            _ => {
+                let _ = self.service_tier.remove_label_values(&[service]);
+            }
+        }
+    }
+
+    /// Drops the decision gauges of a service a reload removed.
+    pub fn forget_service(&self, service: &str) {
+        for label in DECISIONS {
+            let _ = self.service_decision.remove_label_values(&[service, label]);
+        }
+        let _ = self.service_tier.remove_label_values(&[service]);
+        let _ = self.last_known_good.remove_label_values(&[service]);
+        let _ = self.last_known_good_holds.remove_label_values(&[service]);
+    }
+
+    /// Notes that a configuration was loaded and put in force now.
+    pub fn config_loaded_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.config_loaded.set(now.as_secs_f64());
     }
 
     /// Everything in the Prometheus text format.

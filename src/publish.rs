@@ -412,6 +412,9 @@ impl Publisher {
             hints: watch::channel(ProbeHints::default()).0,
         };
         publisher.metrics.snapshot_generation.set(1);
+        for view in &publisher.snapshot.load().service_views {
+            publisher.metrics.set_decision(&view.id, &view.decision);
+        }
         (publisher, snapshot, first_round_rx)
     }
 
@@ -515,7 +518,12 @@ impl Publisher {
         };
         self.metrics
             .probes
-            .with_label_values(&[info.region.as_str(), label])
+            .with_label_values(&[
+                info.region.as_str(),
+                info.target.as_str(),
+                crate::metrics::layer_label(report.layer),
+                label,
+            ])
             .inc();
         if report.outcome.result != Ok(Payload::Skipped) {
             self.metrics
@@ -835,10 +843,19 @@ impl Publisher {
             .map(|r| self.region_load(r, now))
             .collect();
         for (region, load) in config.regions.iter().zip(&loads) {
+            // Every region has the series, 0 until an operator drains it.
             self.metrics
-                .region_utilization
+                .region_drained
                 .with_label_values(&[region.id.as_str()])
-                .set(load.util.unwrap_or(-1.0));
+                .set(i64::from(self.drained.contains(&region.id)));
+            let gauge = &self.metrics.region_utilization;
+            match load.util {
+                Some(util) => gauge.with_label_values(&[region.id.as_str()]).set(util),
+                // Unknown is absence, not a sentinel value.
+                None => {
+                    let _ = gauge.remove_label_values(&[region.id.as_str()]);
+                }
+            }
         }
         let mut services = Vec::with_capacity(config.services.len());
         for s in &config.services {
@@ -875,6 +892,10 @@ impl Publisher {
                         .region_weight
                         .with_label_values(&[s.id.as_str(), region.id.as_str()])
                         .set(w);
+                    self.metrics
+                        .region_shed_level
+                        .with_label_values(&[s.id.as_str(), region.id.as_str()])
+                        .set(level as i64);
                 }
             }
             // Adaptive TTL: short while weights move or a region nears a watermark.
@@ -1043,6 +1064,7 @@ impl Publisher {
             }
         }
         self.note_last_known_good(&next);
+        self.note_decisions(&previous, &next);
         self.snapshot.store(Arc::new(next));
         if std::mem::take(&mut self.first_round_due) {
             self.first_round.send_replace(true);
@@ -1051,6 +1073,19 @@ impl Publisher {
         self.metrics
             .snapshot_build_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets the decision gauges of every service of `next`, and drops those
+    /// of services that `previous` had and `next` has not.
+    fn note_decisions(&self, previous: &Snapshot, next: &Snapshot) {
+        for view in &next.service_views {
+            self.metrics.set_decision(&view.id, &view.decision);
+        }
+        for old in &previous.service_views {
+            if !next.service_views.iter().any(|v| v.id == old.id) {
+                self.metrics.forget_service(&old.id);
+            }
+        }
     }
 
     /// Logs probe layers that fell silent since the last publish and counts
@@ -1304,6 +1339,12 @@ fn build(
             target: info.target.clone(),
             probe: info.probe.clone(),
             status: h.state.status,
+            layers: info
+                .layers
+                .iter()
+                .filter(|l| **l != Layer::Metrics)
+                .map(|l| (crate::metrics::layer_label(*l), layer_state(h, *l).status))
+                .collect(),
             drained: drained.contains(&info.region),
             models: h.models.as_deref().map(<[String]>::to_vec),
             cooling: h.cooling_until.is_some_and(|u| u > now),

@@ -871,3 +871,112 @@ async fn systemd_hears_ready_only_when_dns_answers_and_around_a_reload() {
     .unwrap();
     assert!(seen.iter().all(|m| !m.contains("WATCHDOG")), "{seen:?}");
 }
+
+/// Runs the binary with `args`; (exit code, stdout, stderr).
+fn run_bin(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn status_and_explain_find_the_daemon_and_its_token_in_the_config() {
+    let region = SimRegion::start("127.0.0.45:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    files.write("admin.token", "st4tus-token\n");
+    // A free loopback port for the admin API, named in the config file.
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let main = base_config(&format!(
+        "[regions.r]\nendpoints = [{{ address = \"127.0.0.45\", port = {} }}]\n{}\n\
+         [regions.dead]\nendpoints = [{{ address = \"127.0.0.46\", port = 1 }}]\n{}\n\
+         [services.chat]\ntiers = [[\"r\"], [\"dead\"]]\n\
+         [services.lost]\ntiers = [[\"dead\"]]\nwhen-all-down = \"servfail\"\n",
+        region.addr().port(),
+        common::FAST_PROBE,
+        common::FAST_PROBE,
+    ))
+    .replace(
+        "admin-listen = \"127.0.0.1:0\"",
+        &format!(
+            "admin-listen = \"127.0.0.1:{admin_port}\"\nadmin-token-file = \"admin.token\"\nadmin-token-for-reads = true"
+        ),
+    );
+    let path = files.write("inferdns.toml", &main);
+    let (_daemon, _dns, admin) = start_daemon(&["--config".as_ref(), path.as_os_str()]).await;
+    assert_eq!(admin.port(), admin_port);
+
+    // The address and the token come from the config file.
+    let status = |path: &std::path::Path| {
+        run_bin(&["status".as_ref(), "--config".as_ref(), path.as_os_str()])
+    };
+    let mut seen = (None, String::new(), String::new());
+    for _ in 0..200 {
+        seen = status(&path);
+        if seen.1.contains("servfail") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out, err) = seen;
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let has = |prefix: &str| rows.iter().any(|r| r.starts_with(prefix));
+    for prefix in [
+        "REGION UP DRAINED",
+        "r 1/1 no",
+        "dead 0/1 no",
+        "REGION ENDPOINT STATE LAYERS",
+        "r 127.0.0.45 up alive up",
+        "dead 127.0.0.46 down alive down",
+        "chat chat.inference.example.com. everyone tier 0 r 100%",
+        "lost lost.inference.example.com. everyone servfail -",
+    ] {
+        assert!(has(prefix), "no row {prefix:?} in:\n{out}");
+    }
+    assert!(!out.contains("st4tus-token") && !err.contains("st4tus-token"));
+
+    // The token is needed: the address alone gets a 401, said plainly.
+    let (code, _, err) = run_bin(&[
+        "status".as_ref(),
+        "--admin".as_ref(),
+        admin.to_string().as_ref(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("status: 401"), "{err}");
+
+    // explain by service id, as a positional, and by name with --name.
+    for args in [
+        vec!["explain", "chat"],
+        vec!["explain", "--name", "chat.inference.example.com."],
+    ] {
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        args.extend(["--config".as_ref(), path.as_os_str()]);
+        let (code, out, err) = run_bin(&args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert!(
+            out.contains("decision: tier 0 -> 127.0.0.45"),
+            "{args:?}: {out}"
+        );
+    }
+    let (code, _, err) = run_bin(&[
+        "explain".as_ref(),
+        "nothing".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not a service name"), "{err}");
+}

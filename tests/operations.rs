@@ -315,7 +315,12 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert!(
         value(
             "inferdns_probes_total",
-            &[("region", "primary"), ("result", "ok")]
+            &[
+                ("region", "primary"),
+                ("endpoint", "127.0.0.61"),
+                ("layer", "alive"),
+                ("result", "ok")
+            ]
         ) >= 1.0
     );
     assert_eq!(
@@ -326,6 +331,14 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         value("inferdns_reloads_total", &[("result", "failure")]),
         0.0
     );
+    assert_eq!(
+        value(
+            "inferdns_service_decision",
+            &[("service", "chat"), ("decision", "tier")]
+        ),
+        1.0
+    );
+    assert_eq!(value("inferdns_service_tier", &[("service", "chat")]), 0.0);
     assert!(value("inferdns_snapshot_generation", &[]) >= 2.0);
     assert!(value("inferdns_snapshot_age_seconds", &[]) >= 0.0);
     assert_eq!(

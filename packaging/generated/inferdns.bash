@@ -31,6 +31,9 @@ _inferdns() {
             inferdns,run)
                 cmd="inferdns__subcmd__run"
                 ;;
+            inferdns,status)
+                cmd="inferdns__subcmd__status"
+                ;;
             inferdns__subcmd__help,check)
                 cmd="inferdns__subcmd__help__subcmd__check"
                 ;;
@@ -46,6 +49,9 @@ _inferdns() {
             inferdns__subcmd__help,run)
                 cmd="inferdns__subcmd__help__subcmd__run"
                 ;;
+            inferdns__subcmd__help,status)
+                cmd="inferdns__subcmd__help__subcmd__status"
+                ;;
             *)
                 ;;
         esac
@@ -53,7 +59,7 @@ _inferdns() {
 
     case "${cmd}" in
         inferdns)
-            opts="-h -V --log-format --help --version run check explain demo help"
+            opts="-h -V --log-format --help --version run check status explain demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -119,7 +125,7 @@ _inferdns() {
             return 0
             ;;
         inferdns__subcmd__explain)
-            opts="-h --name --client --ecs --admin --log-format --help"
+            opts="-h --name --client --ecs --admin --config --log-format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -141,6 +147,10 @@ _inferdns() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --log-format)
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
@@ -153,7 +163,7 @@ _inferdns() {
             return 0
             ;;
         inferdns__subcmd__help)
-            opts="run check explain demo help"
+            opts="run check status explain demo help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -236,6 +246,20 @@ _inferdns() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        inferdns__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         inferdns__subcmd__run)
             opts="-h --config --dns-listen --admin-listen --log-format --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -252,6 +276,32 @@ _inferdns() {
                     return 0
                     ;;
                 --admin-listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --log-format)
+                    COMPREPLY=($(compgen -W "text json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        inferdns__subcmd__status)
+            opts="-h --admin --config --log-format --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --admin)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

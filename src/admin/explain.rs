@@ -1,5 +1,6 @@
 //! `GET /v1/explain?name=…&client=…[&ecs=…]`: the same explanation that
-//! `dig TXT _explain.<service>` gives, for any client address.
+//! `dig TXT _explain.<service>` gives, for any client address. `name` is a
+//! service's DNS name or its id.
 
 use std::net::IpAddr;
 
@@ -15,7 +16,7 @@ use crate::dns::answer::{Client, explain_lines, service_index};
 
 #[derive(Debug, Deserialize)]
 pub struct ExplainQuery {
-    /// The service name, with or without the trailing dot.
+    /// The service name, with or without the trailing dot, or its id.
     pub name: String,
     /// The client (resolver) address the question is asked for.
     pub client: Option<String>,
@@ -24,7 +25,14 @@ pub struct ExplainQuery {
 }
 
 pub async fn explain(State(state): State<AdminState>, Query(q): Query<ExplainQuery>) -> Response {
-    let Ok(mut name) = Name::from_ascii(&q.name) else {
+    let snap = state.snapshot.load_full();
+    // A service id (`chat`) names its service, whatever its DNS name.
+    let by_id = snap
+        .service_views
+        .iter()
+        .find(|v| v.id == q.name)
+        .map(|v| v.name.clone());
+    let Ok(mut name) = Name::from_ascii(by_id.as_deref().unwrap_or(&q.name)) else {
         return error(
             StatusCode::BAD_REQUEST,
             format!("{:?} is not a DNS name", q.name),
@@ -57,7 +65,6 @@ pub async fn explain(State(state): State<AdminState>, Query(q): Query<ExplainQue
             );
         }
     };
-    let snap = state.snapshot.load_full();
     let Some(service) = service_index(&snap, &LowerName::new(&name)) else {
         return error(
             StatusCode::NOT_FOUND,

@@ -6,9 +6,11 @@
 //! read routes too with `admin-token-for-reads`); connections, request heads
 //! and bodies are bounded in number, size and time ([`serve`]); errors are
 //! JSON with a reason. No secret is ever part of a response, a log line or
-//! a metric. Must not be on the DNS query path.
+//! a metric. Must not be on the DNS query path. [`client`] is the other
+//! end: `inferdns status` and `inferdns explain`.
 
 mod auth;
+pub mod client;
 mod explain;
 mod serve;
 

@@ -284,6 +284,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
             "dig @{host} -p {port} TXT _explain.geo.inference.example.com +subnet=192.0.2.0/24 +norec"
         ),
         format!("curl -s http://{}/v1/status", running.admin),
+        format!("inferdns status --admin {}", running.admin),
     ];
     if opts.json {
         println!(
@@ -319,6 +320,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         println!("Try:");
         for t in &tries {
             println!("  {t}");
+        }
+        if opts.hold.is_none() {
+            println!();
+            println!(
+                "These need the demo running: run `inferdns demo --hold 600` to keep it up for them (Ctrl-C ends it sooner)."
+            );
         }
     }
     if let Some(hold) = opts.hold {

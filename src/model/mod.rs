@@ -66,6 +66,9 @@ pub struct EndpointView {
     pub target: String,
     pub probe: String,
     pub status: Status,
+    /// The status of each health probe layer (`alive`, and `models`,
+    /// `completion` when probed): the endpoint is fit only if all are up.
+    pub layers: std::collections::BTreeMap<&'static str, Status>,
     pub drained: bool,
     /// Models the endpoint lists (when its model list is probed).
     pub models: Option<Vec<String>>,

@@ -516,12 +516,15 @@ pub fn service_answer(
         Strategy::Proximity { tolerance } => Some(tolerance.as_secs_f64() * 1000.0),
         _ => None,
     };
+    // Every service has the series (at 0 without residency rules), so that
+    // a rate over it exists before the first refusal.
+    let refusals = counters.refusal(&s.id);
     let answer = ServiceAnswer {
         located: s.residency.is_some() || proximity.is_some(),
         residency: s.residency.as_ref().map(ResidencyIndex::new),
         classes: answers,
         tolerance_ms: proximity,
-        refusals: s.residency.as_ref().and_then(|_| counters.refusal(&s.id)),
+        refusals: s.residency.as_ref().and(refusals),
     };
     let view = ServiceView {
         id: s.id.clone(),

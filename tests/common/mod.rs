@@ -254,3 +254,20 @@ pub fn write_ten_mistakes(files: &Files) -> PathBuf {
     }
     files.dir.path().join("inferdns.toml")
 }
+
+/// `inferdns_probes_total` of `region` and `result` in a scrape, summed
+/// over endpoints and probe layers (0 without a series).
+pub fn probe_results(metrics: &str, region: &str, result: &str) -> f64 {
+    let (region, result) = (
+        format!("region=\"{region}\""),
+        format!("result=\"{result}\""),
+    );
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("inferdns_probes_total{"))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(labels, _)| labels.split(',').any(|kv| kv == region))
+        .filter(|(labels, _)| labels.split(',').any(|kv| kv == result))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
