@@ -428,70 +428,6 @@ async fn crafted_packets_log_nothing_above_debug_and_are_counted() {
     assert_eq!(value("inferdns_dns_malformed_total{reason=\"ecs\"}"), 20.0);
 }
 
-/// A real Knot DNS serving `zone` on loopback, stopped on drop.
-struct Knot {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Knot {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Knot {
-    /// `None` when `knotd` is not installed.
-    async fn start(zone: &str) -> Option<Knot> {
-        let knotd = ["/usr/sbin/knotd", "/usr/bin/knotd"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let path = dir.path().display().to_string();
-        std::fs::write(dir.path().join("zone"), zone).unwrap();
-        std::fs::write(
-            dir.path().join("knot.conf"),
-            format!(
-                "server:\n  rundir: \"{path}\"\n  listen: 127.0.0.1@{port}\n\
-                 database:\n  storage: \"{path}\"\n\
-                 zone:\n  - domain: inference.example.com\n    file: \"{path}/zone\"\n    storage: \"{path}\"\n    zonefile-load: whole\n    journal-content: none\n"
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new(knotd)
-            .arg("-c")
-            .arg(dir.path().join("knot.conf"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let knot = Knot {
-            child,
-            addr,
-            _dir: dir,
-        };
-        let soa = query("inference.example.com.", RecordType::SOA, None);
-        for _ in 0..100 {
-            if exchange_udp(addr, &soa, Duration::from_millis(100))
-                .await
-                .is_ok()
-            {
-                return Some(knot);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("knotd did not start answering on {addr}");
-    }
-}
-
 /// The same answers from inferdns and from a real Knot serving the same
 /// records statically: our replies are never larger. Without `knotd` the
 /// test says so and checks nothing more; under CI (`CI=true`) Knot is
@@ -502,7 +438,7 @@ async fn reply_sizes_are_no_larger_than_knots() {
         "$ORIGIN inference.example.com.\n$TTL 3600\n@ IN SOA ns1.inference.example.com. hostmaster.inference.example.com. 7 3600 600 86400 60\n@ IN NS ns1\n@ IN NS ns.example.net.\nns1 IN A 192.0.2.53\nns1 IN AAAA 2001:db8::53\n{}chat 30 IN A 127.0.0.31\n",
         common::ZONE.replace("$ORIGIN inference.example.com.\n$TTL 300\n", "$TTL 300\n")
     );
-    let Some(knot) = Knot::start(&knot_zone).await else {
+    let Some(knot) = common::Knot::start("inference.example.com", &knot_zone).await else {
         assert!(
             std::env::var("CI").is_err(),
             "CI must run this test against Knot: install the knot package"

@@ -271,3 +271,71 @@ pub fn probe_results(metrics: &str, region: &str, result: &str) -> f64 {
         .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
+
+/// A real Knot DNS serving `zone` on loopback, stopped on drop.
+pub struct Knot {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Knot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Knot {
+    /// Serves `zone` (zone-file text) as `domain`; `None` when `knotd` is
+    /// not installed.
+    pub async fn start(domain: &str, zone: &str) -> Option<Knot> {
+        let knotd = ["/usr/sbin/knotd", "/usr/bin/knotd"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let path = dir.path().display().to_string();
+        std::fs::write(dir.path().join("zone"), zone).unwrap();
+        std::fs::write(
+            dir.path().join("knot.conf"),
+            format!(
+                "server:\n  rundir: \"{path}\"\n  listen: 127.0.0.1@{port}\n\
+                 database:\n  storage: \"{path}\"\n\
+                 zone:\n  - domain: {domain}\n    file: \"{path}/zone\"\n    storage: \"{path}\"\n    zonefile-load: whole\n    journal-content: none\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(knotd)
+            .arg("-c")
+            .arg(dir.path().join("knot.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let knot = Knot {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let soa = Ask::new(&format!("{domain}."), RecordType::SOA)
+            .message()
+            .to_vec()
+            .unwrap();
+        for _ in 0..100 {
+            if client::exchange_udp(addr, &soa, std::time::Duration::from_millis(100))
+                .await
+                .is_ok()
+            {
+                return Some(knot);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("knotd did not start answering on {addr}");
+    }
+}
