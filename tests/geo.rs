@@ -1188,14 +1188,12 @@ fn tiny_db(network: &str, country: &str, continent: &str, lat: f64, lon: f64) ->
     w.to_bytes().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replaced_database_is_swapped_in_and_a_broken_one_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("city.mmdb");
-    std::fs::write(&db, tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68)).unwrap();
+/// The four regions on loopback with a `[geoip]` section naming `db`,
+/// checked every `check_interval`: (config text, the running regions).
+async fn regions_with_db(db: &std::path::Path, check_interval: &str) -> (String, Vec<SimRegion>) {
     let mut regions = Vec::new();
     let mut text = format!(
-        "[geoip]\ndatabase = \"{}\"\ncheck-interval = \"1s\"\n",
+        "[geoip]\ndatabase = \"{}\"\ncheck-interval = \"{check_interval}\"\n",
         db.display()
     );
     for (id, ip, country, lat, lon, jurisdiction) in REGIONS {
@@ -1208,22 +1206,34 @@ async fn a_replaced_database_is_swapped_in_and_a_broken_one_refused() {
         ));
         regions.push(region);
     }
+    (text, regions)
+}
+
+/// `near` A for the DE test subnet 192.0.2.0/24.
+async fn ask_near(dns: std::net::SocketAddr) -> Message {
+    let mut m = Ask::new("near.inference.example.com.", RecordType::A).message();
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    edns.options_mut()
+        .insert(EdnsOption::Subnet(subnet("192.0.2.0/24")));
+    m.set_edns(edns);
+    let bytes = exchange_udp(dns, &m.to_vec().unwrap(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    Message::from_vec(&bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_database_is_swapped_in_and_a_broken_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    std::fs::write(&db, tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68)).unwrap();
+    let (mut text, regions) = regions_with_db(&db, "1s").await;
     text.push_str("[services.near]\ntiers = [[\"eu-central\", \"us-east\"]]\nstrategy = \"proximity\"\nproximity-tolerance = \"1ms\"\n");
     let s = Server::start(&base_config(&text)).await;
     let near = |s: &Server| {
         let dns = s.dns();
-        async move {
-            let mut m = Ask::new("near.inference.example.com.", RecordType::A).message();
-            let mut edns = Edns::new();
-            edns.set_max_payload(1232);
-            edns.options_mut()
-                .insert(EdnsOption::Subnet(subnet("192.0.2.0/24")));
-            m.set_edns(edns);
-            let bytes = exchange_udp(dns, &m.to_vec().unwrap(), Duration::from_secs(2))
-                .await
-                .unwrap();
-            answer_strings(&Message::from_vec(&bytes).unwrap())
-        }
+        async move { answer_strings(&ask_near(dns).await) }
     };
     assert_eq!(
         near(&s).await,
@@ -1297,22 +1307,8 @@ async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("city.mmdb");
     std::fs::write(&db, tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68)).unwrap();
-    let mut regions = Vec::new();
     // The watcher looks only once an hour: the reload alone meets the file.
-    let mut text = format!(
-        "[geoip]\ndatabase = \"{}\"\ncheck-interval = \"1h\"\n",
-        db.display()
-    );
-    for (id, ip, country, lat, lon, jurisdiction) in REGIONS {
-        let region = SimRegion::start(format!("{ip}:0").parse().unwrap(), MODEL)
-            .await
-            .unwrap();
-        text.push_str(&format!(
-            "[regions.{id}]\nendpoints = [{{ address = \"{ip}\", port = {} }}]\nlocation = {{ country = \"{country}\", lat = {lat}, lon = {lon} }}\njurisdictions = [\"{jurisdiction}\"]\n",
-            region.addr().port()
-        ));
-        regions.push(region);
-    }
+    let (text, regions) = regions_with_db(&db, "1h").await;
     let service = |ttl: u32| {
         format!(
             "[services.near]\ntiers = [[\"eu-central\", \"us-east\"]]\nstrategy = \"proximity\"\nproximity-tolerance = \"1ms\"\nttl = {ttl}\n"
@@ -1320,21 +1316,7 @@ async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() 
     };
     let main = base_config(&format!("{text}{}", service(30)));
     let s = Server::start_with_token(&main, TOKEN).await;
-    let near = |s: &Server| {
-        let dns = s.dns();
-        async move {
-            let mut m = Ask::new("near.inference.example.com.", RecordType::A).message();
-            let mut edns = Edns::new();
-            edns.set_max_payload(1232);
-            edns.options_mut()
-                .insert(EdnsOption::Subnet(subnet("192.0.2.0/24")));
-            m.set_edns(edns);
-            let bytes = exchange_udp(dns, &m.to_vec().unwrap(), Duration::from_secs(2))
-                .await
-                .unwrap();
-            Message::from_vec(&bytes).unwrap()
-        }
-    };
+    let near = |s: &Server| ask_near(s.dns());
     assert_eq!(answer_strings(&near(&s).await), ["127.0.0.71"]);
     let good = tiny_db("192.0.2.0/24", "US", "NA", 38.9, -77.04);
     let staged = dir.path().join("city.mmdb.new");
