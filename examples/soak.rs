@@ -4,7 +4,14 @@
 //! GeoIP file (some swaps truncated). Every answer is checked as it
 //! arrives. Loopback only; bounded in time; exit 1 on any violation.
 //!
-//!   cargo bench --bench soak -- --seconds 60 --seed 7 [--qps 1000] [--out FILE]
+//!   cargo build --release --bins --examples
+//!   target/release/examples/soak --seconds 60 --seed 7 [--qps 1000] [--out FILE]
+//!
+//! An example rather than a bench target so that it shares the release
+//! build (`panic = "abort"`, which bench builds ignore) with the daemon and
+//! the Debian package: one release build in CI, not two. The daemon is
+//! `inferdns` beside the `examples/` directory this binary runs from, or
+//! `$INFERDNS_BIN`.
 //!
 //! What counts as a violation:
 //! - an answer outside the client's jurisdiction (the residency rules of
@@ -472,14 +479,31 @@ fn args() -> Args {
             "--seed" => a.seed = value().parse().expect("--seed N"),
             "--qps" => a.qps = value().parse().expect("--qps N"),
             "--out" => a.out = Some(value().into()),
-            // cargo bench passes this to every bench binary.
-            "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
     assert!((10..=3600).contains(&a.seconds), "--seconds 10..=3600");
     assert!((1..=20_000).contains(&a.qps), "--qps 1..=20000");
     a
+}
+
+/// `$INFERDNS_BIN`, else `inferdns` in the directory above this example's.
+fn daemon_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("INFERDNS_BIN") {
+        return path.into();
+    }
+    let me = std::env::current_exe().expect("own path");
+    let path = me
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("inferdns"))
+        .expect("examples/ has a parent directory");
+    assert!(
+        path.exists(),
+        "{} not found: cargo build --release --bins --examples, or set INFERDNS_BIN",
+        path.display()
+    );
+    path
 }
 
 fn free_port() -> u16 {
@@ -696,7 +720,7 @@ async fn main() {
     std::fs::write(&config, main_config(dns_port, admin_port, &ports)).unwrap();
 
     let log = root.join("daemon.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_inferdns"))
+    let child = Command::new(daemon_binary())
         .args(["run", "--config"])
         .arg(&config)
         .env("RUST_LOG", "info")
