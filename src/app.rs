@@ -685,12 +685,32 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// SIGTERM or SIGINT; SIGHUP reloads. systemd hears `READY=1` once DNS is
 /// bound and the first snapshot is live.
 pub async fn run(config: Config, options: StartOptions) -> Result<(), AppError> {
+    // Handlers first: systemd may reload (SIGHUP) the moment it hears
+    // READY=1, and SIGHUP's default action ends the process.
+    let signals = Signals::new()?;
     let running = start(config, options).await?;
     println!("{}", running.listening_line());
     let dns: Vec<String> = running.dns.iter().map(ToString::to_string).collect();
     tracing::info!(dns = %dns.join(","), admin = %running.admin, "Serving.");
     running.notifier.ready();
-    serve(running).await
+    serve(running, signals).await
+}
+
+/// The signals `serve` acts on, registered before anything announces the
+/// daemon: from then on SIGTERM stops it cleanly and SIGHUP reloads it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// The `STATUS=` line `systemctl status` shows.
@@ -715,9 +735,8 @@ const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The same loop pets systemd's watchdog (`WatchdogSec=`): it does so only
 /// while no supervised task has died and the publisher still takes
 /// messages, so a dead task or a wedged runtime lets the watchdog fire.
-async fn serve(mut running: Running) -> Result<(), AppError> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+async fn serve(mut running: Running, signals: Signals) -> Result<(), AppError> {
+    let Signals { mut term, mut hup } = signals;
     let notifier = running.notifier.clone();
     let watchdog = notifier.watchdog_interval();
     let mut tick = tokio::time::interval(watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY)));
@@ -835,9 +854,12 @@ tiers = [["primary"]]
         let running = start(config(), StartOptions::default()).await.unwrap();
         let admin = running.admin;
         kill_the_publisher(&running).await;
-        let result = tokio::time::timeout(Duration::from_secs(30), serve(running))
-            .await
-            .expect("serve returns once a task died");
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            serve(running, Signals::new().unwrap()),
+        )
+        .await
+        .expect("serve returns once a task died");
         let error = result.unwrap_err();
         assert!(
             error.to_string().starts_with("the publisher task panicked"),

@@ -15,6 +15,15 @@ use inferdns::demo::{MODEL, SimRegion};
 
 const BIN: &str = env!("CARGO_BIN_EXE_inferdns");
 
+/// `inferdns check --config path`.
+fn run_check(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 /// Kills the child on drop so a failed test leaves nothing running.
 struct Daemon(Child);
 
@@ -76,11 +85,7 @@ fn check_accepts_the_example_and_rejects_with_positions() {
     files.write("zone.db", ZONE);
     let bad = base_config("[services.chat]\ntiers = [[\"nowhere\"]]\nttl = 0\n");
     let path = files.write("inferdns.toml", &bad);
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
@@ -105,11 +110,7 @@ fn check_accepts_the_example_and_rejects_with_positions() {
 fn check_reports_ten_mistakes_in_three_files_in_one_run() {
     let files = Files::new();
     let path = write_ten_mistakes(&files);
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_check(&path);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let dir = format!("{}/", files.dir.path().display());
@@ -381,11 +382,7 @@ fn check_refuses_an_exposed_admin_api_without_a_token() {
     );
     let check = |text: &str| {
         let path = files.write("inferdns.toml", text);
-        let out = Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = run_check(&path);
         (path, out)
     };
     let (path, out) = check(&exposed);
@@ -469,11 +466,7 @@ async fn no_secret_in_any_output_of_a_run() {
     let path = files.write("inferdns.toml", &config("probe.key"));
     let mut outputs: Vec<(String, String)> = Vec::new();
 
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_check(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -870,6 +863,75 @@ async fn systemd_hears_ready_only_when_dns_answers_and_around_a_reload() {
     .await
     .unwrap();
     assert!(seen.iter().all(|m| !m.contains("WATCHDOG")), "{seen:?}");
+}
+
+/// A SIGHUP while the daemon starts (or the moment systemd hears READY=1
+/// and runs `systemctl reload`) reloads once it serves; it must not end the
+/// process, which is SIGHUP's default action when no handler is in place.
+/// The start is held in its startup grace by a hung endpoint (first probe
+/// result after 5 s, grace 3 s), and the SIGHUP lands inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_startup_reloads_once_serving_rather_than_kills() {
+    let region = SimRegion::start("127.0.0.45:0".parse().unwrap(), MODEL)
+        .await
+        .unwrap();
+    region.set_fault(inferdns::demo::Fault::Hung);
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    let path = files.write(
+        "inferdns.toml",
+        &base_config(&format!(
+            "[regions.r]\nendpoints = [{{ address = \"127.0.0.45\", port = {} }}]\nprobe = {{ timeout = \"5s\", interval = \"10s\" }}\n[services.chat]\ntiers = [[\"r\"]]\n",
+            region.addr().port()
+        )),
+    );
+    let socket_path = files.dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let stderr_path = files.dir.path().join("stderr");
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        if text.contains("Starting inferdns.") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Inside the 3 s grace: the config is loaded, the probe still hangs.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        notifications_until(&socket, &mut seen, |s| {
+            s.iter()
+                .skip_while(|m| !m.starts_with("RELOADING=1"))
+                .any(|m| m == "READY=1")
+        });
+        seen
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen[0], "READY=1", "{seen:?}");
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon died of the SIGHUP; heard {seen:?}"
+    );
 }
 
 /// Runs the binary with `args`; (exit code, stdout, stderr).

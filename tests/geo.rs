@@ -1327,19 +1327,13 @@ async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() 
         .replace("[server]\n", "[server]\nadmin-token-file = \"token\"\n");
     s.files.write("inferdns.toml", &changed);
     let reload = format!("http://{}/v1/reload", s.running.admin);
+    let metrics_url = format!("http://{}/metrics", s.running.admin);
     let (code, body) = http("POST", &reload, Some(TOKEN), None).await;
     assert_eq!(code, 200, "reload refused: {body}");
     let m = near(&s).await;
     assert_eq!(answer_strings(&m), ["127.0.0.71"], "still the DE database");
     assert_eq!(m.answers[0].ttl, 17, "the policy change applied");
-    let metrics = http(
-        "GET",
-        &format!("http://{}/metrics", s.running.admin),
-        None,
-        None,
-    )
-    .await
-    .1;
+    let metrics = http("GET", &metrics_url, None, None).await.1;
     assert!(
         metrics.contains("inferdns_geoip_loads_total{result=\"failure\"} 1"),
         "the broken file is counted once"
@@ -1347,14 +1341,7 @@ async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() 
     // A second reload does not read (or count) the same broken file again.
     let (code, _) = http("POST", &reload, Some(TOKEN), None).await;
     assert_eq!(code, 200);
-    let metrics = http(
-        "GET",
-        &format!("http://{}/metrics", s.running.admin),
-        None,
-        None,
-    )
-    .await
-    .1;
+    let metrics = http("GET", &metrics_url, None, None).await.1;
     assert!(metrics.contains("inferdns_geoip_loads_total{result=\"failure\"} 1"));
     drop(regions);
 }
