@@ -25,16 +25,21 @@ out=benches/results/soak-$(date -u +%Y%m%d-%H%M%S).json
 echo "== soak: ${secs}s at ${qps} q/s, seed $seed (replay: SOAK_SEED=$seed)"
 # SOAK_PROFILE=debug soaks the debug build (overflow checks and debug
 # assertions on; what `cargo test` already built, so .ci/run adds no
-# build); the default is the release build users run. Two invocations: the
-# daemon with its own features, the driver with the dev-dependencies'.
+# build); the default is the release build users run, built on its own
+# (its features, not the dev-dependencies' ones) before the driver.
 profile=${SOAK_PROFILE:-release}
 case "$profile" in
-  release) flag=(--release) ;;
-  debug) flag=() ;;
+  release | debug) ;;
   *) echo "SOAK_PROFILE must be release or debug" >&2; exit 2 ;;
 esac
-cargo build "${flag[@]}" --locked --bin inferdns
-cargo build "${flag[@]}" --locked --example soak
+if [ "$profile" = release ]; then
+  cargo build --release --locked --bin inferdns
+  cargo build --release --locked --example soak
+else
+  # One invocation: the daemon gets the features `cargo test` built it
+  # with, so nothing is compiled again.
+  cargo build --locked --bin inferdns --example soak
+fi
 echo "== ${profile} build"
 INFERDNS_BIN="target/$profile/inferdns" \
   "target/$profile/examples/soak" --seconds "$secs" --seed "$seed" --qps "$qps" --out "$out"

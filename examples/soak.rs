@@ -299,8 +299,14 @@ impl Timeline {
             return true;
         };
         let (since, fault) = events[last];
+        // The model list has its own rise, its successes spaced by its own
+        // interval (with up to 10 % jitter): after a missing model, and
+        // after any fault that failed the model list probe too (dead, hung,
+        // dripping, 503), the region is fit once that layer has risen.
         let rise = match last.checked_sub(1).map(|i| events[i].1) {
-            Some(Fault::ModelMissing) => rise + MODELS_INTERVAL,
+            Some(f) if f == Fault::ModelMissing || is_down(f) => {
+                rise + MODELS_INTERVAL.mul_f64(1.1) * (DEFAULT_RISE - 1)
+            }
             _ => rise,
         };
         fault == Fault::None && t.saturating_duration_since(since) >= rise
@@ -1086,13 +1092,19 @@ async fn main() {
         "daemon_log_lines": { "warn": log_text.matches("WARN").count(), "error": log_text.matches("ERROR").count() },
     });
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
-    if let Some(out) = a.out {
+    if let Some(out) = &a.out {
         std::fs::write(&out, format!("{summary}\n")).unwrap();
         println!("written to {}", out.display());
     }
     drop(daemon);
     drop(sims);
     if violations > 0 {
+        // The daemon's own account of the run, for the post-mortem.
+        if let Some(out) = &a.out {
+            let kept = out.with_extension("daemon.log");
+            std::fs::write(&kept, &log_text).unwrap();
+            eprintln!("the daemon's log: {}", kept.display());
+        }
         eprintln!("soak FAILED: {violations} violations");
         std::process::exit(1);
     }
