@@ -1093,7 +1093,7 @@ async fn main() {
     });
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     if let Some(out) = &a.out {
-        std::fs::write(&out, format!("{summary}\n")).unwrap();
+        std::fs::write(out, format!("{summary}\n")).unwrap();
         println!("written to {}", out.display());
     }
     drop(daemon);
