@@ -204,6 +204,8 @@ struct Loaded {
     config: Arc<Config>,
     index: EndpointIndex,
     zone: Arc<Zone>,
+    /// The zone's names with their pre-encoded answers (per config).
+    wire_names: Arc<crate::model::wire::Names>,
     info: Vec<EndpointInfo>,
     /// Probe id per global endpoint index, and back.
     ids: Vec<u64>,
@@ -264,8 +266,10 @@ impl Loaded {
             }
         }
         let service_ids: Vec<String> = config.services.iter().map(|s| s.id.clone()).collect();
+        let zone = Arc::new(Zone::compile(&config));
         Loaded {
-            zone: Arc::new(Zone::compile(&config)),
+            wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
+            zone,
             by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             queries: Arc::new(metrics.query_table(&service_ids)),
             explain_acl: Arc::new(config.server.explain_acl.clone()),
@@ -1359,6 +1363,10 @@ fn build(
         })
         .collect();
     let nsid = &config.server.nsid;
+    let wire = crate::model::wire::Wire {
+        names: loaded.wire_names.clone(),
+        services: crate::dns::wire::compile_services(&services),
+    };
     Snapshot {
         generation,
         built: SystemTime::now(),
@@ -1384,6 +1392,7 @@ fn build(
             .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
             .collect(),
         rrl: config.rrl.clone().map(Arc::new),
+        wire,
     }
 }
 
