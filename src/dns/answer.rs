@@ -418,13 +418,18 @@ pub(super) fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> us
     }
 }
 
+/// Proximity: the estimated round trip from `coords` to a candidate, in ms.
+pub(super) fn estimate(coords: (f64, f64), c: &Candidate) -> f64 {
+    rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms
+}
+
 /// Proximity: the candidates within the tolerance of the best estimate.
 pub(super) fn nearest(
     candidates: &[Candidate],
     coords: (f64, f64),
     tolerance_ms: f64,
 ) -> impl Iterator<Item = &Candidate> {
-    let estimate = move |c: &Candidate| rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms;
+    let estimate = move |c: &Candidate| estimate(coords, c);
     let best = candidates
         .iter()
         .map(estimate)

@@ -41,9 +41,10 @@ impl Default for RecvBatch {
 }
 
 impl RecvBatch {
-    /// Receives up to [`BATCH`] datagrams without waiting; `WouldBlock`
-    /// when there are none.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Receives up to [`BATCH`] datagrams: with `wait`, waits for the
+    /// first (up to the socket's read timeout) and takes what else is
+    /// queued; without, `WouldBlock` when there is none.
+    pub fn recv(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
         let mut iovecs: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
         // SAFETY: mmsghdr is plain old data; every field used is set below.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
@@ -71,7 +72,11 @@ impl RecvBatch {
                 fd,
                 headers.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                if wait {
+                    libc::MSG_WAITFORONE
+                } else {
+                    libc::MSG_DONTWAIT
+                },
                 std::ptr::null_mut(),
             )
         };
@@ -166,9 +171,8 @@ impl SendBatch {
         self.len += 1;
     }
 
-    /// Sends replies `from..` without waiting; the number sent (at least
-    /// one), or the error of reply `from` (`WouldBlock`: the socket's send
-    /// buffer is full).
+    /// Sends replies `from..` (waiting for room on a blocking socket); the
+    /// number sent (at least one), or the error of reply `from`.
     pub fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
         let count = self.len - from;
         let mut iovecs: [MaybeUninit<libc::iovec>; BATCH] = [MaybeUninit::uninit(); BATCH];
@@ -188,14 +192,7 @@ impl SendBatch {
         }
         // SAFETY: every header points at a live reply buffer and address
         // owned by `self`, of the lengths stated; the kernel only reads them.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                headers.as_mut_ptr(),
-                count as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), count as libc::c_uint, 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -270,7 +267,7 @@ mod tests {
         let mut got = 0;
         // Loopback delivery is synchronous: the five are queued already.
         while got < 5 {
-            let n = recv.recv(server.as_raw_fd()).unwrap();
+            let n = recv.recv(server.as_raw_fd(), true).unwrap();
             for i in 0..n {
                 let (packet, src) = recv.get(i);
                 let out = send.next_buffer();
@@ -293,7 +290,7 @@ mod tests {
         }
         // Nothing left: WouldBlock, not a wait.
         server.set_nonblocking(true).unwrap();
-        let e = recv.recv(server.as_raw_fd()).unwrap_err();
+        let e = recv.recv(server.as_raw_fd(), false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 }

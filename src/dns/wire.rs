@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, RData, Record, RecordType};
 
-use super::answer::{Client, class_of, locate, nearest, sticky_scope, subnet_key};
+use super::answer::{Client, class_of, estimate, locate, sticky_scope, subnet_key};
 use super::handler::{ecs_echo, located_subnet};
 use super::query::{self, Ecs, HEADER_LEN, Query, Question};
 use super::reply::{Header, Opt, Section, Writer, write_opt};
@@ -466,21 +466,32 @@ fn service(
     }
     match (service.tolerance_ms, located.and_then(|l| l.coords)) {
         (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
+            // As `nearest` decides, with each estimate computed once.
+            let n = class.candidates.len();
+            if n > 64 {
+                return false;
+            }
+            let mut estimates = [0.0f64; 64];
+            for (e, c) in estimates.iter_mut().zip(&class.candidates) {
+                *e = estimate(coords, c);
+            }
+            let best = estimates[..n].iter().copied().fold(f64::INFINITY, f64::min);
             let mut used = 0;
             let mut mask = 0u64;
-            for c in nearest(&class.candidates, coords, tolerance) {
-                // The candidate's position (nearest keeps the order).
-                let Some(j) = class.candidates.iter().position(|k| std::ptr::eq(k, c)) else {
-                    return false;
-                };
+            for (j, e) in estimates[..n].iter().enumerate() {
+                // (Written as `nearest` compares: a NaN is never within.)
+                let within = *e <= best + tolerance;
+                if !within {
+                    continue;
+                }
+                if used == pieces.len() {
+                    return false; // More regions in the band than pieces: general path.
+                }
                 let records = if aaaa {
                     &cw.candidates[j].aaaa
                 } else {
                     &cw.candidates[j].a
                 };
-                if used == pieces.len() || j >= 64 {
-                    return false; // More regions in the band than pieces: general path.
-                }
                 pieces[used] = &records.bytes;
                 used += 1;
                 count += records.count;
