@@ -308,220 +308,62 @@ pub(super) fn copy(
     let Some(entry) = snap.wire.names.get(key) else {
         return false;
     };
-    let qtype = RecordType::from(question.qtype);
+    let asked = Asked {
+        snap,
+        query,
+        question: &question,
+        cx,
+        subnet,
+        qtype: RecordType::from(question.qtype),
+    };
     match entry {
         NameEntry::Static(answers) => {
             let blob = answers.get(question.qtype);
-            let opt = opt(snap, query, cx, subnet.map(|s| ecs_echo(s, None, None)));
             let body = Body {
                 parts: [&blob.bytes, &[], &[]],
                 counts: blob.counts,
                 rcode: blob.rcode,
             };
-            if !emit(out, query, &question, &body, opt, cx.max_size) {
-                return false;
-            }
-            snap.queries
-                .count(None, qtype, ResponseCode::from_low(blob.rcode));
-            true
+            asked.finish(body, None, None, None, Counted::None, out)
         }
-        NameEntry::Service { index, nodata } => service(
-            snap, query, &question, *index, nodata, resolver, subnet, cx, out,
-        ),
+        NameEntry::Service { index, nodata } => {
+            let mut drawn = [0u8; 28 * MAX_DRAWN];
+            match asked.service(*index, resolver, &mut drawn) {
+                Some(pick) => asked.records(*index, nodata, pick, out),
+                None => false,
+            }
+        }
     }
 }
 
-/// The records part of a reply: up to three pieces copied in order (the
-/// capacity draw writes its records into `scratch` first).
+/// The records part of a reply: up to three pieces copied in order.
 struct Body<'a> {
     parts: [&'a [u8]; 3],
     counts: [u16; 3],
     rcode: u8,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn service(
-    snap: &Snapshot,
-    query: &Query<'_>,
-    question: &Question<'_>,
-    index: usize,
-    nodata: &Blob,
-    resolver: IpAddr,
+/// One query on the copy path.
+struct Asked<'a, 'q> {
+    snap: &'a Snapshot,
+    query: &'a Query<'q>,
+    question: &'a Question<'q>,
+    cx: &'a CopyContext,
+    /// The ECS subnet (when ECS is on).
     subnet: Option<query::ClientSubnet>,
-    cx: &CopyContext,
-    out: &mut Vec<u8>,
-) -> bool {
-    let aaaa = match question.qtype {
-        TYPE_A => false,
-        TYPE_AAAA => true,
-        _ => return false,
-    };
-    let (Some(service), Some(wire)) = (snap.services.get(index), snap.wire.services.get(index))
-    else {
-        return false;
-    };
-    let located_net = subnet.and_then(|s| located_subnet(s, snap));
-    let client = Client {
-        addr: Some(resolver.to_canonical()),
-        ecs: located_net,
-    };
-    let located = service.located.then(|| locate(snap, &client));
-    let class_index = class_of(service, located.as_ref());
-    let (Some(class), Some(cw)) = (
-        service.classes.get(class_index),
-        wire.classes.get(class_index),
-    ) else {
-        return false;
-    };
-    if !cw.copyable {
-        return false;
-    }
-    let mut scope = located.map(|l| l.scope);
-    let qtype = RecordType::from(question.qtype);
-    // Records picked: up to MAX_DRAWN fixed-size ones (capacity), or up to
-    // as many candidate pieces as fit in `pieces`.
-    let mut drawn = [0u8; 28 * MAX_DRAWN];
-    let mut drawn_len = 0;
-    let mut pieces: [&[u8]; 3] = [&[], &[], &[]];
-    let mut count: u16 = 0;
-    let counters: Counted<'_>;
-    if cw.servfail {
-        return finish(
-            snap,
-            query,
-            question,
-            cx,
-            out,
-            subnet,
-            located_net,
-            scope,
-            Body {
-                parts: pieces,
-                counts: [0; 3],
-                rcode: 2,
-            },
-            Some(index),
-            qtype,
-            Counted::None,
-        );
-    }
-    if let Some(d) = &class.drawn {
-        let entries = if aaaa { &d.aaaa } else { &d.a };
-        let key = if d.sticky {
-            if entries.len() > d.records
-                && let Some(width) = sticky_scope(&client)
-            {
-                scope = Some(scope.map_or(width, |s| s.max(width)));
-            }
-            subnet_key(&client)
-        } else {
-            rand::random()
-        };
-        let k = d.records.min(entries.len());
-        let mut chosen = [usize::MAX; MAX_DRAWN];
-        for slot in 0..k {
-            let best = (0..entries.len())
-                .filter(|i| !chosen[..slot].contains(i))
-                .min_by(|a, b| {
-                    let score = |i: usize| rendezvous_score(key, entries[i].2, entries[i].1);
-                    score(*a).total_cmp(&score(*b))
-                });
-            let Some(i) = best else { break };
-            chosen[slot] = i;
-            let rr: &[u8] = if aaaa {
-                &cw.drawn_aaaa[i]
-            } else {
-                &cw.drawn_a[i]
-            };
-            drawn[drawn_len..drawn_len + rr.len()].copy_from_slice(rr);
-            drawn_len += rr.len();
-            count += 1;
-        }
-        counters = Counted::Drawn(
-            if aaaa {
-                &d.aaaa_counters
-            } else {
-                &d.a_counters
-            },
-            chosen,
-            k,
-        );
-        let parts = [&drawn[..drawn_len], &[][..], &[][..]];
-        return finish_records(
-            snap,
-            query,
-            question,
-            cx,
-            out,
-            subnet,
-            located_net,
-            scope,
-            nodata,
-            parts,
-            count,
-            index,
-            qtype,
-            counters,
-        );
-    }
-    match (service.tolerance_ms, located.and_then(|l| l.coords)) {
-        (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
-            // As `nearest` decides, with each estimate computed once.
-            let n = class.candidates.len();
-            if n > 64 {
-                return false;
-            }
-            let mut estimates = [0.0f64; 64];
-            for (e, c) in estimates.iter_mut().zip(&class.candidates) {
-                *e = estimate(coords, c);
-            }
-            let best = estimates[..n].iter().copied().fold(f64::INFINITY, f64::min);
-            let mut used = 0;
-            let mut mask = 0u64;
-            for (j, e) in estimates[..n].iter().enumerate() {
-                // (Written as `nearest` compares: a NaN is never within.)
-                let within = *e <= best + tolerance;
-                if !within {
-                    continue;
-                }
-                if used == pieces.len() {
-                    return false; // More regions in the band than pieces: general path.
-                }
-                let records = if aaaa {
-                    &cw.candidates[j].aaaa
-                } else {
-                    &cw.candidates[j].a
-                };
-                pieces[used] = &records.bytes;
-                used += 1;
-                count += records.count;
-                mask |= 1 << j;
-            }
-            counters = Counted::Candidates(&class.candidates, mask);
-        }
-        _ => {
-            let records = if aaaa { &cw.aaaa } else { &cw.a };
-            pieces[0] = &records.bytes;
-            count = records.count;
-            counters = Counted::Class(&class.answered);
-        }
-    }
-    finish_records(
-        snap,
-        query,
-        question,
-        cx,
-        out,
-        subnet,
-        located_net,
-        scope,
-        nodata,
-        pieces,
-        count,
-        index,
-        qtype,
-        counters,
-    )
+    qtype: RecordType,
+}
+
+/// The records picked for a client (none: NODATA).
+struct Pick<'a> {
+    /// SERVFAIL instead (all down and so configured, or not probed yet).
+    servfail: bool,
+    parts: [&'a [u8]; 3],
+    count: u16,
+    counters: Counted<'a>,
+    /// The subnet located (for the ECS echo) and the scope of the decision.
+    located: Option<ipnet::IpNet>,
+    scope: Option<u8>,
 }
 
 /// Which answer counters a reply increments.
@@ -539,102 +381,203 @@ enum Counted<'a> {
     ),
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish_records(
-    snap: &Snapshot,
-    query: &Query<'_>,
-    question: &Question<'_>,
-    cx: &CopyContext,
-    out: &mut Vec<u8>,
-    subnet: Option<query::ClientSubnet>,
-    located_net: Option<ipnet::IpNet>,
-    scope: Option<u8>,
-    nodata: &Blob,
-    parts: [&[u8]; 3],
-    count: u16,
-    index: usize,
-    qtype: RecordType,
-    counters: Counted<'_>,
-) -> bool {
-    // Nothing of the asked family: NODATA, as the general path answers it.
-    let (body, counters) = if count == 0 {
-        (
-            Body {
+impl<'a> Asked<'a, '_> {
+    /// Service `index`'s answer for this client, as the general path
+    /// decides it (`service_records` in `super::answer`); `None` for the
+    /// general path. A capacity draw writes its records into `drawn`.
+    fn service<'d>(
+        &self,
+        index: usize,
+        resolver: IpAddr,
+        drawn: &'d mut [u8; 28 * MAX_DRAWN],
+    ) -> Option<Pick<'d>>
+    where
+        'a: 'd,
+    {
+        let snap = self.snap;
+        let aaaa = match self.question.qtype {
+            TYPE_A => false,
+            TYPE_AAAA => true,
+            _ => return None,
+        };
+        let service = snap.services.get(index)?;
+        let wire = snap.wire.services.get(index)?;
+        let located_net = self.subnet.and_then(|s| located_subnet(s, snap));
+        let client = Client {
+            addr: Some(resolver.to_canonical()),
+            ecs: located_net,
+        };
+        let located = service.located.then(|| locate(snap, &client));
+        let class_index = class_of(service, located.as_ref());
+        let class = service.classes.get(class_index)?;
+        let cw = wire.classes.get(class_index)?;
+        if !cw.copyable {
+            return None;
+        }
+        let mut scope = located.map(|l| l.scope);
+        let mut pick = Pick {
+            servfail: cw.servfail,
+            parts: [&[], &[], &[]],
+            count: 0,
+            counters: Counted::None,
+            located: located_net,
+            scope,
+        };
+        if pick.servfail {
+            return Some(pick);
+        }
+        if let Some(d) = &class.drawn {
+            let entries = if aaaa { &d.aaaa } else { &d.a };
+            let key = if d.sticky {
+                if entries.len() > d.records
+                    && let Some(width) = sticky_scope(&client)
+                {
+                    scope = Some(scope.map_or(width, |s| s.max(width)));
+                }
+                subnet_key(&client)
+            } else {
+                rand::random()
+            };
+            pick.scope = scope;
+            // The `k` lowest scores, lowest first, ties to the earlier entry
+            // (as the general path's stable sort orders them).
+            let k = d.records.min(entries.len());
+            let mut chosen = [usize::MAX; MAX_DRAWN];
+            let mut len = 0;
+            for slot in 0..k {
+                let score = |i: usize| rendezvous_score(key, entries[i].2, entries[i].1);
+                let best = (0..entries.len())
+                    .filter(|i| !chosen[..slot].contains(i))
+                    .min_by(|a, b| score(*a).total_cmp(&score(*b)))?;
+                chosen[slot] = best;
+                let rr: &[u8] = if aaaa {
+                    cw.drawn_aaaa.get(best)?
+                } else {
+                    cw.drawn_a.get(best)?
+                };
+                drawn[len..len + rr.len()].copy_from_slice(rr);
+                len += rr.len();
+            }
+            let counters = if aaaa {
+                &d.aaaa_counters
+            } else {
+                &d.a_counters
+            };
+            pick.count = k as u16;
+            pick.counters = Counted::Drawn(counters, chosen, k);
+            pick.parts[0] = &drawn[..len];
+            return Some(pick);
+        }
+        match (service.tolerance_ms, located.and_then(|l| l.coords)) {
+            (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
+                // As `nearest` decides, with each estimate computed once.
+                let n = class.candidates.len();
+                if n > 64 {
+                    return None;
+                }
+                let mut estimates = [0.0f64; 64];
+                for (e, c) in estimates.iter_mut().zip(&class.candidates) {
+                    *e = estimate(coords, c);
+                }
+                let best = estimates[..n].iter().copied().fold(f64::INFINITY, f64::min);
+                let mut used = 0;
+                let mut mask = 0u64;
+                for (j, e) in estimates[..n].iter().enumerate() {
+                    // (Written as `nearest` compares: a NaN is never within.)
+                    let within = *e <= best + tolerance;
+                    if !within {
+                        continue;
+                    }
+                    if used == pick.parts.len() {
+                        return None; // More regions in the band than pieces.
+                    }
+                    let candidate = cw.candidates.get(j)?;
+                    let records = if aaaa { &candidate.aaaa } else { &candidate.a };
+                    pick.parts[used] = &records.bytes;
+                    used += 1;
+                    pick.count += records.count;
+                    mask |= 1 << j;
+                }
+                pick.counters = Counted::Candidates(&class.candidates, mask);
+            }
+            _ => {
+                let records = if aaaa { &cw.aaaa } else { &cw.a };
+                pick.parts[0] = &records.bytes;
+                pick.count = records.count;
+                pick.counters = Counted::Class(&class.answered);
+            }
+        }
+        Some(pick)
+    }
+
+    /// The reply with the records picked; NODATA when there are none.
+    fn records(&self, index: usize, nodata: &Blob, pick: Pick<'_>, out: &mut Vec<u8>) -> bool {
+        let (body, counters) = if pick.servfail {
+            let body = Body {
+                parts: [&[], &[], &[]],
+                counts: [0; 3],
+                rcode: 2,
+            };
+            (body, Counted::None)
+        } else if pick.count == 0 {
+            let body = Body {
                 parts: [&nodata.bytes, &[], &[]],
                 counts: nodata.counts,
                 rcode: 0,
-            },
-            Counted::None,
-        )
-    } else {
-        (
-            Body {
-                parts,
-                counts: [count, 0, 0],
+            };
+            (body, Counted::None)
+        } else {
+            let body = Body {
+                parts: pick.parts,
+                counts: [pick.count, 0, 0],
                 rcode: 0,
-            },
-            counters,
-        )
-    };
-    finish(
-        snap,
-        query,
-        question,
-        cx,
-        out,
-        subnet,
-        located_net,
-        scope,
-        body,
-        Some(index),
-        qtype,
-        counters,
-    )
-}
+            };
+            (body, pick.counters)
+        };
+        self.finish(body, Some(index), pick.located, pick.scope, counters, out)
+    }
 
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    snap: &Snapshot,
-    query: &Query<'_>,
-    question: &Question<'_>,
-    cx: &CopyContext,
-    out: &mut Vec<u8>,
-    subnet: Option<query::ClientSubnet>,
-    located_net: Option<ipnet::IpNet>,
-    scope: Option<u8>,
-    body: Body<'_>,
-    service: Option<usize>,
-    qtype: RecordType,
-    counters: Counted<'_>,
-) -> bool {
-    let ecs = subnet.map(|s| ecs_echo(s, located_net, scope));
-    let opt = opt(snap, query, cx, ecs);
-    if !emit(out, query, question, &body, opt, cx.max_size) {
-        return false;
-    }
-    snap.queries
-        .count(service, qtype, ResponseCode::from_low(body.rcode));
-    match counters {
-        Counted::None => {}
-        Counted::Class(list) => list.iter().for_each(prometheus::IntCounter::inc),
-        Counted::Candidates(candidates, mask) => {
-            for (j, c) in candidates.iter().enumerate() {
-                if mask & (1 << j) != 0
-                    && let Some(counter) = &c.answered
-                {
-                    counter.inc();
+    /// Writes the reply and counts it, as the general path does; `false`
+    /// (nothing counted) when it does not fit whole.
+    fn finish(
+        &self,
+        body: Body<'_>,
+        service: Option<usize>,
+        located: Option<ipnet::IpNet>,
+        scope: Option<u8>,
+        counters: Counted<'_>,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let ecs = self.subnet.map(|s| ecs_echo(s, located, scope));
+        let opt = opt(self.snap, self.query, self.cx, ecs);
+        if !emit(out, self.query, self.question, &body, opt, self.cx.max_size) {
+            return false;
+        }
+        self.snap
+            .queries
+            .count(service, self.qtype, ResponseCode::from_low(body.rcode));
+        match counters {
+            Counted::None => {}
+            Counted::Class(list) => list.iter().for_each(prometheus::IntCounter::inc),
+            Counted::Candidates(candidates, mask) => {
+                for (j, c) in candidates.iter().enumerate() {
+                    if mask & (1 << j) != 0
+                        && let Some(counter) = &c.answered
+                    {
+                        counter.inc();
+                    }
+                }
+            }
+            Counted::Drawn(list, chosen, k) => {
+                for i in &chosen[..k] {
+                    if let Some(Some(c)) = list.get(*i) {
+                        c.inc();
+                    }
                 }
             }
         }
-        Counted::Drawn(list, chosen, k) => {
-            for i in &chosen[..k] {
-                if let Some(Some(c)) = list.get(*i) {
-                    c.inc();
-                }
-            }
-        }
+        true
     }
-    true
 }
 
 /// The reply's OPT record: only when the query had one (RFC 6891).
