@@ -441,14 +441,20 @@ impl<'a> Asked<'a, '_> {
             pick.scope = scope;
             // The `k` lowest scores, lowest first, ties to the earlier entry
             // (as the general path's stable sort orders them).
-            let k = d.records.min(entries.len());
+            // Each entry's score once (the same values the general path
+            // compares); more entries than that: the general path.
+            let n = entries.len();
+            let mut scores = [0.0f64; 64];
+            for (score, e) in scores.get_mut(..n)?.iter_mut().zip(entries) {
+                *score = rendezvous_score(key, e.2, e.1);
+            }
+            let k = d.records.min(n);
             let mut chosen = [usize::MAX; MAX_DRAWN];
             let mut len = 0;
             for slot in 0..k {
-                let score = |i: usize| rendezvous_score(key, entries[i].2, entries[i].1);
-                let best = (0..entries.len())
+                let best = (0..n)
                     .filter(|i| !chosen[..slot].contains(i))
-                    .min_by(|a, b| score(*a).total_cmp(&score(*b)))?;
+                    .min_by(|a, b| scores[*a].total_cmp(&scores[*b]))?;
                 chosen[slot] = best;
                 let rr: &[u8] = if aaaa {
                     cw.drawn_aaaa.get(best)?
