@@ -198,6 +198,7 @@ fn build(args: &[String]) {
     let t = Instant::now();
     let config = inferdns::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let load_ms = ms(t.elapsed());
+    let rss_config = rss_mib().0;
     let geo = config
         .geo
         .database
@@ -210,6 +211,7 @@ fn build(args: &[String]) {
     let (mut publisher, snapshot, _first) =
         Publisher::new(Arc::new(config), ids.clone(), geo, Metrics::new());
     let first_ms = ms(t.elapsed());
+    let rss_first = rss_mib().0;
     // Every endpoint refuses (the case), then is up.
     for id in &ids {
         publisher.apply(report(*id, Layer::Alive, Err(ProbeError::Refused)));
@@ -265,6 +267,8 @@ fn build(args: &[String]) {
             "rebuild_one_change_max_ms": max_one,
             "rebuild_tenth_down_ms": tenth_ms,
             "generation": generation,
+            "rss_after_config_mib": rss_config,
+            "rss_after_first_snapshot_mib": rss_first,
             "rss_mib": rss,
             "peak_rss_mib": peak,
         })
