@@ -6,7 +6,9 @@
 //! increments counters whose handles were resolved when the snapshot was
 //! built, so it takes no lock.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -40,6 +42,34 @@ const RCODES: [ResponseCode; 5] = [
 const RCODE_NAMES: [&str; 5] = ["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR"];
 const QTYPE_LABELS: usize = QTYPES.len() + 1;
 const RCODE_LABELS: usize = RCODES.len() + 1;
+const QUERY_CELLS: usize = QTYPE_LABELS * RCODE_LABELS;
+
+/// One service's query counts, a cell per (qtype, rcode). The query path
+/// adds to a cell (one relaxed atomic add); a scrape moves what the cells
+/// gained into `inferdns_dns_queries_total`, creating a series with its
+/// first query. (Creating all 48 series of every service up front cost
+/// 480,000 series, ~400 MB and a 40 MB scrape, at 10,000 services.)
+#[derive(Debug)]
+struct QueryRow {
+    cells: [AtomicU64; QUERY_CELLS],
+}
+
+/// A row and how much of each cell the exported counters already hold.
+struct ExportedRow {
+    row: Arc<QueryRow>,
+    exported: [u64; QUERY_CELLS],
+}
+
+/// The `qtype` and `rcode` labels of cell `i` of a row.
+fn cell_labels(i: usize) -> (String, &'static str) {
+    let (q, c) = (i / RCODE_LABELS, i % RCODE_LABELS);
+    (
+        QTYPES
+            .get(q)
+            .map_or("other".to_string(), ToString::to_string),
+        RCODE_NAMES.get(c).copied().unwrap_or("other"),
+    )
+}
 
 /// The `reason` labels of `inferdns_dns_malformed_total`: what made a
 /// query FORMERR, in the order of `dns::query::Malformed`.
@@ -95,6 +125,8 @@ pub fn layer_label(layer: Layer) -> &'static str {
 pub struct Metrics {
     registry: Registry,
     queries: IntCounterVec,
+    /// Query count rows by service id (kept across reloads, as the series are).
+    query_rows: Mutex<HashMap<String, ExportedRow>>,
     malformed: IntCounterVec,
     ignored: IntCounter,
     rate_limited: IntCounterVec,
@@ -468,6 +500,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry: r,
             queries,
+            query_rows: Mutex::new(HashMap::new()),
             malformed,
             ignored,
             rate_limited,
@@ -497,20 +530,28 @@ impl Metrics {
         })
     }
 
-    /// Counter handles for every (service, qtype, rcode); row 0 is [`NO_SERVICE`].
+    /// Query count rows for [`NO_SERVICE`] and every service, in that
+    /// order. A service's `A`/`NOERROR` series exists from the start (at 0);
+    /// the others appear with their first query.
     pub fn query_table(&self, services: &[String]) -> QueryTable {
-        let mut cells = Vec::with_capacity((services.len() + 1) * QTYPE_LABELS * RCODE_LABELS);
-        for service in std::iter::once(NO_SERVICE).chain(services.iter().map(String::as_str)) {
-            for q in 0..QTYPE_LABELS {
-                let qtype = QTYPES
-                    .get(q)
-                    .map_or("other".to_string(), ToString::to_string);
-                for c in 0..RCODE_LABELS {
-                    let rcode = RCODE_NAMES.get(c).copied().unwrap_or("other");
-                    cells.push(self.queries.with_label_values(&[service, &qtype, rcode]));
-                }
-            }
-        }
+        let mut rows = self.query_rows.lock().expect("query rows lock poisoned");
+        let cells = std::iter::once(NO_SERVICE)
+            .chain(services.iter().map(String::as_str))
+            .map(|service| {
+                let exported = rows.entry(service.to_string()).or_insert_with(|| {
+                    self.queries
+                        .with_label_values(&[service, "A", "NOERROR"])
+                        .inc_by(0);
+                    ExportedRow {
+                        row: Arc::new(QueryRow {
+                            cells: std::array::from_fn(|_| AtomicU64::new(0)),
+                        }),
+                        exported: [0; QUERY_CELLS],
+                    }
+                });
+                exported.row.clone()
+            })
+            .collect();
         QueryTable {
             cells,
             malformed: MALFORMED_REASONS
@@ -573,8 +614,27 @@ impl Metrics {
         self.config_loaded.set(now.as_secs_f64());
     }
 
+    /// Moves what the query count cells gained since the last scrape into
+    /// `inferdns_dns_queries_total`.
+    fn export_queries(&self) {
+        let mut rows = self.query_rows.lock().expect("query rows lock poisoned");
+        for (service, exported) in rows.iter_mut() {
+            for (i, cell) in exported.row.cells.iter().enumerate() {
+                let now = cell.load(Ordering::Relaxed);
+                if now > exported.exported[i] {
+                    let (qtype, rcode) = cell_labels(i);
+                    self.queries
+                        .with_label_values(&[service.as_str(), &qtype, rcode])
+                        .inc_by(now - exported.exported[i]);
+                    exported.exported[i] = now;
+                }
+            }
+        }
+    }
+
     /// Everything in the Prometheus text format.
     pub fn encode(&self) -> String {
+        self.export_queries();
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -596,7 +656,8 @@ impl crate::model::Counters for Metrics {
 /// Pre-resolved query counters, indexed without hashing or locks.
 #[derive(Debug, Clone, Default)]
 pub struct QueryTable {
-    cells: Vec<IntCounter>,
+    /// Row 0 is [`NO_SERVICE`], row `i + 1` service `i`.
+    cells: Vec<Arc<QueryRow>>,
     /// By `dns::query::Malformed::index`.
     malformed: Vec<IntCounter>,
     ignored: Option<IntCounter>,
@@ -617,8 +678,8 @@ impl QueryTable {
             .iter()
             .position(|r| *r == rcode)
             .unwrap_or(RCODES.len());
-        if let Some(cell) = self.cells.get((row * QTYPE_LABELS + q) * RCODE_LABELS + c) {
-            cell.inc();
+        if let Some(row) = self.cells.get(row) {
+            row.cells[q * RCODE_LABELS + c].fetch_add(1, Ordering::Relaxed);
         }
     }
 

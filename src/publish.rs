@@ -23,11 +23,9 @@ use crate::health::{
     HealthState, Layer, Payload, ProbeError, ProbeHints, ProbeReport, Status, silence_limit,
 };
 use crate::metrics::{Metrics, QueryTable};
-use crate::model::{
-    self, EndpointIndex, EndpointInput, EndpointView, GeoView, RegionInputs, RegionLoad, Snapshot,
-    Zone,
-};
+use crate::model::{self, EndpointIndex, RegionLoad, Snapshot, Zone};
 
+mod build;
 mod last_good;
 
 /// Everything the publisher can be told.
@@ -215,6 +213,15 @@ struct Loaded {
     overrides: Arc<Vec<crate::config::Override>>,
     /// Region index of each global endpoint.
     region_of: Vec<usize>,
+    /// The global endpoint indexes of each region.
+    region_endpoints: Vec<std::ops::Range<usize>>,
+    /// The distinct regions of each service, in tier order, one after the
+    /// other: service `i`'s are `service_regions[service_span[i].clone()]`.
+    /// Per-(service, region) state is kept in vectors of the same layout.
+    service_regions: Vec<usize>,
+    service_span: Vec<std::ops::Range<usize>>,
+    /// The services that use each region.
+    region_services: Vec<Vec<usize>>,
 }
 
 impl Loaded {
@@ -266,10 +273,33 @@ impl Loaded {
             }
         }
         let service_ids: Vec<String> = config.services.iter().map(|s| s.id.clone()).collect();
+        let region_endpoints = (0..config.regions.len())
+            .map(|r| {
+                let start = index.global(r, 0);
+                start..start + config.regions[r].endpoints.len()
+            })
+            .collect();
+        let mut region_services = vec![Vec::new(); config.regions.len()];
+        let mut service_regions: Vec<usize> = Vec::new();
+        let mut service_span = Vec::with_capacity(config.services.len());
+        for (i, s) in config.services.iter().enumerate() {
+            let start = service_regions.len();
+            for &r in s.tiers.iter().flatten() {
+                if !service_regions[start..].contains(&r) {
+                    service_regions.push(r);
+                    region_services[r].push(i);
+                }
+            }
+            service_span.push(start..service_regions.len());
+        }
         let zone = Arc::new(Zone::compile(&config));
         Loaded {
             wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
             zone,
+            region_endpoints,
+            service_regions,
+            service_span,
+            region_services,
             by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             queries: Arc::new(metrics.query_table(&service_ids)),
             explain_acl: Arc::new(config.server.explain_acl.clone()),
@@ -284,11 +314,13 @@ impl Loaded {
 }
 
 /// Inputs of a snapshot that change with time: region latency and load,
-/// and per service the shedding level of each region and the TTL.
+/// the shedding level of each (service, region) pair (laid out as
+/// `Loaded::service_regions`) and the TTL of each service.
 struct Dynamic {
     latency_ms: Vec<f64>,
     loads: Vec<RegionLoad>,
-    services: Vec<(Vec<Level>, u32)>,
+    levels: Vec<Level>,
+    ttls: Vec<u32>,
     /// Per global endpoint, how long ago it was last fit (last known good).
     fit_ago: Vec<Option<Duration>>,
 }
@@ -318,10 +350,12 @@ pub struct Publisher {
     published_latency: Vec<f64>,
     /// Pushed capacity reports by region id, with their time.
     pushed: HashMap<String, (PushReport, Instant)>,
-    /// Shedding level by (service id, region id): hysteresis needs the last one.
-    levels: HashMap<(String, String), Level>,
-    /// Published weight by (service id, region id), for the adaptive TTL.
-    weights: HashMap<(String, String), f64>,
+    /// The shedding level of each (service, region) pair, laid out as
+    /// `Loaded::service_regions`: hysteresis needs the last one.
+    levels: Vec<Level>,
+    /// The published weight of each (service, region) pair, for the
+    /// adaptive TTL (`None` before the first).
+    weights: Vec<Option<f64>>,
     /// When the last snapshot was built.
     last_publish: Instant,
     /// Region utilisation in the published snapshot, by region index.
@@ -334,6 +368,11 @@ pub struct Publisher {
     holding: HashSet<String>,
     /// What the probe loops are told: recoveries and full regions.
     hints: watch::Sender<ProbeHints>,
+    /// The drained flag and utilisation last set in each region's gauges.
+    region_gauges: Vec<Option<(bool, Option<f64>)>>,
+    /// What the published snapshot was built from; `None` after a reload
+    /// (the next build compiles every service).
+    built: Option<build::Built>,
 }
 
 impl Publisher {
@@ -369,24 +408,25 @@ impl Publisher {
                     cost: r.capacity.cost,
                 })
                 .collect(),
-            services: loaded
-                .config
-                .services
-                .iter()
-                .map(|s| (vec![Level::Normal; loaded.config.regions.len()], s.ttl))
-                .collect(),
+            levels: vec![Level::Normal; loaded.service_regions.len()],
+            ttls: loaded.config.services.iter().map(|s| s.ttl).collect(),
             fit_ago: vec![None; loaded.ids.len()],
         };
-        let first = build(
-            &loaded,
-            &health,
-            &drained,
-            1,
-            geo.clone(),
-            &dynamic,
-            &metrics,
+        let first = build::build(
+            build::BuildInputs {
+                loaded: &loaded,
+                health: &health,
+                drained: &drained,
+                generation: 1,
+                geo: geo.clone(),
+                dynamic,
+                metrics: &metrics,
+            },
+            None,
         );
-        let snapshot = Arc::new(ArcSwap::from_pointee(first));
+        let snapshot = Arc::new(ArcSwap::from_pointee(first.snapshot));
+        let levels = vec![Level::Normal; loaded.service_regions.len()];
+        let weights = vec![None; loaded.service_regions.len()];
         let publisher = Self {
             pending_first: loaded
                 .ids
@@ -406,14 +446,16 @@ impl Publisher {
             geo,
             published_latency,
             pushed: HashMap::new(),
-            levels: HashMap::new(),
-            weights: HashMap::new(),
+            levels,
+            weights,
             last_publish: Instant::now(),
             published_util: Vec::new(),
             silent: HashSet::new(),
             fit_log: last_good::FitLog::default(),
             holding: HashSet::new(),
             hints: watch::channel(ProbeHints::default()).0,
+            built: Some(first.built),
+            region_gauges: Vec::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
         for view in &publisher.snapshot.load().service_views {
@@ -711,14 +753,15 @@ impl Publisher {
     /// The highest shedding level of region `r` among the services that
     /// use it, as last published.
     fn region_level(&self, r: usize) -> Level {
-        let config = &self.loaded.config;
-        let region = &config.regions[r].id;
-        config
-            .services
+        self.loaded.region_services[r]
             .iter()
-            .filter(|s| s.tiers.iter().flatten().any(|t| *t == r))
-            .filter_map(|s| self.levels.get(&(s.id.clone(), region.clone())))
-            .copied()
+            .filter_map(|&s| {
+                let span = self.loaded.service_span[s].clone();
+                let at = self.loaded.service_regions[span.clone()]
+                    .iter()
+                    .position(|x| *x == r)?;
+                self.levels.get(span.start + at).copied()
+            })
             .max()
             .unwrap_or(Level::Normal)
     }
@@ -726,9 +769,10 @@ impl Publisher {
     /// Tells the probe loops which endpoints are in full regions (their
     /// completion probes are skipped).
     fn steer_completions(&mut self) {
-        let full_regions: Vec<bool> = (0..self.loaded.config.regions.len())
-            .map(|r| self.region_level(r) == Level::Removed)
-            .collect();
+        let mut full_regions = vec![false; self.loaded.config.regions.len()];
+        for (&r, level) in self.loaded.service_regions.iter().zip(&self.levels) {
+            full_regions[r] |= *level == Level::Removed;
+        }
         let full: HashSet<u64> = self
             .loaded
             .ids
@@ -761,12 +805,7 @@ impl Publisher {
         };
         for (r, region) in self.loaded.config.regions.iter().enumerate() {
             let max_age = region.capacity.max_age;
-            for (h, _) in self
-                .health
-                .iter()
-                .zip(&self.loaded.region_of)
-                .filter(|(_, rr)| **rr == r)
-            {
+            for h in &self.health[self.loaded.region_endpoints[r].clone()] {
                 if let Some((_, at)) = h.load {
                     consider(at + max_age);
                 }
@@ -808,13 +847,11 @@ impl Publisher {
         let region = &self.loaded.config.regions[r];
         let cap = &region.capacity;
         let fresh = |at: Instant| now.saturating_duration_since(at) < cap.max_age;
-        let scraped: Vec<crate::capacity::Load> = self
-            .health
-            .iter()
-            .zip(&self.loaded.region_of)
-            .filter(|(_, rr)| **rr == r)
-            .filter_map(|(h, _)| h.load.filter(|(_, at)| fresh(*at)).map(|(l, _)| l))
-            .collect();
+        let scraped: Vec<crate::capacity::Load> = self.health
+            [self.loaded.region_endpoints[r].clone()]
+        .iter()
+        .filter_map(|h| h.load.filter(|(_, at)| fresh(*at)).map(|(l, _)| l))
+        .collect();
         let pushed = self
             .pushed
             .get(&region.id)
@@ -846,12 +883,25 @@ impl Publisher {
         let loads: Vec<RegionLoad> = (0..config.regions.len())
             .map(|r| self.region_load(r, now))
             .collect();
-        for (region, load) in config.regions.iter().zip(&loads) {
+        self.region_gauges.resize(config.regions.len(), None);
+        for ((region, load), gauged) in config
+            .regions
+            .iter()
+            .zip(&loads)
+            .zip(&mut self.region_gauges)
+        {
+            // Set when they change only: a label lookup each is a cost at
+            // thousands of regions.
+            let drained = self.drained.contains(&region.id);
+            if *gauged == Some((drained, load.util)) {
+                continue;
+            }
+            *gauged = Some((drained, load.util));
             // Every region has the series, 0 until an operator drains it.
             self.metrics
                 .region_drained
                 .with_label_values(&[region.id.as_str()])
-                .set(i64::from(self.drained.contains(&region.id)));
+                .set(i64::from(drained));
             let gauge = &self.metrics.region_utilization;
             match load.util {
                 Some(util) => gauge.with_label_values(&[region.id.as_str()]).set(util),
@@ -861,13 +911,14 @@ impl Publisher {
                 }
             }
         }
-        let mut services = Vec::with_capacity(config.services.len());
-        for s in &config.services {
-            let mut levels = Vec::with_capacity(config.regions.len());
+        let mut ttls = Vec::with_capacity(config.services.len());
+        for (i, s) in config.services.iter().enumerate() {
+            let span = self.loaded.service_span[i].clone();
             let mut moving = false;
-            for (region, load) in config.regions.iter().zip(&loads) {
-                let key = (s.id.clone(), region.id.clone());
-                let before = self.levels.get(&key).copied().unwrap_or(Level::Normal);
+            for at in span {
+                let r = self.loaded.service_regions[at];
+                let (region, load) = (&config.regions[r], &loads[r]);
+                let before = self.levels[at];
                 let level = load
                     .util
                     .map_or(Level::Normal, |u| s.watermarks.level(u, before));
@@ -881,35 +932,35 @@ impl Publisher {
                         tracing::info!(service = %s.id, region = %region.id, level = level.name(), shed = s.shed.name(), utilization = load.util, "Region load level changed; it stays in answers.");
                     }
                 }
-                self.levels.insert(key.clone(), level);
-                levels.push(level);
+                self.levels[at] = level;
                 let w = capacity::weight(load.base, load.gpus, load.util, level);
-                let in_service = s
-                    .tiers
-                    .iter()
-                    .flatten()
-                    .any(|r| config.regions[*r].id == region.id);
-                if in_service {
-                    let old = self.weights.insert(key, w).unwrap_or(w);
-                    moving |= (w - old).abs() > 0.25 * old.max(1e-9) || level >= Level::Prepare;
+                let old = self.weights[at].replace(w);
+                // The gauges move only when their value does (10,000
+                // services would otherwise cost a label lookup each, per build).
+                if old != Some(w) {
                     self.metrics
                         .region_weight
                         .with_label_values(&[s.id.as_str(), region.id.as_str()])
                         .set(w);
+                }
+                if old.is_none() || level != before {
                     self.metrics
                         .region_shed_level
                         .with_label_values(&[s.id.as_str(), region.id.as_str()])
                         .set(level as i64);
                 }
+                let old = old.unwrap_or(w);
+                moving |= (w - old).abs() > 0.25 * old.max(1e-9) || level >= Level::Prepare;
             }
             // Adaptive TTL: short while weights move or a region nears a watermark.
-            services.push((levels, if moving { s.ttl_min } else { s.ttl }));
+            ttls.push(if moving { s.ttl_min } else { s.ttl });
         }
         self.published_util = loads.iter().map(|l| l.util).collect();
         Dynamic {
             latency_ms: self.published_latency.clone(),
             loads,
-            services,
+            levels: self.levels.clone(),
+            ttls,
             fit_ago: self.fit_ago(),
         }
     }
@@ -952,6 +1003,10 @@ impl Publisher {
             services = new_services,
             "Configuration reloaded."
         );
+        (self.levels, self.weights) = self.carried_levels(&next);
+        // Indexes mean other services now: the next build compiles them all.
+        self.built = None;
+        self.region_gauges.clear();
         self.loaded = next;
         self.health = health;
         // A drained region that the new config no longer has is forgotten.
@@ -987,6 +1042,36 @@ impl Publisher {
         });
         deferred.deadline = deadline;
         deferred.done.push(done);
+    }
+
+    /// The shedding levels and weights of `next`'s (service, region) pairs:
+    /// those of the same pairs before, else normal and none.
+    fn carried_levels(&self, next: &Loaded) -> (Vec<Level>, Vec<Option<f64>>) {
+        let old = &self.loaded;
+        let before: HashMap<(&str, &str), usize> = old
+            .config
+            .services
+            .iter()
+            .zip(&old.service_span)
+            .flat_map(|(s, span)| {
+                span.clone().map(move |at| {
+                    let region = old.config.regions[old.service_regions[at]].id.as_str();
+                    ((s.id.as_str(), region), at)
+                })
+            })
+            .collect();
+        let mut levels = Vec::with_capacity(next.service_regions.len());
+        let mut weights = Vec::with_capacity(next.service_regions.len());
+        for (s, span) in next.config.services.iter().zip(&next.service_span) {
+            for &r in &next.service_regions[span.clone()] {
+                let at = before
+                    .get(&(s.id.as_str(), next.config.regions[r].id.as_str()))
+                    .copied();
+                levels.push(at.map_or(Level::Normal, |at| self.levels[at]));
+                weights.push(at.and_then(|at| self.weights[at]));
+            }
+        }
+        (levels, weights)
     }
 
     /// Publishes a deferred reload once its new endpoints have all reported
@@ -1031,18 +1116,35 @@ impl Publisher {
         self.note_fitness();
         let dynamic = self.dynamic();
         self.steer_completions();
-        let next = build(
-            &self.loaded,
-            &self.health,
-            &self.drained,
-            self.generation,
-            self.geo.clone(),
-            &dynamic,
-            &self.metrics,
+        let previous = self.snapshot.load_full();
+        let out = build::build(
+            build::BuildInputs {
+                loaded: &self.loaded,
+                health: &self.health,
+                drained: &self.drained,
+                generation: self.generation,
+                geo: self.geo.clone(),
+                dynamic,
+                metrics: &self.metrics,
+            },
+            self.built.as_ref().map(|b| (b, &*previous)),
         );
-        let previous = self.snapshot.load();
-        for new in &next.service_views {
-            let old = previous.service_views.iter().find(|v| v.id == new.id);
+        let next = out.snapshot;
+        self.built = Some(out.built);
+        // After a reload, services are matched by id; otherwise by index.
+        let by_id: Option<HashMap<&str, &model::ServiceView>> = (!out.incremental).then(|| {
+            previous
+                .service_views
+                .iter()
+                .map(|v| (v.id.as_str(), &**v))
+                .collect()
+        });
+        for &i in &out.compiled {
+            let new = &next.service_views[i];
+            let old = match &by_id {
+                Some(by_id) => by_id.get(new.id.as_str()).copied(),
+                None => Some(&*previous.service_views[i]),
+            };
             if old.is_none_or(|old| {
                 !old.decision.same_choice(&new.decision) || old.answer != new.answer
             }) {
@@ -1067,8 +1169,8 @@ impl Publisher {
                 }
             }
         }
-        self.note_last_known_good(&next);
-        self.note_decisions(&previous, &next);
+        self.note_last_known_good(&next, &out.compiled, out.incremental);
+        self.note_decisions(&previous, &next, &out.compiled, out.incremental);
         self.snapshot.store(Arc::new(next));
         if std::mem::take(&mut self.first_round_due) {
             self.first_round.send_replace(true);
@@ -1079,14 +1181,26 @@ impl Publisher {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Sets the decision gauges of every service of `next`, and drops those
-    /// of services that `previous` had and `next` has not.
-    fn note_decisions(&self, previous: &Snapshot, next: &Snapshot) {
-        for view in &next.service_views {
+    /// Sets the decision gauges of the services compiled for `next`, and
+    /// (after a reload) drops those of services that `previous` had and
+    /// `next` has not.
+    fn note_decisions(
+        &self,
+        previous: &Snapshot,
+        next: &Snapshot,
+        compiled: &[usize],
+        incremental: bool,
+    ) {
+        for &i in compiled {
+            let view = &next.service_views[i];
             self.metrics.set_decision(&view.id, &view.decision);
         }
+        if incremental {
+            return;
+        }
+        let ids: HashSet<&str> = next.service_views.iter().map(|v| v.id.as_str()).collect();
         for old in &previous.service_views {
-            if !next.service_views.iter().any(|v| v.id == old.id) {
+            if !ids.contains(old.id.as_str()) {
                 self.metrics.forget_service(&old.id);
             }
         }
@@ -1230,11 +1344,10 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// Mean measured probe time of the up endpoints of region `r`, in ms, at
 /// most [`MAX_MEASURED_MS`].
 fn region_latency_of(loaded: &Loaded, health: &[EndpointHealth], r: usize) -> f64 {
-    let (sum, n) = health
+    let (sum, n) = health[loaded.region_endpoints[r].clone()]
         .iter()
-        .zip(&loaded.region_of)
-        .filter(|(h, region)| **region == r && h.state.status == Status::Up)
-        .filter_map(|(h, _)| h.latency_ms)
+        .filter(|h| h.state.status == Status::Up)
+        .filter_map(|h| h.latency_ms)
         .fold((0.0, 0), |(s, n), l| (s + l, n + 1));
     if n == 0 {
         0.0
@@ -1247,153 +1360,6 @@ fn region_latency(loaded: &Loaded, health: &[EndpointHealth]) -> Vec<f64> {
     (0..loaded.config.regions.len())
         .map(|r| region_latency_of(loaded, health, r))
         .collect()
-}
-
-/// Builds a snapshot from the loaded config, health and overrides.
-#[allow(clippy::too_many_arguments)]
-fn build(
-    loaded: &Loaded,
-    health: &[EndpointHealth],
-    drained: &BTreeSet<String>,
-    generation: u64,
-    geo: Option<Arc<GeoDb>>,
-    dynamic: &Dynamic,
-    metrics: &Metrics,
-) -> Snapshot {
-    let config = &loaded.config;
-    let errors: Vec<Option<String>> = health
-        .iter()
-        .map(|h| h.last_error.as_ref().map(ToString::to_string))
-        .collect();
-    let now = Instant::now();
-    let silent: Vec<Option<String>> = health
-        .iter()
-        .zip(&loaded.info)
-        .map(|(h, info)| {
-            h.silent(info, now)
-                .map(|(layer, limit)| silence_reason(layer, limit))
-        })
-        .collect();
-    let inputs: Vec<EndpointInput<'_>> = health
-        .iter()
-        .zip(&loaded.info)
-        .zip(&errors)
-        .zip(&silent)
-        .zip(&dynamic.fit_ago)
-        .map(|((((h, info), error), silent), fit_ago)| EndpointInput {
-            status: h.state.status,
-            last_error: error.as_deref(),
-            drained: drained.contains(&info.region),
-            cooling_s: h
-                .cooling_until
-                .filter(|u| *u > now)
-                .map(|u| (u - now).as_secs_f64()),
-            models: info
-                .layers
-                .contains(&Layer::Models)
-                .then(|| match h.models_state.status {
-                    Status::Up => h.models.as_deref().unwrap_or(&[]),
-                    _ => &[],
-                }),
-            completion_ok: !info.layers.contains(&Layer::Completion)
-                || h.completion_state.status == Status::Up,
-            completion_model: info.completion_model.as_deref(),
-            layers_pending: (info.layers.contains(&Layer::Models)
-                && h.models_state.status == Status::Unknown)
-                || (info.layers.contains(&Layer::Completion)
-                    && h.completion_state.status == Status::Unknown),
-            slow_start: h
-                .up_since
-                .filter(|_| !info.slow_start.is_zero())
-                .map(|since| {
-                    ((now - since).as_secs_f64() / info.slow_start.as_secs_f64()).clamp(0.1, 1.0)
-                })
-                .unwrap_or(1.0),
-            latency_ms: h.completion_ms.or(h.latency_ms),
-            silent: silent.as_deref(),
-            fit_ago: *fit_ago,
-            last_models: info
-                .layers
-                .contains(&Layer::Models)
-                .then(|| h.models.as_deref().unwrap_or(&[])),
-        })
-        .collect();
-    let mut services = Vec::with_capacity(config.services.len());
-    let mut service_views = Vec::with_capacity(config.services.len());
-    for i in 0..config.services.len() {
-        let (levels, ttl) = &dynamic.services[i];
-        let regions = RegionInputs {
-            latency_ms: &dynamic.latency_ms,
-            loads: &dynamic.loads,
-            levels,
-            ttl: *ttl,
-        };
-        let (answer, view) =
-            model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics);
-        services.push(answer);
-        service_views.push(view);
-    }
-    let endpoints = health
-        .iter()
-        .zip(&loaded.info)
-        .zip(errors)
-        .zip(silent)
-        .map(|(((h, info), last_error), silent)| EndpointView {
-            region: info.region.clone(),
-            target: info.target.clone(),
-            probe: info.probe.clone(),
-            status: h.state.status,
-            layers: info
-                .layers
-                .iter()
-                .filter(|l| **l != Layer::Metrics)
-                .map(|l| (crate::metrics::layer_label(*l), layer_state(h, *l).status))
-                .collect(),
-            drained: drained.contains(&info.region),
-            models: h.models.as_deref().map(<[String]>::to_vec),
-            cooling: h.cooling_until.is_some_and(|u| u > now),
-            latency_ms: h.completion_ms.or(h.latency_ms),
-            last_error,
-            silent,
-            skipped: h.completion_skipped.then(|| SKIPPED_FULL.to_string()),
-            since_unix_s: h
-                .since
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs()),
-        })
-        .collect();
-    let nsid = &config.server.nsid;
-    let wire = crate::model::wire::Wire {
-        names: loaded.wire_names.clone(),
-        services: crate::dns::wire::compile_services(&services),
-    };
-    Snapshot {
-        generation,
-        built: SystemTime::now(),
-        zone: loaded.zone.clone(),
-        services,
-        service_views,
-        endpoints,
-        drained: drained.iter().cloned().collect(),
-        queries: loaded.queries.clone(),
-        nsid: (!nsid.is_empty()).then(|| nsid.as_bytes().to_vec()),
-        explain_acl: loaded.explain_acl.clone(),
-        geo: GeoView {
-            db: geo,
-            overrides: loaded.overrides.clone(),
-            ecs: config.geo.ecs,
-            max_prefix_v4: config.geo.max_prefix_v4,
-            max_prefix_v6: config.geo.max_prefix_v6,
-        },
-        region_loads: config
-            .regions
-            .iter()
-            .zip(&dynamic.loads)
-            .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
-            .collect(),
-        rrl: config.rrl.clone().map(Arc::new),
-        wire,
-    }
 }
 
 #[cfg(test)]

@@ -141,7 +141,7 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "snapshot": { "generation": snap.generation, "age_s": age_s(&snap) },
         "drained": snap.drained,
         "regions": regions,
-        "services": snap.service_views,
+        "services": snap.service_views.iter().map(|v| &**v).collect::<Vec<_>>(),
         "endpoints": snap.endpoints,
     }))
 }

@@ -178,13 +178,10 @@ fn scratch_snapshot(zone: Arc<Zone>) -> Snapshot {
 
 /// Encodes each service's client classes. Per snapshot: a few bytes per
 /// endpoint, no name compression to search (every owner is the question).
-pub fn compile_services(services: &[ServiceAnswer]) -> Vec<ServiceWire> {
-    services
-        .iter()
-        .map(|s| ServiceWire {
-            classes: s.classes.iter().map(class_wire).collect(),
-        })
-        .collect()
+pub fn compile_service(service: &ServiceAnswer) -> ServiceWire {
+    ServiceWire {
+        classes: service.classes.iter().map(class_wire).collect(),
+    }
 }
 
 fn class_wire(c: &ClassAnswer) -> ClassWire {

@@ -94,8 +94,10 @@ pub struct Snapshot {
     pub generation: u64,
     pub built: SystemTime,
     pub zone: Arc<Zone>,
-    pub services: Vec<ServiceAnswer>,
-    pub service_views: Vec<ServiceView>,
+    /// By service index; a build shares the unchanged ones with the
+    /// snapshot before it.
+    pub services: Vec<Arc<ServiceAnswer>>,
+    pub service_views: Vec<Arc<ServiceView>>,
     pub endpoints: Vec<EndpointView>,
     /// Regions an operator has drained, by id.
     pub drained: Vec<String>,

@@ -137,17 +137,28 @@ pub struct RegionInputs<'a> {
     /// Measured latency of each region, in ms (proximity).
     pub latency_ms: &'a [f64],
     pub loads: &'a [RegionLoad],
-    /// This service's shedding level of each region.
+    /// This service's regions (by region index) and, beside them, its
+    /// shedding level of each (a region not listed is at the normal level).
+    pub regions: &'a [usize],
     pub levels: &'a [Level],
     /// The TTL to answer with now (adaptive TTL).
     pub ttl: u32,
 }
 
 impl RegionInputs<'_> {
+    /// This service's shedding level of region `r`.
+    pub fn level(&self, r: usize) -> Level {
+        self.regions
+            .iter()
+            .position(|x| *x == r)
+            .and_then(|at| self.levels.get(at).copied())
+            .unwrap_or(Level::Normal)
+    }
+
     /// Capacity weight of region `r` (headroom x size x base, shed by level).
     pub fn weight(&self, r: usize) -> f64 {
         let l = &self.loads[r];
-        capacity::weight(l.base, l.gpus, l.util, self.levels[r])
+        capacity::weight(l.base, l.gpus, l.util, self.level(r))
     }
 }
 
@@ -604,7 +615,7 @@ fn class_answer(
     // rule's level is skipped (its share goes to the other fit regions of
     // the tier, else to the next tier), unless every fit region has.
     let capacity = matches!(s.strategy, Strategy::Capacity);
-    let shed = |r: usize| s.shed.removes(regions.levels[r]);
+    let shed = |r: usize| s.shed.removes(regions.level(r));
     let mut all_full = false;
     for (t, tier) in s.tiers.iter().enumerate() {
         let mut fit = pick(tier, &|i| i.fit(model));
@@ -975,7 +986,7 @@ fn class_answer(
                     (true, Some(why), _) => format!("removed at eligible: {why}"),
                     (true, None, Some(_)) if shed(r) && !all_full => format!(
                         "removed at capacity: level {} (shed = \"{}\")",
-                        level_name(regions.levels[r]),
+                        level_name(regions.level(r)),
                         s.shed.name()
                     ),
                     (true, None, Some(w)) if t == w => match input.weight(max_latency_ms) {
@@ -1029,7 +1040,7 @@ fn class_answer(
             let util = l.util.map_or("unknown (static weight)".to_string(), |u| {
                 format!("{:.0}%", u * 100.0)
             });
-            let level = regions.levels[r];
+            let level = regions.level(r);
             let rule = if shed(r) && all_full {
                 " -> kept: every fit region is this full"
             } else if shed(r) {

@@ -167,7 +167,9 @@ pub struct Wire {
     /// Per config: the zone's names.
     pub names: Arc<Names>,
     /// Per snapshot: one per service (empty: nothing copyable).
-    pub services: Vec<ServiceWire>,
+    /// Shared between snapshots like the service answers they encode: an
+    /// incremental build encodes only the services it recompiled.
+    pub services: Vec<Arc<ServiceWire>>,
 }
 
 #[cfg(test)]

@@ -128,12 +128,18 @@ impl Publisher {
     }
 
     /// Logs services that began or stopped answering last known good in
-    /// `next`, and keeps their metrics.
-    pub(super) fn note_last_known_good(&mut self, next: &Snapshot) {
-        let mut now_holding = HashSet::new();
-        for view in &next.service_views {
+    /// `next`, and keeps their metrics. Only the services `compiled` anew
+    /// can have changed (all of them when the build was not incremental).
+    pub(super) fn note_last_known_good(
+        &mut self,
+        next: &Snapshot,
+        compiled: &[usize],
+        incremental: bool,
+    ) {
+        for &i in compiled {
+            let view = &next.service_views[i];
             let Some(decision) = holding(view) else {
-                if self.holding.contains(&view.id) {
+                if self.holding.remove(&view.id) {
                     if matches!(
                         view.decision,
                         Decision::FailOpen | Decision::NoData | Decision::ServFail
@@ -155,8 +161,7 @@ impl Publisher {
                 }
                 continue;
             };
-            now_holding.insert(view.id.clone());
-            if !self.holding.contains(&view.id) {
+            if self.holding.insert(view.id.clone()) {
                 let (hold_left_ms, then) = match decision {
                     Decision::LastKnownGood {
                         hold_left_ms, then, ..
@@ -177,16 +182,24 @@ impl Publisher {
                     .inc();
             }
         }
-        // Services a reload removed while holding.
-        for gone in self.holding.difference(&now_holding) {
-            if !next.service_views.iter().any(|v| &v.id == gone) {
-                let _ = self
-                    .metrics
-                    .last_known_good
-                    .remove_label_values(&[gone.as_str()]);
-            }
+        if incremental {
+            return;
         }
-        self.holding = now_holding;
+        // Services a reload removed while holding.
+        let ids: HashSet<&str> = next.service_views.iter().map(|v| v.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .holding
+            .iter()
+            .filter(|id| !ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.holding.remove(&id);
+            let _ = self
+                .metrics
+                .last_known_good
+                .remove_label_values(&[id.as_str()]);
+        }
     }
 }
 
