@@ -40,7 +40,8 @@ chrt -f 50 taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "${PORT[inferdns]}" 
   -c 4 -T 1 -q 100 "${ecs[@]}" > "$RUN/profile-dnsperf.txt" 2>&1
 wait "$perf_pid"
 {
-  echo "# $(git -C "$ROOT" rev-parse --short HEAD) $NAME, $SECS s at saturation; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  build="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo +local-changes)"
+  echo "# $build $NAME, $SECS s at saturation; load average $(cut -d' ' -f1-3 /proc/loadavg)"
   grep -E 'Queries per second|Queries completed' "$RUN/profile-dnsperf.txt"
   perf report -i "$RUN/perf.data" --no-children --sort symbol --stdio --percent-limit 0.7 -g none 2>/dev/null \
     | grep -v '^$'
