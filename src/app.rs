@@ -25,7 +25,7 @@ use crate::admin::{self, AdminAuth, AdminState};
 use crate::config::{self, Config};
 use crate::dns::{DnsServer, Handler, TcpLimits};
 use crate::error::AppError;
-use crate::geo::{GeoDb, GeoError};
+use crate::geo::{FileKey, GeoDb, GeoError, Reloaded};
 use crate::health::{ProbeHints, ProbeSet};
 use crate::metrics::Metrics;
 use crate::model::Snapshot;
@@ -465,11 +465,13 @@ impl Reloader {
 
 impl Reloader {
     /// The GeoIP database for a reloaded config. The database in use stays
-    /// when its file has not changed since it was read (no re-read: a City
-    /// database is tens of megabytes) or when the file changed into one
-    /// that does not load (refused and counted once, as the watcher does);
-    /// a database at a new path must load, or the reload is refused.
-    /// Returns the state to store once the reload is committed.
+    /// when its file has not changed since it was read (same device, inode,
+    /// size and times: not even opened; a City database is tens of
+    /// megabytes), when the file changed but holds the same bytes (read and
+    /// compared, not checked again), or when the file changed into one that
+    /// does not load (refused and counted once, as the watcher does); a
+    /// database at a new path must load, or the reload is refused. Returns
+    /// the state to store once the reload is committed.
     async fn reload_geo(&self, config: &Config) -> Result<GeoState, GeoError> {
         let Some(path) = config.geo.database.clone() else {
             return Ok(GeoState::default());
@@ -481,28 +483,28 @@ impl Reloader {
         let Some(in_use) = in_use.filter(|db| db.path == path) else {
             return Ok(GeoState::of(load_geo(config, &self.metrics).await?));
         };
-        let modified = file_modified(&path);
-        if modified.is_none() || modified == attempted {
+        let key = FileKey::at(&path);
+        if key.is_none() || key == attempted {
             return Ok(GeoState {
                 in_use: Some(in_use),
                 attempted,
             });
         }
-        match load_geo(config, &self.metrics).await {
-            Ok(db) => Ok(GeoState::of(db)),
+        match reload_geo_file(&path, &in_use, &self.metrics).await {
+            Ok(Reloaded::New(db)) => Ok(GeoState::of(Some(Arc::new(*db)))),
+            Ok(Reloaded::Same(file)) => Ok(GeoState {
+                in_use: Some(in_use),
+                attempted: Some(file),
+            }),
             Err(e) => {
                 tracing::error!(error = %e, "GeoIP database file refused; the one in use keeps serving.");
                 Ok(GeoState {
                     in_use: Some(in_use),
-                    attempted: modified,
+                    attempted: key,
                 })
             }
         }
     }
-}
-
-fn file_modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Loads the config's GeoIP database, if it names one (off the runtime's
@@ -517,8 +519,36 @@ async fn load_geo(config: &Config, metrics: &Metrics) -> Result<Option<Arc<GeoDb
     let label = if loaded.is_ok() { "success" } else { "failure" };
     metrics.geoip_loads.with_label_values(&[label]).inc();
     let db = loaded?;
-    tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, "GeoIP database loaded.");
+    tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), "GeoIP database loaded.");
     Ok(Some(Arc::new(db)))
+}
+
+/// Reads a changed GeoIP file again (on a blocking thread: never on the
+/// publisher's path, which keeps publishing health changes meanwhile) and
+/// checks it, unless its bytes are those of `in_use`. Counts and logs what
+/// it found; the caller logs a refusal.
+async fn reload_geo_file(
+    path: &std::path::Path,
+    in_use: &Arc<GeoDb>,
+    metrics: &Metrics,
+) -> Result<Reloaded, GeoError> {
+    let (path, current) = (path.to_path_buf(), in_use.clone());
+    let loaded = tokio::task::spawn_blocking(move || GeoDb::reload(&path, Some(&current)))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    match &loaded {
+        Ok(Reloaded::New(db)) => {
+            metrics.geoip_loads.with_label_values(&["success"]).inc();
+            tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), "GeoIP database loaded.");
+        }
+        Ok(Reloaded::Same(_)) => {
+            tracing::info!(path = %in_use.path.display(), "GeoIP database file replaced by the same bytes; the database in use stays, not checked again.");
+        }
+        Err(_) => {
+            metrics.geoip_loads.with_label_values(&["failure"]).inc();
+        }
+    }
+    loaded
 }
 
 /// Notices a replaced GeoIP database file (geoipupdate renames a new file
@@ -547,19 +577,19 @@ impl GeoTarget {
     }
 }
 
-/// The GeoIP database in use and the modification time of the last file
-/// read (loaded or refused), shared by the watcher and the reloader so
-/// that neither reads, nor reports, the same file twice.
+/// The GeoIP database in use and the key of the last file read (loaded,
+/// refused, or found to hold the same bytes), shared by the watcher and the
+/// reloader so that neither reads, nor reports, the same file twice.
 #[derive(Debug, Default)]
 struct GeoState {
     in_use: Option<Arc<GeoDb>>,
-    attempted: Option<std::time::SystemTime>,
+    attempted: Option<FileKey>,
 }
 
 impl GeoState {
     fn of(db: Option<Arc<GeoDb>>) -> Self {
         Self {
-            attempted: db.as_ref().and_then(|db| db.modified),
+            attempted: db.as_ref().and_then(|db| db.file),
             in_use: db,
         }
     }
@@ -589,35 +619,46 @@ impl GeoWatcher {
             let Some(path) = target.path.clone() else {
                 continue;
             };
-            let modified = file_modified(&path);
-            {
+            let key = FileKey::at(&path);
+            let in_use = {
                 let mut state = self.state.lock().expect("GeoIP state lock poisoned");
-                if modified.is_none() || modified == state.attempted {
+                if key.is_none() || key == state.attempted {
                     continue;
                 }
                 // Remember the attempt either way: a bad file is reported once, not every interval.
-                state.attempted = modified;
-            }
-            let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                state.attempted = key;
+                state.in_use.clone()
+            };
+            let loaded = match &in_use {
+                Some(in_use) => reload_geo_file(&path, in_use, &self.metrics).await,
+                None => {
+                    let loaded = tokio::task::spawn_blocking(move || GeoDb::load(&path))
+                        .await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    let label = if loaded.is_ok() { "success" } else { "failure" };
+                    self.metrics.geoip_loads.with_label_values(&[label]).inc();
+                    loaded.map(|db| Reloaded::New(Box::new(db)))
+                }
+            };
             match loaded {
-                Ok(db) => {
-                    self.metrics
-                        .geoip_loads
-                        .with_label_values(&["success"])
-                        .inc();
-                    let db = Arc::new(db);
-                    self.state.lock().expect("GeoIP state lock poisoned").in_use = Some(db.clone());
+                Ok(Reloaded::New(db)) => {
+                    let db = Arc::new(*db);
+                    {
+                        let mut state = self.state.lock().expect("GeoIP state lock poisoned");
+                        state.in_use = Some(db.clone());
+                        state.attempted = db.file;
+                    }
                     if self.publisher.send(Msg::Geo(db)).await.is_err() {
                         return Ok(());
                     }
                 }
+                Ok(Reloaded::Same(file)) => {
+                    self.state
+                        .lock()
+                        .expect("GeoIP state lock poisoned")
+                        .attempted = Some(file);
+                }
                 Err(e) => {
-                    self.metrics
-                        .geoip_loads
-                        .with_label_values(&["failure"])
-                        .inc();
                     tracing::error!(error = %e, "Replaced GeoIP database refused; the previous one keeps serving.");
                 }
             }

@@ -132,7 +132,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 config = %config.display(),
                 "Starting inferdns."
             );
-            let loaded = config::load(&config)?;
+            // The GeoIP database is opened once, by the start itself (which
+            // refuses one that does not load, exit 1 as `check`): loading it
+            // here too took as long again before the first answer.
+            let loaded = config::load_for_reload(&config)?;
             let options = StartOptions {
                 dns_listen,
                 admin_listen,

@@ -36,10 +36,11 @@ pub enum AppError {
 }
 
 impl AppError {
-    /// 1 for bad configuration (as `inferdns check`), 2 for everything else.
+    /// 1 for bad configuration (as `inferdns check`, which also refuses a
+    /// GeoIP database that does not load), 2 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) => 1,
+            AppError::Config(_) | AppError::Geo(_) => 1,
             _ => 2,
         }
     }

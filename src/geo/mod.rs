@@ -7,10 +7,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use serde::Deserialize;
+
+mod file;
+mod tree;
+
+pub use file::FileKey;
 
 /// A two-letter code (ISO 3166 country or continent), uppercase ASCII.
 pub type Code = [u8; 2];
@@ -62,20 +66,39 @@ pub enum GeoError {
 /// which gives the network and its prefix) and then read the place of the
 /// record the network points at. Decoding that record (a map of names in
 /// eight languages for a City database) was most of a lookup's cost, so
-/// every distinct record is decoded once, off the query path, into a
-/// table keyed by its offset ([`Places`]); a lookup then decodes nothing.
-/// The table depends on the database alone: it is built when a database is
-/// loaded (a thread of its own; a GeoLite2-City takes about a second) and
-/// never on a health change. Until it is ready, lookups decode as before:
-/// startup is not held up, and both ways give the same record.
+/// every distinct record is decoded once, when the database is loaded,
+/// into a table keyed by its offset ([`Places`]); a lookup decodes nothing.
+///
+/// Loading is one pass ([`tree::walk`]): every node of the search tree is
+/// read once, every pointer checked against the data section, and every
+/// record a lookup can end on decoded for the table, strictly (a record
+/// that does not decode refuses the database). That is the check
+/// maxminddb's `verify` makes, on what lookups can reach, and the table
+/// with it, in about a third of the time the two took apart. A database is
+/// never used before it is checked; a lookup that ends on a record the
+/// walk did not see (impossible for a checked tree) is an unknown location.
 pub struct GeoDb {
-    reader: Arc<maxminddb::Reader<Vec<u8>>>,
-    places: Arc<OnceLock<Places>>,
+    reader: maxminddb::Reader<Bytes>,
+    /// The same bytes as the reader's (which keeps its own private).
+    bytes: Bytes,
+    places: Places,
     pub path: PathBuf,
-    /// File modification time when loaded, to notice a replacement.
-    pub modified: Option<SystemTime>,
+    /// The file it was read from (device, inode, size, times), to tell a
+    /// replaced file from the same one.
+    pub file: Option<FileKey>,
     pub database_type: String,
     pub build_epoch: u64,
+}
+
+/// The bytes of a database, shared so that a reload can compare a new
+/// file with the one in use without copying either.
+#[derive(Clone)]
+struct Bytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for GeoDb {
@@ -121,59 +144,84 @@ struct Record<'a> {
     location: Option<Location>,
 }
 
+/// What [`GeoDb::reload`] found at the path.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// A new database, checked.
+    New(Box<GeoDb>),
+    /// The file is another one (its key changed) with the same bytes as the
+    /// database in use (a `touch`, a copy, an identical download): nothing
+    /// to check again.
+    Same(FileKey),
+}
+
 impl GeoDb {
-    /// Reads, parses and verifies the database at `path`.
+    /// Reads, parses and checks the database at `path`.
     pub fn load(path: &Path) -> Result<GeoDb, GeoError> {
-        let bytes = std::fs::read(path).map_err(|source| GeoError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        Self::from_bytes(bytes, path, modified)
+        let (bytes, file) = read(path)?;
+        Self::from_bytes(bytes, path, file)
+    }
+
+    /// Reads the database at `path` again for a reload or a replaced file:
+    /// when its bytes are those of `current`, says so and checks nothing
+    /// (comparing 66 MB in memory takes milliseconds; checking, a second).
+    pub fn reload(path: &Path, current: Option<&GeoDb>) -> Result<Reloaded, GeoError> {
+        let (bytes, file) = read(path)?;
+        if let (Some(current), Some(file)) = (current, file)
+            && current.path == path
+            && current.reader_bytes() == bytes.as_slice()
+        {
+            return Ok(Reloaded::Same(file));
+        }
+        Self::from_bytes(bytes, path, file).map(|db| Reloaded::New(Box::new(db)))
+    }
+
+    fn reader_bytes(&self) -> &[u8] {
+        // The reader's source is the `Bytes` it was made from.
+        self.bytes.0.as_slice()
     }
 
     pub fn from_bytes(
         bytes: Vec<u8>,
         path: &Path,
-        modified: Option<SystemTime>,
+        file: Option<FileKey>,
     ) -> Result<GeoDb, GeoError> {
         let invalid = |source| GeoError::Invalid {
             path: path.to_path_buf(),
             source,
         };
-        let reader = maxminddb::Reader::from_source(bytes).map_err(invalid)?;
+        let refuse = |why: String| invalid(maxminddb::MaxMindDbError::invalid_database(why));
+        let bytes = Bytes(Arc::new(bytes));
+        let reader = maxminddb::Reader::from_source(bytes.clone()).map_err(invalid)?;
+        let metadata = reader.metadata();
+        if metadata.database_type.is_empty() || metadata.description.is_empty() {
+            return Err(refuse(
+                "the metadata has no database type or description".into(),
+            ));
+        }
         // A truncated or corrupt file is refused here, not at query time.
-        reader.verify().map_err(invalid)?;
-        let reader = Arc::new(reader);
-        let places = Arc::new(OnceLock::new());
-        let (for_table, table) = (reader.clone(), places.clone());
-        // If the thread cannot start, lookups keep decoding: slower, same answers.
-        let _ = std::thread::Builder::new()
-            .name("geoip-table".into())
-            .spawn(move || {
-                let _ = table.set(Places::build(&for_table));
-            });
+        let leaves = tree::walk(
+            bytes.as_ref(),
+            metadata.node_count as usize,
+            metadata.record_size,
+            metadata.ip_version,
+        )
+        .map_err(refuse)?;
+        let places = Places::decode(&reader, &leaves).map_err(invalid)?;
         Ok(GeoDb {
-            database_type: reader.metadata().database_type.clone(),
-            build_epoch: reader.metadata().build_epoch,
+            database_type: metadata.database_type.clone(),
+            build_epoch: metadata.build_epoch,
+            bytes,
             reader,
             places,
             path: path.to_path_buf(),
-            modified,
+            file,
         })
     }
 
-    /// Waits (up to `limit`) for the table of places; `true` once it is
-    /// built. For tests and benchmarks: lookups never wait for it.
-    pub fn wait_for_table(&self, limit: std::time::Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        while self.places.get().is_none() {
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        true
+    /// Distinct records in the table of places (tests, benchmarks).
+    pub fn places(&self) -> usize {
+        self.places.places.len()
     }
 
     /// Looks `ip` up. `None` when the database cannot say anything (an IPv6
@@ -182,15 +230,13 @@ impl GeoDb {
         let ip = ip.to_canonical();
         let result = self.reader.lookup(ip).ok()?;
         let prefix = result.network().ok()?.prefix();
-        if let (Some(places), Some(offset)) = (self.places.get(), result.offset())
-            && let Some(place) = places.get(offset)
-        {
-            return Some(GeoRecord { prefix, ..place });
-        }
-        Some(GeoRecord {
-            prefix,
-            ..decode(&result)
-        })
+        let place = match result.offset() {
+            None => GeoRecord::default(),
+            // Every record a lookup can end on is in the table (checked at
+            // load); one that is not is an unknown location, never a guess.
+            Some(offset) => self.places.get(offset)?,
+        };
+        Some(GeoRecord { prefix, ..place })
     }
 
     /// Looks `ip` up by decoding its record, never from the table (tests).
@@ -207,26 +253,43 @@ impl GeoDb {
 
 /// The place a lookup's record gives (prefix 0: the caller's to set);
 /// nothing known when there is no record or it cannot be decoded.
+#[cfg(test)]
 fn decode<S: AsRef<[u8]>>(result: &maxminddb::LookupResult<'_, S>) -> GeoRecord {
-    {
-        let record: Option<Record<'_>> = result.decode().ok().flatten();
-        let Some(record) = record else {
-            return GeoRecord::default();
-        };
-        // The country code and its EU flag come from the same record.
-        let place = match record.country {
-            Some(c) if c.iso_code.is_some() => Some(c),
-            country => record.registered_country.or(country),
-        };
-        let country = place.as_ref().and_then(|c| c.iso_code).and_then(code);
-        GeoRecord {
-            country,
-            continent: record.continent.and_then(|c| c.code).and_then(code),
-            coords: record.location.and_then(|l| l.latitude.zip(l.longitude)),
-            prefix: 0,
-            eu: place.and_then(|c| c.is_in_european_union) == Some(true),
-        }
+    match result.decode::<Record<'_>>() {
+        Ok(Some(record)) => place(record),
+        _ => GeoRecord::default(),
     }
+}
+
+/// The place a record gives (prefix 0: the caller's to set).
+fn place(record: Record<'_>) -> GeoRecord {
+    // The country code and its EU flag come from the same record.
+    let place = match record.country {
+        Some(c) if c.iso_code.is_some() => Some(c),
+        country => record.registered_country.or(country),
+    };
+    let country = place.as_ref().and_then(|c| c.iso_code).and_then(code);
+    GeoRecord {
+        country,
+        continent: record.continent.and_then(|c| c.code).and_then(code),
+        coords: record.location.and_then(|l| l.latitude.zip(l.longitude)),
+        prefix: 0,
+        eu: place.and_then(|c| c.is_in_european_union) == Some(true),
+    }
+}
+
+/// Reads the file at `path` and the key of what was read (the open file's,
+/// so a rename between the two cannot mix them up).
+fn read(path: &Path) -> Result<(Vec<u8>, Option<FileKey>), GeoError> {
+    let failed = |source| GeoError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(failed)?;
+    let file = f.metadata().ok().map(|m| FileKey::of(&m));
+    let mut bytes = Vec::with_capacity(file.map_or(0, |k| k.size as usize));
+    std::io::Read::read_to_end(&mut f, &mut bytes).map_err(failed)?;
+    Ok((bytes, file))
 }
 
 /// Every distinct record of a database, decoded once, by its offset in
@@ -241,24 +304,46 @@ struct Places {
 }
 
 impl Places {
-    /// Walks every network of the database (the tree only) and decodes the
-    /// record of each offset not seen yet.
-    fn build<S: AsRef<[u8]>>(reader: &maxminddb::Reader<S>) -> Places {
-        let mut seen: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
-        let mut offsets = Vec::new();
-        let mut places = Vec::new();
-        if let Ok(networks) = reader.networks(maxminddb::WithinOptions::default()) {
-            for result in networks.flatten() {
-                let Some(offset) = result.offset() else {
-                    continue;
-                };
-                seen.entry(offset).or_insert_with(|| {
-                    offsets.push(offset);
-                    places.push(decode(&result));
-                    (places.len() - 1) as u32
-                });
-            }
-        }
+    /// Decodes the record of every leaf of the tree, strictly: a record
+    /// that does not decode as a City/Country place refuses the database.
+    /// Two threads share the work when there is a lot of it.
+    fn decode<S: AsRef<[u8]> + Sync>(
+        reader: &maxminddb::Reader<S>,
+        leaves: &[tree::Leaf],
+    ) -> Result<Places, maxminddb::MaxMindDbError> {
+        let one = |leaves: &[tree::Leaf]| -> Result<Vec<GeoRecord>, maxminddb::MaxMindDbError> {
+            leaves
+                .iter()
+                .map(|leaf| {
+                    let result = reader.lookup(leaf.address)?;
+                    if result.offset() != Some(leaf.offset) {
+                        return Err(maxminddb::MaxMindDbError::invalid_database(format!(
+                            "the lookup of {} does not end where the tree walk did",
+                            leaf.address
+                        )));
+                    }
+                    let record: Record<'_> = result.decode()?.ok_or_else(|| {
+                        maxminddb::MaxMindDbError::invalid_database("a leaf without a record")
+                    })?;
+                    Ok(place(record))
+                })
+                .collect()
+        };
+        let places = if leaves.len() < 20_000 {
+            one(leaves)?
+        } else {
+            let (a, b) = leaves.split_at(leaves.len() / 2);
+            let (a, b) = std::thread::scope(|s| {
+                let second = s.spawn(|| one(b));
+                let first = one(a);
+                // A panic in a decoder thread is a bug: let it abort as anywhere.
+                (first, second.join().expect("GeoIP decoder thread"))
+            });
+            let mut a = a?;
+            a.extend(b?);
+            a
+        };
+        let offsets: Vec<usize> = leaves.iter().map(|l| l.offset).collect();
         let bits = (offsets.len() * 2)
             .next_power_of_two()
             .max(8)
@@ -276,7 +361,7 @@ impl Places {
             }
             table.slots[at] = i as u32 + 1;
         }
-        table
+        Ok(table)
     }
 
     fn slot(&self, offset: usize) -> usize {
@@ -381,9 +466,7 @@ mod tests {
     #[test]
     fn the_table_of_places_gives_what_decoding_gives_for_every_network() {
         let db = db();
-        assert!(db.wait_for_table(std::time::Duration::from_secs(30)));
-        let table = db.places.get().unwrap();
-        assert!(!table.places.is_empty());
+        assert!(db.places() > 5);
         let networks = db.reader.networks(Default::default()).unwrap();
         let mut checked = 0;
         for result in networks {
@@ -515,6 +598,144 @@ mod tests {
             GeoDb::load(Path::new("/nonexistent.mmdb")),
             Err(GeoError::Read { .. })
         ));
+    }
+
+    /// A small database: DE on 192.0.2.0/24 (and 2001:db8:1::/48 in IPv6
+    /// trees), the record `odd` on 198.51.100.0/24.
+    fn written(
+        size: mmdb_writer::RecordSize,
+        version: mmdb_writer::IpVersion,
+        odd: serde_json::Value,
+    ) -> Vec<u8> {
+        let mut w = mmdb_writer::Writer::builder("GeoIP2-City")
+            .description(&[("en", "inferdns unit test")])
+            .record_size(size)
+            .ip_version(version)
+            .build();
+        let de = serde_json::json!({
+            "country": { "iso_code": "DE", "is_in_european_union": true },
+            "continent": { "code": "EU" },
+            "location": { "latitude": 50.11, "longitude": 8.68 },
+        });
+        w.insert("192.0.2.0/24".parse::<ipnet::IpNet>().unwrap(), &de)
+            .unwrap();
+        w.insert("198.51.100.0/24".parse::<ipnet::IpNet>().unwrap(), &odd)
+            .unwrap();
+        if version == mmdb_writer::IpVersion::V6 {
+            w.insert("2001:db8:1::/48".parse::<ipnet::IpNet>().unwrap(), &de)
+                .unwrap();
+        }
+        w.to_bytes().unwrap()
+    }
+
+    fn fr() -> serde_json::Value {
+        serde_json::json!({ "country": { "iso_code": "FR" }, "continent": { "code": "EU" } })
+    }
+
+    #[test]
+    fn every_record_size_and_ip_version_loads_and_looks_up() {
+        use mmdb_writer::{IpVersion, RecordSize};
+        for size in [RecordSize::Bits24, RecordSize::Bits28, RecordSize::Bits32] {
+            for version in [IpVersion::V4, IpVersion::V6] {
+                let what = format!("{size:?} {version:?}");
+                let db = GeoDb::from_bytes(written(size, version, fr()), Path::new("t.mmdb"), None)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(db.places(), 2, "{what}");
+                let de = db.lookup("192.0.2.9".parse().unwrap()).unwrap();
+                assert_eq!(
+                    (de.country, de.continent, de.eu, de.prefix),
+                    (code("DE"), code("EU"), true, 24),
+                    "{what}"
+                );
+                assert_eq!(de.coords, Some((50.11, 8.68)), "{what}");
+                let fr = db.lookup("198.51.100.1".parse().unwrap()).unwrap();
+                assert_eq!((fr.country, fr.eu), (code("FR"), false), "{what}");
+                let nowhere = db.lookup("203.0.113.1".parse().unwrap()).unwrap();
+                assert_eq!(nowhere.country, None, "{what}");
+                if version == IpVersion::V6 {
+                    let v6 = db.lookup("2001:db8:1::5".parse().unwrap()).unwrap();
+                    assert_eq!((v6.country, v6.prefix), (code("DE"), 48), "{what}");
+                    let mapped = db.lookup("::ffff:192.0.2.9".parse().unwrap()).unwrap();
+                    assert_eq!(mapped.country, code("DE"), "{what}");
+                } else {
+                    assert_eq!(db.lookup("2001:db8:1::5".parse().unwrap()), None, "{what}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_tree_pointing_outside_its_data_or_a_record_that_is_no_place_is_refused() {
+        use mmdb_writer::{IpVersion, RecordSize};
+        let good = written(RecordSize::Bits32, IpVersion::V4, fr());
+        let load = |bytes: Vec<u8>| GeoDb::from_bytes(bytes, Path::new("t.mmdb"), None);
+        assert!(load(good.clone()).is_ok());
+        let reader = maxminddb::Reader::from_source(good.clone()).unwrap();
+        let nodes = reader.metadata().node_count as usize;
+        // Every record of every node, in turn, made to point past the data
+        // section: each one is refused, whichever node it is in (all are
+        // reachable in a tree this small).
+        let mut refused = 0;
+        for at in 0..nodes * 2 {
+            let mut bad = good.clone();
+            bad[at * 4..at * 4 + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+            match load(bad) {
+                Err(GeoError::Invalid { .. }) => refused += 1,
+                Err(e) => panic!("record {at}: {e}"),
+                Ok(_) => panic!("record {at}: a pointer past the data section was accepted"),
+            }
+        }
+        assert_eq!(refused, nodes * 2);
+        // The separator between the tree and the data section.
+        let mut bad = good.clone();
+        bad[nodes * 8 + 3] = 1;
+        assert!(load(bad).is_err(), "separator");
+        // A reachable record whose country is not a map: not a City or
+        // Country record. (maxminddb's verify accepted it, and the lookups
+        // that reached it knew nowhere.)
+        let odd = serde_json::json!({ "country": "DE" });
+        assert!(matches!(
+            load(written(RecordSize::Bits28, IpVersion::V6, odd)),
+            Err(GeoError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_reload_of_the_same_bytes_is_not_checked_again_and_a_changed_file_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("city.mmdb");
+        let good =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("geoip/test-city.mmdb"))
+                .unwrap();
+        std::fs::write(&path, &good).unwrap();
+        let db = GeoDb::load(&path).unwrap();
+        assert_eq!(db.file, FileKey::at(&path));
+        // The same bytes renamed into place: another file, the same database.
+        let next = dir.path().join("next.mmdb");
+        std::fs::write(&next, &good).unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        let key = FileKey::at(&path).unwrap();
+        assert_ne!(Some(key), db.file, "a new inode is another key");
+        match GeoDb::reload(&path, Some(&db)).unwrap() {
+            Reloaded::Same(file) => assert_eq!(file, key),
+            Reloaded::New(_) => panic!("the same bytes were checked again"),
+        }
+        // Different bytes are a new database, checked; broken ones refused.
+        let other = written(
+            mmdb_writer::RecordSize::Bits28,
+            mmdb_writer::IpVersion::V6,
+            fr(),
+        );
+        std::fs::write(&path, &other).unwrap();
+        match GeoDb::reload(&path, Some(&db)).unwrap() {
+            Reloaded::New(new) => {
+                assert_eq!(new.places(), 2);
+                assert_eq!(new.file, FileKey::at(&path));
+            }
+            Reloaded::Same(_) => panic!("different bytes taken for the same"),
+        }
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        assert!(GeoDb::reload(&path, Some(&db)).is_err());
     }
 
     #[test]
