@@ -345,6 +345,10 @@ pub struct Publisher {
     /// Every endpoint has reported once; tell `first_round` after the next publish.
     first_round_due: bool,
     deferred: Option<Deferred>,
+    /// Health moved (a known endpoint changed status, or a timed change
+    /// came due) while a reload waits for its new endpoints: the reload
+    /// goes live now rather than hold the change back.
+    health_moved: bool,
     geo: Option<Arc<GeoDb>>,
     /// Region latency (ms) in the published snapshot, by region index.
     published_latency: Vec<f64>,
@@ -443,6 +447,7 @@ impl Publisher {
             first_round,
             first_round_due: false,
             deferred: None,
+            health_moved: false,
             geo,
             published_latency,
             pushed: HashMap::new(),
@@ -474,7 +479,15 @@ impl Publisher {
     /// Applies one message; returns true when answers or status changed.
     pub fn apply(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Probe(report) => self.apply_probe(report),
+            Msg::Probe(report) => {
+                let endpoint = report.endpoint;
+                let before = self.deferred.as_ref().and(self.known_status(endpoint));
+                let changed = self.apply_probe(report);
+                if before.is_some_and(|b| Some(b) != self.known_status(endpoint)) {
+                    self.health_moved = true;
+                }
+                changed
+            }
             Msg::Reload {
                 config,
                 ids,
@@ -538,6 +551,19 @@ impl Publisher {
                 false
             }
         }
+    }
+
+    /// The status of each probed layer of an endpoint that was probed
+    /// before (`None` for one not heard from yet: a reload's new endpoint,
+    /// whose first report is what the reload waits for, not a change).
+    fn known_status(&self, endpoint: u64) -> Option<(Status, Status, Status, bool)> {
+        let h = &self.health[*self.loaded.by_id.get(&endpoint)?];
+        (h.state.status != Status::Unknown).then_some((
+            h.state.status,
+            h.models_state.status,
+            h.completion_state.status,
+            h.cooling_until.is_some(),
+        ))
     }
 
     fn apply_probe(&mut self, mut report: ProbeReport) -> bool {
@@ -1100,8 +1126,14 @@ impl Publisher {
     pub fn publish(&mut self) {
         // Marked even while a reload is deferred: a mark is the moment of the change.
         self.note_fitness();
+        let moved = std::mem::take(&mut self.health_moved);
         if self.deferred.is_some() {
-            self.settle(false);
+            if moved {
+                tracing::info!(
+                    "Health changed while a reload waited for its new endpoints' first probes; the new configuration goes live now (endpoints not probed yet stay out of answers)."
+                );
+            }
+            self.settle(moved);
             return;
         }
         self.publish_now();
@@ -1245,7 +1277,11 @@ impl Publisher {
             let msg = tokio::select! {
                 () = cancel.cancelled() => return,
                 () = sleep_until_some(wake) => {
-                    // A cool-down ended or a slow-start step is due.
+                    // A cool-down ended or a slow-start step is due: health
+                    // moved (a reload waiting for new endpoints goes live;
+                    // holding it back would also make this timer due again
+                    // at once, a busy loop).
+                    self.health_moved = true;
                     self.publish();
                     continue;
                 }
@@ -1411,6 +1447,66 @@ tiers = [["primary"], ["secondary"]]
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// A reload that adds an endpoint waits for its first probe (here: a
+    /// probe that never reports) before going live; a failover of an
+    /// endpoint the old config had meanwhile is published as fast as
+    /// without the reload, not when the wait ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_failover_during_a_reload_waiting_for_new_endpoints_is_not_delayed() {
+        let main = MAIN.replace("[server]\n", "[server]\nstartup-grace = \"20s\"\n");
+        let config = load(&main);
+        let (publisher, snapshot, mut first) =
+            Publisher::new(config, vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        let primary = Scripted::new(Scripted::OK);
+        for (id, probe) in [(0, primary.clone()), (1, Scripted::new(Scripted::OK))] {
+            tokio::spawn(probe_loop(
+                id,
+                probe,
+                schedule,
+                tx.clone(),
+                no_hints(),
+                cancel.clone(),
+            ));
+        }
+        first.wait_for(|done| *done).await.unwrap();
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // The reload adds a region whose endpoint (id 2) is never probed.
+        let added = format!("{main}[regions.third]\nendpoints = [{{ address = \"192.0.2.3\" }}]\n");
+        let (done, applied) = oneshot::channel();
+        tx.send(Msg::Reload {
+            config: load(&added),
+            ids: vec![0, 1, 2],
+            geo: None,
+            done,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1234)).await;
+        let fault = Instant::now();
+        primary.set(Scripted::REFUSE);
+        let moved = tokio::time::timeout(Duration::from_secs(5), until(&snapshot, "192.0.2.2"))
+            .await
+            .expect("no failover within 5 s of a reload waiting for a new endpoint")
+            - fault;
+        assert!(
+            moved <= Duration::from_millis(550),
+            "failover after {moved:?} during a reload, expected within one interval"
+        );
+        // The reload went live with it; its new endpoint is not answered.
+        let generation = applied.await.unwrap();
+        assert!(snapshot.load().generation >= generation);
+        assert_eq!(snapshot.load().endpoints.len(), 3);
+        assert_eq!(snapshot.load().endpoints[2].status, Status::Unknown);
+        cancel.cancel();
     }
 
     #[tokio::test(start_paused = true)]

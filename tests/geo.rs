@@ -1345,3 +1345,78 @@ async fn a_reload_while_the_database_file_is_broken_keeps_the_database_in_use() 
     assert!(metrics.contains("inferdns_geoip_loads_total{result=\"failure\"} 1"));
     drop(regions);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_is_published_while_a_reload_still_loads_its_geoip_database() {
+    // The reload moves the database to a named pipe: its load blocks (in
+    // the reloader, on a blocking thread) until the test writes the bytes.
+    // A region dies meanwhile; the failover must not wait for the reload.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    let bytes = tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68);
+    std::fs::write(&db, &bytes).unwrap();
+    let (text, regions) = regions_with_db(&db, "1h").await;
+    let text = text.replace("jurisdictions", &format!("{FAST_PROBE}\njurisdictions"));
+    let service = "[services.near]\ntiers = [[\"eu-central\"], [\"us-east\"]]\n";
+    let main = base_config(&format!("{text}{service}"));
+    let s = Server::start_with_token(&main, TOKEN).await;
+    assert_eq!(answer_strings(&ask_near(s.dns()).await), ["127.0.0.71"]);
+
+    let pipe = dir.path().join("slow.mmdb");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let moved = base_config(&format!(
+        "{}{service}",
+        text.replace(&db.display().to_string(), &pipe.display().to_string())
+    ))
+    .replace("[server]\n", "[server]\nadmin-token-file = \"token\"\n");
+    s.files.write("inferdns.toml", &moved);
+    let reload_url = format!("http://{}/v1/reload", s.running.admin);
+    let reload = tokio::spawn(async move { http("POST", &reload_url, Some(TOKEN), None).await });
+    // The load has the pipe open for reading once a writer can open it
+    // without blocking (ENXIO until then).
+    let writer = {
+        let pipe = pipe.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            for _ in 0..1000 {
+                if let Ok(f) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&pipe)
+                {
+                    return f;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("the reload never opened the GeoIP file");
+        })
+        .await
+        .unwrap()
+    };
+    regions[0].set_fault(inferdns::demo::Fault::Down);
+    s.wait_answer(
+        "near.inference.example.com.",
+        &["127.0.0.73"],
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        !reload.is_finished(),
+        "the reload cannot have finished: its database is not written yet"
+    );
+    // The bytes arrive; the reload completes with the database from the pipe.
+    tokio::task::spawn_blocking(move || {
+        let mut writer = writer;
+        std::io::Write::write_all(&mut writer, &bytes).unwrap();
+    })
+    .await
+    .unwrap();
+    let (code, body) = reload.await.unwrap();
+    assert_eq!(code, 200, "reload refused: {body}");
+    assert_eq!(answer_strings(&ask_near(s.dns()).await), ["127.0.0.73"]);
+    drop(regions);
+}
