@@ -1420,3 +1420,62 @@ async fn a_failover_is_published_while_a_reload_still_loads_its_geoip_database()
     assert_eq!(answer_strings(&ask_near(s.dns()).await), ["127.0.0.73"]);
     drop(regions);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_read_the_geoip_file_only_when_it_changed_and_check_it_only_when_its_bytes_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("city.mmdb");
+    let de = tiny_db("192.0.2.0/24", "DE", "EU", 50.11, 8.68);
+    std::fs::write(&db, &de).unwrap();
+    // The watcher looks only once an hour: the reloads alone meet the file.
+    let (text, regions) = regions_with_db(&db, "1h").await;
+    let service = "[services.near]\ntiers = [[\"eu-central\", \"us-east\"]]\nstrategy = \"proximity\"\nproximity-tolerance = \"1ms\"\n";
+    let main = base_config(&format!("{text}{service}"));
+    let s = Server::start_with_token(&main, TOKEN).await;
+    let reload_url = format!("http://{}/v1/reload", s.running.admin);
+    let metrics_url = format!("http://{}/metrics", s.running.admin);
+    let loads = || async {
+        let metrics = http("GET", &metrics_url, None, None).await.1;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("inferdns_geoip_loads_total{result=\"success\"} "))
+            .map(|v| v.trim().to_string())
+    };
+    let reload = || async {
+        let (code, body) = http("POST", &reload_url, Some(TOKEN), None).await;
+        assert_eq!(code, 200, "reload refused: {body}");
+    };
+    assert_eq!(loads().await.as_deref(), Some("1"), "the load at start");
+    // Unchanged: not read again.
+    reload().await;
+    assert_eq!(loads().await.as_deref(), Some("1"));
+    // The same bytes renamed into place (another inode): read, compared,
+    // not checked or counted as a load.
+    let staged = dir.path().join("city.mmdb.new");
+    std::fs::write(&staged, &de).unwrap();
+    std::fs::rename(&staged, &db).unwrap();
+    reload().await;
+    assert_eq!(loads().await.as_deref(), Some("1"));
+    assert_eq!(answer_strings(&ask_near(s.dns()).await), ["127.0.0.71"]);
+    // Other bytes with the very same size and modification time (as `cp -p`
+    // or `rsync -a` leave them): the key still differs (inode, ctime).
+    let us = tiny_db("192.0.2.0/24", "US", "NA", 38.9, -77.04);
+    assert_eq!(us.len(), de.len(), "the fixture sizes match");
+    let mtime = std::fs::metadata(&db).unwrap().modified().unwrap();
+    std::fs::write(&staged, &us).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::fs::rename(&staged, &db).unwrap();
+    reload().await;
+    assert_eq!(
+        loads().await.as_deref(),
+        Some("2"),
+        "the new database loaded"
+    );
+    assert_eq!(answer_strings(&ask_near(s.dns()).await), ["127.0.0.73"]);
+    drop(regions);
+}
