@@ -79,6 +79,9 @@ struct EndpointInfo {
     cooldown: Duration,
     slow_start: Duration,
     completion_model: Option<String>,
+    /// One probe cycle (interval + timeout): endpoints that went unfit
+    /// within one of each other went unfit together (last known good).
+    cycle: Duration,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -111,6 +114,10 @@ struct EndpointHealth {
     held: Vec<(Layer, ProbeError)>,
     /// The completion probe is not being sent: the region is full.
     completion_skipped: bool,
+    /// `inferdns_probes_total` by layer and result, as used so far.
+    probe_counters: Vec<(Layer, &'static str, prometheus::IntCounter)>,
+    /// `inferdns_probe_duration_seconds` of the endpoint's region.
+    probe_seconds: Option<prometheus::Histogram>,
 }
 
 impl EndpointHealth {
@@ -220,6 +227,10 @@ struct Loaded {
     service_span: Vec<std::ops::Range<usize>>,
     /// The services that use each region.
     region_services: Vec<Vec<usize>>,
+    /// Region index by id.
+    region_by_id: HashMap<String, usize>,
+    /// The distinct last-known-good holds of the services (not zero), shortest first.
+    holds: Vec<Duration>,
 }
 
 impl Loaded {
@@ -267,6 +278,7 @@ impl Loaded {
                     cooldown: p.cooldown,
                     slow_start: p.slow_start,
                     completion_model: p.completion.as_ref().map(|c| c.model.clone()),
+                    cycle: p.interval + p.timeout,
                 });
             }
         }
@@ -290,7 +302,22 @@ impl Loaded {
             }
             service_span.push(start..service_regions.len());
         }
+        let mut holds: Vec<Duration> = config
+            .services
+            .iter()
+            .map(|s| s.last_known_good)
+            .filter(|h| !h.is_zero())
+            .collect();
+        holds.sort_unstable();
+        holds.dedup();
         Loaded {
+            region_by_id: config
+                .regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id.clone(), i))
+                .collect(),
+            holds,
             region_endpoints,
             service_regions,
             service_span,
@@ -364,6 +391,14 @@ pub struct Publisher {
     holding: HashSet<String>,
     /// What the probe loops are told: recoveries and full regions.
     hints: watch::Sender<ProbeHints>,
+    /// A publish waiting for the coalescing gap to pass.
+    pending: Option<Instant>,
+    /// A region's measured latency moved since the last publish.
+    latency_moved: bool,
+    /// How long the last build took (the coalescing gap follows it).
+    build_cost: Duration,
+    /// Builds the coalescing bucket held, and when.
+    bucket: (f64, Instant),
     /// The drained flag and utilisation last set in each region's gauges.
     region_gauges: Vec<Option<(bool, Option<f64>)>>,
     /// What the published snapshot was built from; `None` after a reload
@@ -452,6 +487,10 @@ impl Publisher {
             hints: watch::channel(ProbeHints::default()).0,
             built: Some(first.built),
             region_gauges: Vec::new(),
+            pending: None,
+            latency_moved: false,
+            build_cost: Duration::ZERO,
+            bucket: (BURST, Instant::now()),
         };
         publisher.metrics.snapshot_generation.set(1);
         for view in &publisher.snapshot.load().service_views {
@@ -467,7 +506,8 @@ impl Publisher {
         self.hints = hints;
     }
 
-    /// Applies one message; returns true when answers or status changed.
+    /// Applies one message; returns true when answers or status changed
+    /// (a moved probe latency is noted apart: `run` republishes it later).
     pub fn apply(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Probe(report) => self.apply_probe(report),
@@ -558,19 +598,33 @@ impl Publisher {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.metrics
-            .probes
-            .with_label_values(&[
-                info.region.as_str(),
-                info.target.as_str(),
-                crate::metrics::layer_label(report.layer),
-                label,
-            ])
-            .inc();
+        // Resolved once per endpoint, layer and result: 2,000 probes a
+        // second would otherwise hash four labels each.
+        let counter = match h
+            .probe_counters
+            .iter()
+            .find(|(l, r, _)| *l == report.layer && *r == label)
+        {
+            Some((_, _, counter)) => counter,
+            None => {
+                let counter = self.metrics.probes.with_label_values(&[
+                    info.region.as_str(),
+                    info.target.as_str(),
+                    crate::metrics::layer_label(report.layer),
+                    label,
+                ]);
+                h.probe_counters.push((report.layer, label, counter));
+                &h.probe_counters[h.probe_counters.len() - 1].2
+            }
+        };
+        counter.inc();
         if report.outcome.result != Ok(Payload::Skipped) {
-            self.metrics
-                .probe_seconds
-                .with_label_values(&[info.region.as_str()])
+            h.probe_seconds
+                .get_or_insert_with(|| {
+                    self.metrics
+                        .probe_seconds
+                        .with_label_values(&[info.region.as_str()])
+                })
                 .observe(report.outcome.elapsed.as_secs_f64());
         }
         let mut changed = false;
@@ -736,11 +790,12 @@ impl Publisher {
             Err(e) => changed |= note_error(h, e),
         }
         if ok {
-            // Republish only when the region's latency moved noticeably.
+            // Republish only when the region's latency moved noticeably,
+            // and not at once (see `LATENCY_REPUBLISH`).
             let now_ms = region_latency_of(&self.loaded, &self.health, r);
             let then = self.published_latency.get(r).copied().unwrap_or(0.0);
             if (now_ms - then).abs() > (0.2 * then).max(2.0) {
-                changed = true;
+                self.latency_moved = true;
             }
         }
         changed
@@ -799,18 +854,22 @@ impl Publisher {
                 next = Some(t);
             }
         };
-        for (r, region) in self.loaded.config.regions.iter().enumerate() {
-            let max_age = region.capacity.max_age;
-            for h in &self.health[self.loaded.region_endpoints[r].clone()] {
-                if let Some((_, at)) = h.load {
-                    consider(at + max_age);
-                }
-            }
-            if let Some((_, at)) = self.pushed.get(&region.id) {
-                consider(*at + max_age);
+        // Called after every message: no hashing per region or endpoint.
+        let regions = &self.loaded.config.regions;
+        for (id, (_, at)) in &self.pushed {
+            if let Some(region) = self.loaded.region_by_id.get(id) {
+                consider(*at + regions[*region].capacity.max_age);
             }
         }
-        for (h, info) in self.health.iter().zip(&self.loaded.info) {
+        for ((h, info), r) in self
+            .health
+            .iter()
+            .zip(&self.loaded.info)
+            .zip(&self.loaded.region_of)
+        {
+            if let Some((_, at)) = h.load {
+                consider(at + regions[*r].capacity.max_age);
+            }
             // A probe layer falls silent (its endpoint becomes unfit).
             for (layer, limit) in &info.silence {
                 if let Some((_, at)) = h.heard.iter().find(|(l, _)| l == layer) {
@@ -821,19 +880,23 @@ impl Publisher {
                 consider(until);
             }
             if let Some(since) = h.up_since
-                && now < since + info.slow_start
+                && !info.slow_start.is_zero()
             {
                 // Twenty steps per ramp, at least 100 ms apart, on a fixed
-                // grid from `since` (so that other messages cannot postpone them).
+                // grid from `since` (so that other messages cannot postpone
+                // them), and the ramp's end.
+                let end = since + info.slow_start;
                 let step = (info.slow_start / 20).max(Duration::from_millis(100));
-                let done = ((now - since).as_nanos() / step.as_nanos()) as u32;
-                consider(since + step * (done + 1));
+                let done = ((now.min(end) - since).as_nanos() / step.as_nanos()) as u32;
+                // The step (or end) just reached is due if no publish followed it.
+                consider((since + step * done).min(end));
+                if now < end {
+                    consider((since + step * (done + 1)).min(end));
+                }
             }
         }
         // A last-known-good hold ends (the all-down rule applies).
-        for t in self.last_good_deadlines() {
-            consider(t);
-        }
+        self.last_good_deadlines(&mut consider);
         next
     }
 
@@ -1094,6 +1157,8 @@ impl Publisher {
     /// Builds and swaps in a new snapshot, unless a reload is waiting for
     /// its first probes (then the old config keeps serving until it settles).
     pub fn publish(&mut self) {
+        // Whatever waited for the coalescing gap goes out with this one.
+        self.pending = None;
         // Marked even while a reload is deferred: a mark is the moment of the change.
         self.note_fitness();
         if self.deferred.is_some() {
@@ -1108,6 +1173,7 @@ impl Publisher {
         self.last_publish = Instant::now();
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
+        self.latency_moved = false;
         self.note_silence();
         self.note_fitness();
         let dynamic = self.dynamic();
@@ -1172,9 +1238,13 @@ impl Publisher {
             self.first_round.send_replace(true);
         }
         self.metrics.snapshot_generation.set(self.generation as i64);
+        self.build_cost = started.elapsed();
+        let now = Instant::now();
+        let tokens = self.tokens_at(now, coalescing_gap(self.build_cost));
+        self.bucket = ((tokens - 1.0).max(0.0), now);
         self.metrics
             .snapshot_build_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(self.build_cost.as_secs_f64());
     }
 
     /// Sets the decision gauges of the services compiled for `next`, and
@@ -1235,19 +1305,39 @@ impl Publisher {
     /// Runs until the channel closes or `cancel` fires. Messages that arrive
     /// together are applied together and published once.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
+        // The next timed change (cool-down end, slow-start step, expiry,
+        // silence, hold end): recomputed after a publish or when it fires,
+        // not after every probe result (a scan of every endpoint). Probe
+        // results only postpone deadlines (a silence limit) between
+        // publishes; anything that brings one nearer changes the answer
+        // and publishes.
+        let mut wake: Option<Option<Instant>> = None;
         loop {
             let deadline = self.deferred.as_ref().map(|d| d.deadline);
-            let wake = self.next_wake();
+            let generation = self.generation;
+            let next = *wake.get_or_insert_with(|| self.next_wake());
             let msg = tokio::select! {
                 () = cancel.cancelled() => return,
-                () = sleep_until_some(wake) => {
-                    // A cool-down ended or a slow-start step is due.
+                () = sleep_until_some(next) => {
+                    // Due unless it was postponed since it was computed.
+                    let now = self.next_wake();
+                    if now.is_some_and(|t| t <= Instant::now()) {
+                        self.publish();
+                        wake = None;
+                    } else {
+                        wake = Some(now);
+                    }
+                    continue;
+                }
+                () = sleep_until_some(self.pending) => {
                     self.publish();
+                    wake = None;
                     continue;
                 }
                 () = sleep_until_some(deadline) => {
                     tracing::warn!("Reloaded endpoints did not all answer their first probe in time; serving the new config anyway.");
                     self.settle(true);
+                    wake = None;
                     continue;
                 }
                 msg = rx.recv() => match msg {
@@ -1260,10 +1350,54 @@ impl Publisher {
                 changed |= self.apply(msg);
             }
             if changed {
-                self.publish();
+                self.publish_coalesced();
+            } else if self.latency_moved && self.pending.is_none() {
+                self.pending = Some(self.last_publish + LATENCY_REPUBLISH);
+            }
+            if changed || self.generation != generation || self.deferred.is_some() {
+                wake = None;
             }
         }
     }
+
+    /// Publishes now while builds are rare; in a burst of changes (a whole
+    /// region dying, its endpoints' failures spread over a probe interval)
+    /// at most one build per coalescing gap, each with every change that
+    /// arrived meanwhile: a token bucket of [`BURST`] builds, refilled one
+    /// per gap. A single change is published at once.
+    fn publish_coalesced(&mut self) {
+        let gap = coalescing_gap(self.build_cost);
+        let now = Instant::now();
+        let tokens = self.tokens_at(now, gap);
+        if tokens >= 1.0 {
+            self.publish();
+        } else {
+            let wait = gap.mul_f64(1.0 - tokens);
+            self.pending.get_or_insert(now + wait);
+        }
+    }
+
+    /// Builds the bucket allows at `now` (spent by [`Publisher::publish_now`]).
+    fn tokens_at(&self, now: Instant, gap: Duration) -> f64 {
+        let (tokens, at) = self.bucket;
+        let refill = now.saturating_duration_since(at).as_secs_f64() / gap.as_secs_f64();
+        (tokens + refill).min(BURST)
+    }
+}
+
+/// Builds the coalescing bucket allows back to back.
+const BURST: f64 = 4.0;
+
+/// Shortest time between a snapshot build and one for a moved probe
+/// latency alone: it only re-ranks proximity answers, and on a busy edge
+/// every probe time moves (1,000 regions republished several times a second).
+const LATENCY_REPUBLISH: Duration = Duration::from_secs(1);
+
+/// Time between two snapshot builds through a storm of changes: four
+/// times what the last build took (builds take at most a fifth of a core),
+/// between 50 and 250 ms.
+fn coalescing_gap(build_cost: Duration) -> Duration {
+    (build_cost * 4).clamp(Duration::from_millis(50), Duration::from_millis(250))
 }
 
 /// Records `e` as the endpoint's last error; true if that changed.
