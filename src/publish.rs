@@ -336,6 +336,7 @@ impl Loaded {
     }
 }
 
+#[derive(Clone)]
 /// Inputs of a snapshot that change with time: region latency and load,
 /// the shedding level of each (service, region) pair (laid out as
 /// `Loaded::service_regions`) and the TTL of each service.
@@ -1178,6 +1179,8 @@ impl Publisher {
         self.note_fitness();
         let dynamic = self.dynamic();
         self.steer_completions();
+        #[cfg(test)]
+        let unshared = dynamic.clone();
         let previous = self.snapshot.load_full();
         let out = build::build(
             build::BuildInputs {
@@ -1193,6 +1196,33 @@ impl Publisher {
         );
         let next = out.snapshot;
         self.built = Some(out.built);
+        // Every unit test checks that sharing changed nothing: the
+        // snapshot equals one compiled from scratch.
+        #[cfg(test)]
+        {
+            let full = build::build(
+                build::BuildInputs {
+                    loaded: &self.loaded,
+                    health: &self.health,
+                    drained: &self.drained,
+                    generation: self.generation,
+                    geo: self.geo.clone(),
+                    dynamic: unshared,
+                    metrics: &self.metrics,
+                },
+                None,
+            );
+            assert_eq!(
+                format!("{:?}", full.snapshot.services),
+                format!("{:?}", next.services),
+                "services shared by an incremental build differ from a full build"
+            );
+            assert_eq!(
+                format!("{:?}", full.snapshot.service_views),
+                format!("{:?}", next.service_views),
+                "views shared by an incremental build differ from a full build"
+            );
+        }
         // After a reload, services are matched by id; otherwise by index.
         let by_id: Option<HashMap<&str, &model::ServiceView>> = (!out.incremental).then(|| {
             previous
@@ -3086,6 +3116,275 @@ tiers = [["primary"], ["secondary"]]
         assert!((mid - 0.5).abs() < 0.07, "about half way: {mid}");
         tokio::time::sleep_until(back + Duration::from_millis(10_600)).await;
         assert_eq!(primary_share(&snapshot), 1.0, "all of it after the ramp");
+        cancel.cancel();
+    }
+
+    const MIXED: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[geoip]
+database = "GEOIP"
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.a]
+location = { country = "DE", continent = "EU", lat = 50.1, lon = 8.7 }
+jurisdictions = ["eu"]
+endpoints = [{ address = "192.0.2.1" }, { address = "192.0.2.2" }]
+probe = { models-path = "/v1/models", slow-start = "5s", cooldown = "3s" }
+capacity = { gpus = 4, cost = 2.0, max-age = "10s" }
+[regions.b]
+location = { country = "IE", continent = "EU", lat = 53.3, lon = -6.3 }
+jurisdictions = ["eu"]
+endpoints = [{ address = "192.0.2.3" }]
+probe = { models-path = "/v1/models" }
+capacity = { gpus = 2, cost = 1.0, max-age = "10s" }
+[regions.c]
+location = { country = "US", continent = "NA", lat = 38.9, lon = -77.0 }
+jurisdictions = ["us"]
+endpoints = [{ address = "192.0.2.4" }, { address = "2001:db8::4" }]
+capacity = { gpus = 8, cost = 3.0, max-age = "10s" }
+[regions.d]
+endpoints = [{ cname = "gw.provider.example.net", probe-address = "203.0.113.7" }]
+[services.fail]
+tiers = [["a"], ["b", "c"], ["d"]]
+model = "m1"
+max-latency = "5ms"
+last-known-good = "10s"
+[services.cap]
+tiers = [["a", "b", "c"]]
+strategy = "capacity"
+records = 2
+sticky = true
+ttl-min = 5
+[services.cheap]
+tiers = [["a", "b"], ["c"]]
+strategy = "cost"
+model = "m2"
+when-all-down = "nodata"
+fallback = "fail"
+[services.near]
+tiers = [["a", "b", "c"]]
+strategy = "proximity"
+residency = { rules = [{ clients = ["eu"], allow = ["eu"] }], unknown-location = "deny" }
+when-all-down = "servfail"
+[services.other]
+tiers = [["c"]]
+"#;
+
+    fn mixed() -> Arc<Config> {
+        let geoip = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        load(&MIXED.replace("GEOIP", geoip))
+    }
+
+    /// Many random changes of every kind, each published: every build
+    /// (incremental, sharing the services whose inputs did not change) is
+    /// checked against a build from scratch inside `publish_now`.
+    #[tokio::test(start_paused = true)]
+    async fn incremental_builds_equal_full_builds_through_random_changes() {
+        use rand::{Rng, SeedableRng};
+        let config = mixed();
+        let endpoints: u64 = 6;
+        let (mut publisher, snapshot, _) = Publisher::new(
+            config,
+            (0..endpoints).collect(),
+            None,
+            Metrics::new(),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut shared = 0;
+        for _ in 0..600 {
+            let id = rng.random_range(0..endpoints);
+            let elapsed = Duration::from_micros(rng.random_range(0..9_000));
+            let probe = |layer, result| {
+                Msg::Probe(ProbeReport {
+                    endpoint: id,
+                    layer,
+                    outcome: crate::health::ProbeOutcome { result, elapsed },
+                })
+            };
+            match rng.random_range(0..10) {
+                0..=2 => drop(publisher.apply(probe(Layer::Alive, Ok(Payload::Alive)))),
+                3 => drop(publisher.apply(probe(Layer::Alive, Err(ProbeError::Refused)))),
+                4 => drop(publisher.apply(probe(Layer::Alive, Err(ProbeError::Timeout)))),
+                5 => {
+                    let models = match rng.random_range(0..3) {
+                        0 => vec!["m1".to_string()],
+                        1 => vec!["m2".to_string()],
+                        _ => vec!["m1".to_string(), "m2".to_string()],
+                    };
+                    drop(publisher.apply(probe(Layer::Models, Ok(Payload::Models(models)))));
+                }
+                6 => drop(publisher.apply(probe(
+                    Layer::Alive,
+                    Err(ProbeError::RateLimited {
+                        retry_after_s: Some(rng.random_range(1..4)),
+                    }),
+                ))),
+                7 => {
+                    let region = ["a", "b", "c"][rng.random_range(0..3)];
+                    push(&mut publisher, region, rng.random_range(0.0..1.0));
+                }
+                8 => {
+                    let (done, _) = oneshot::channel();
+                    publisher.apply(Msg::Drain {
+                        region: ["a", "b", "c", "d"][rng.random_range(0..4)].into(),
+                        drained: rng.random_bool(0.3),
+                        done,
+                    });
+                }
+                _ => {
+                    tokio::time::advance(Duration::from_millis(rng.random_range(0..4_000))).await
+                }
+            }
+            let before = snapshot.load_full();
+            publisher.publish();
+            let after = snapshot.load();
+            shared += before
+                .services
+                .iter()
+                .zip(&after.services)
+                .filter(|(a, b)| Arc::ptr_eq(a, b))
+                .count();
+        }
+        assert!(shared > 600, "builds shared unchanged services: {shared}");
+        let decisions: HashSet<&str> = snapshot
+            .load()
+            .service_views
+            .iter()
+            .map(|v| v.decision.state())
+            .collect();
+        assert!(!decisions.is_empty());
+    }
+
+    /// One endpoint's change recompiles the services over its region only;
+    /// the others are the same `Arc`s as in the snapshot before.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_recompiles_only_the_services_over_its_region() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(mixed(), (0..6).collect(), None, Metrics::new());
+        for id in 0..6 {
+            for _ in 0..2 {
+                publisher.apply(report_on(id, Layer::Alive, Ok(Payload::Alive)));
+                publisher.apply(report_on(
+                    id,
+                    Layer::Models,
+                    Ok(Payload::Models(vec!["m1".into(), "m2".into()])),
+                ));
+            }
+        }
+        publisher.publish();
+        let before = snapshot.load_full();
+        // Endpoint 5 is the CNAME endpoint of region d, which only `fail` uses.
+        publisher.apply(report(5, false));
+        publisher.publish();
+        let after = snapshot.load_full();
+        for (i, view) in after.service_views.iter().enumerate() {
+            assert_eq!(
+                Arc::ptr_eq(&before.services[i], &after.services[i]),
+                view.id != "fail",
+                "{}",
+                view.id
+            );
+        }
+        let fail = after
+            .service_views
+            .iter()
+            .position(|v| v.id == "fail")
+            .unwrap();
+        let explain = &after.services[fail].classes[0].explain;
+        assert!(
+            explain
+                .iter()
+                .any(|l| l.contains("region d endpoint gw.provider.example.net") && l.contains("down")),
+            "{explain:?}"
+        );
+        // A result that changes nothing an answer reads (region a's
+        // endpoint still up, its time still under `fail`'s max-latency)
+        // shares every service.
+        publisher.apply(report(0, true));
+        publisher.publish();
+        let again = snapshot.load_full();
+        assert!(again.generation > after.generation);
+        for i in 0..again.services.len() {
+            assert!(Arc::ptr_eq(&after.services[i], &again.services[i]));
+        }
+    }
+
+    /// A whole group of regions dies at once (40 single-endpoint regions of
+    /// one service; their probes find out over one jittered interval): the
+    /// first loss is published at once, the rest coalesce into a few
+    /// builds rather than one per endpoint.
+    #[tokio::test(start_paused = true)]
+    async fn many_endpoints_failing_together_cost_a_few_builds() {
+        const N: u64 = 40;
+        let mut text = String::from(
+            "[server]\ndns-listen = [\"127.0.0.1:0\"]\n[zone]\napex = \"inference.example.com\"\nsoa = { primary = \"ns1.example.net\", contact = \"hostmaster.example.net\" }\nns = [{ name = \"ns1.example.net\" }]\n",
+        );
+        let mut tier = Vec::new();
+        for i in 0..N {
+            text.push_str(&format!(
+                "[regions.r{i}]\nendpoints = [{{ address = \"192.0.2.{}\" }}]\n",
+                i + 1
+            ));
+            tier.push(format!("\"r{i}\""));
+        }
+        text.push_str(&format!("[services.chat]\ntiers = [[{}]]\n", tier.join(", ")));
+        let (publisher, snapshot, mut first) =
+            Publisher::new(load(&text), (0..N).collect(), None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(1024);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let backend = Scripted::new(Scripted::OK);
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        for id in 0..N {
+            tokio::spawn(probe_loop(
+                id,
+                backend.clone(),
+                schedule,
+                tx.clone(),
+                no_hints(),
+                cancel.clone(),
+            ));
+        }
+        first.wait_for(|done| *done).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert_eq!(answer(&snapshot).len(), N as usize);
+        let before = snapshot.load().generation;
+        let fault = Instant::now();
+        backend.set(Scripted::REFUSE);
+        while answer(&snapshot).len() == N as usize {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let first_loss = fault.elapsed();
+        assert!(
+            first_loss <= Duration::from_millis(550),
+            "the first loss is published at once: {first_loss:?}"
+        );
+        // Once all are down the answer is the last known good one again:
+        // wait for the endpoints' status instead.
+        while !snapshot
+            .load()
+            .endpoints
+            .iter()
+            .all(|e| e.status == Status::Down)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let all = fault.elapsed();
+        let builds = snapshot.load().generation - before;
+        assert!(
+            all <= Duration::from_millis(550 + 250),
+            "every loss published within the interval and a gap: {all:?}"
+        );
+        assert!(
+            builds <= 20,
+            "{N} endpoints lost, {builds} builds (one per loss without coalescing)"
+        );
         cancel.cancel();
     }
 }

@@ -790,6 +790,94 @@ pub async fn run_once<P: Probe>(probe: &P, timeout: Duration) -> ProbeOutcome {
 mod tests {
     use super::*;
 
+    /// A loopback HTTP server that keeps connections alive but closes one
+    /// when a second request arrives on it (a server closing an idle
+    /// connection just as the client reuses it); `stop` closes the
+    /// listener and every connection, as a dead process does. Returns
+    /// the address and the connections accepted so far.
+    async fn closing_server(
+        stop: tokio_util::sync::CancellationToken,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut served = 0;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let n = tokio::select! {
+                            () = stop.cancelled() => return,
+                            n = stream.read(&mut chunk) => n.unwrap_or(0),
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            continue;
+                        }
+                        buf.clear();
+                        if served == 1 {
+                            return; // closed under the client's second request
+                        }
+                        served += 1;
+                        let body = r#"{"status":"ok"}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+                            body.len()
+                        );
+                        stream.write_all(head.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn alive_probe(addr: std::net::SocketAddr) -> AnyProbe {
+        let text = format!(
+            "[server]\ndns-listen = [\"127.0.0.1:0\"]\n[zone]\napex = \"inference.example.com\"\nsoa = {{ primary = \"ns1.example.net\", contact = \"h.example.net\" }}\nns = [{{ name = \"ns1.example.net\" }}]\n[regions.r]\nendpoints = [{{ address = \"127.0.0.1\", port = {} }}]\n[services.s]\ntiers = [[\"r\"]]\n",
+            addr.port()
+        );
+        let config = crate::config::load_str(std::path::Path::new("t.toml"), &text).unwrap();
+        let spec = &config.regions[0].endpoints[0].probe;
+        probes_for(spec).unwrap().remove(0).0
+    }
+
+    /// The keep-alive race: the server closes the kept connection as the
+    /// next probe is sent on it. The probe is tried again on a fresh
+    /// connection and succeeds; it is not a failure (a refusal would take
+    /// the endpoint down at once).
+    #[tokio::test]
+    async fn a_kept_connection_closed_under_a_probe_is_retried_on_a_fresh_one() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (addr, accepted) = closing_server(stop.clone()).await;
+        let probe = alive_probe(addr);
+        // The first probe connects afresh; the second opens the kept
+        // connection; the third is sent on it, which the server closes.
+        for n in 1..=3 {
+            assert_eq!(probe.check().await, Ok(Payload::Alive), "probe {n}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "the third one connected again");
+        // A dead server (listener and connections closed) is refused at
+        // once, kept connection or not.
+        assert_eq!(probe.check().await, Ok(Payload::Alive), "probe 4 keeps a connection");
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(probe.check().await, Err(ProbeError::Refused));
+    }
+
     #[test]
     fn errors_of_this_hosts_own_resources_are_their_own_type() {
         for errno in [24, 23, 105, 12, 98, 99] {
