@@ -2,8 +2,9 @@
 //! - `answer/*`: the pure lookup over a snapshot (what the query path adds
 //!   on top of reading the query and writing the reply);
 //! - `query/*`: a whole UDP query as the server's UDP loop handles it
-//!   (`Handler::answer_udp`): decode the wire bytes, one snapshot load,
-//!   answer, encode the response.
+//!   (`Handler::answer_udp`): read the wire bytes, one snapshot load,
+//!   copy the pre-encoded answer (or answer and encode it);
+//! - `general/*`: the same queries with the copy path off.
 //!
 //! Run: `cargo bench --bench answer`.
 
@@ -124,23 +125,42 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
-    let handler = Handler::new(snapshot.clone(), 1232);
+    // `query/*`: the whole answer as the UDP loop gets it (copy path where
+    // it applies); `general/*`: the same with every query on the general path.
     let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-    let mut group = c.benchmark_group("query");
-    for (label, name, qtype) in [
-        ("service_a", "chat.inference.example.com.", RecordType::A),
-        ("static_a", "www.inference.example.com.", RecordType::A),
-        ("nxdomain", "nope.inference.example.com.", RecordType::A),
+    for (group_name, handler) in [
+        ("query", Handler::new(snapshot.clone(), 1232)),
+        (
+            "general",
+            Handler::new(snapshot.clone(), 1232).general_only(),
+        ),
     ] {
-        let bytes = query(name, qtype);
-        group.bench_function(label, |b| {
-            b.iter(|| black_box(handler.answer_udp(black_box(&bytes), src)))
-        });
-        // The response is real: decode it once.
-        let reply = Message::from_vec(&handler.answer_udp(&bytes, src).unwrap()).unwrap();
-        assert!(reply.metadata.authoritative, "{label}");
+        let mut group = c.benchmark_group(group_name);
+        for (label, name, qtype) in [
+            ("service_a", "chat.inference.example.com.", RecordType::A),
+            ("static_a", "www.inference.example.com.", RecordType::A),
+            ("nxdomain", "nope.inference.example.com.", RecordType::A),
+            (
+                "capacity_draw_1_of_4",
+                "fleet.inference.example.com.",
+                RecordType::A,
+            ),
+            (
+                "capacity_sticky_2_of_4",
+                "sticky.inference.example.com.",
+                RecordType::A,
+            ),
+        ] {
+            let bytes = query(name, qtype);
+            group.bench_function(label, |b| {
+                b.iter(|| black_box(handler.answer_udp(black_box(&bytes), src)))
+            });
+            // The response is real: decode it once.
+            let reply = Message::from_vec(&handler.answer_udp(&bytes, src).unwrap()).unwrap();
+            assert!(reply.metadata.authoritative, "{label}");
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group! {

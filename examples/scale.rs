@@ -466,7 +466,7 @@ fn geoip(args: &[String]) {
         if first == 127 || first == 10 || (first == 198 && (base >> 16) & 0xff == 51) {
             continue;
         }
-        let prefix = if inserted % 4 == 0 { 26 } else { 24 };
+        let prefix = if inserted.is_multiple_of(4) { 26 } else { 24 };
         let net = ipnet::Ipv4Net::new(Ipv4Addr::from(base), prefix).expect("a prefix");
         writer
             .insert(ipnet::IpNet::V4(net), &record(inserted))

@@ -209,6 +209,8 @@ struct Loaded {
     config: Arc<Config>,
     index: EndpointIndex,
     zone: Arc<Zone>,
+    /// The zone's names with their pre-encoded answers (per config).
+    wire_names: Arc<crate::model::wire::Names>,
     info: Vec<EndpointInfo>,
     /// Probe id per global endpoint index, and back.
     ids: Vec<u64>,
@@ -310,7 +312,10 @@ impl Loaded {
             .collect();
         holds.sort_unstable();
         holds.dedup();
+        let zone = Arc::new(Zone::compile(&config));
         Loaded {
+            wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
+            zone,
             region_by_id: config
                 .regions
                 .iter()
@@ -322,7 +327,6 @@ impl Loaded {
             service_regions,
             service_span,
             region_services,
-            zone: Arc::new(Zone::compile(&config)),
             by_id: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             queries: Arc::new(metrics.query_table(&service_ids)),
             explain_acl: Arc::new(config.server.explain_acl.clone()),
@@ -1169,6 +1173,83 @@ impl Publisher {
         self.publish_now();
     }
 
+    /// Panics when `next` (built incrementally) differs from a snapshot
+    /// compiled from scratch, naming the service and where they differ.
+    #[cfg(test)]
+    fn check_equals_full_build(&self, dynamic: Dynamic, next: &Snapshot) {
+        let full = build::build(
+            build::BuildInputs {
+                loaded: &self.loaded,
+                health: &self.health,
+                drained: &self.drained,
+                generation: self.generation,
+                geo: self.geo.clone(),
+                dynamic,
+                metrics: &self.metrics,
+            },
+            None,
+        )
+        .snapshot;
+        fn differ(what: &str, id: &str, full: String, shared: String) {
+            if full == shared {
+                return;
+            }
+            let (full, shared): (Vec<char>, Vec<char>) =
+                (full.chars().collect(), shared.chars().collect());
+            let at = full.iter().zip(&shared).take_while(|(a, b)| a == b).count();
+            let window = |text: &[char]| -> String {
+                text[at.saturating_sub(300)..(at + 200).min(text.len())]
+                    .iter()
+                    .collect()
+            };
+            panic!(
+                "{what} of service {id}: the incremental build differs from a full build\n full: ...{}\n incr: ...{}",
+                window(&full),
+                window(&shared),
+            );
+        }
+        // Debug text with the residency maps in order (a HashMap's order
+        // differs between two builds of the same config).
+        fn answer_text(answer: &model::ServiceAnswer) -> String {
+            let residency = answer.residency.as_ref().map(|r| {
+                let mut countries: Vec<_> = r.by_country.iter().collect();
+                countries.sort();
+                let mut continents: Vec<_> = r.by_continent.iter().collect();
+                continents.sort();
+                format!(
+                    "{countries:?} {continents:?} {:?} {} {} {}",
+                    r.eu, r.otherwise, r.unknown, r.without_ecs_unknown
+                )
+            });
+            format!(
+                "{} {residency:?} {:?} {:?} {:?}",
+                answer.located, answer.classes, answer.tolerance_ms, answer.refusals
+            )
+        }
+        assert_eq!(full.services.len(), next.services.len());
+        for (i, view) in full.service_views.iter().enumerate() {
+            let id = &view.id;
+            differ(
+                "answer",
+                id,
+                answer_text(&full.services[i]),
+                answer_text(&next.services[i]),
+            );
+            differ(
+                "view",
+                id,
+                format!("{view:?}"),
+                format!("{:?}", next.service_views[i]),
+            );
+            differ(
+                "encoded answer",
+                id,
+                format!("{:?}", full.wire.services[i]),
+                format!("{:?}", next.wire.services[i]),
+            );
+        }
+    }
+
     fn publish_now(&mut self) {
         let started = std::time::Instant::now();
         self.last_publish = Instant::now();
@@ -1199,30 +1280,7 @@ impl Publisher {
         // Every unit test checks that sharing changed nothing: the
         // snapshot equals one compiled from scratch.
         #[cfg(test)]
-        {
-            let full = build::build(
-                build::BuildInputs {
-                    loaded: &self.loaded,
-                    health: &self.health,
-                    drained: &self.drained,
-                    generation: self.generation,
-                    geo: self.geo.clone(),
-                    dynamic: unshared,
-                    metrics: &self.metrics,
-                },
-                None,
-            );
-            assert_eq!(
-                format!("{:?}", full.snapshot.services),
-                format!("{:?}", next.services),
-                "services shared by an incremental build differ from a full build"
-            );
-            assert_eq!(
-                format!("{:?}", full.snapshot.service_views),
-                format!("{:?}", next.service_views),
-                "views shared by an incremental build differ from a full build"
-            );
-        }
+        self.check_equals_full_build(unshared, &next);
         // After a reload, services are matched by id; otherwise by index.
         let by_id: Option<HashMap<&str, &model::ServiceView>> = (!out.incremental).then(|| {
             previous
@@ -3186,12 +3244,8 @@ tiers = [["c"]]
         use rand::{Rng, SeedableRng};
         let config = mixed();
         let endpoints: u64 = 6;
-        let (mut publisher, snapshot, _) = Publisher::new(
-            config,
-            (0..endpoints).collect(),
-            None,
-            Metrics::new(),
-        );
+        let (mut publisher, snapshot, _) =
+            Publisher::new(config, (0..endpoints).collect(), None, Metrics::new());
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
         let mut shared = 0;
         for _ in 0..600 {
@@ -3205,23 +3259,31 @@ tiers = [["c"]]
                 })
             };
             match rng.random_range(0..10) {
-                0..=2 => drop(publisher.apply(probe(Layer::Alive, Ok(Payload::Alive)))),
-                3 => drop(publisher.apply(probe(Layer::Alive, Err(ProbeError::Refused)))),
-                4 => drop(publisher.apply(probe(Layer::Alive, Err(ProbeError::Timeout)))),
+                0..=2 => {
+                    publisher.apply(probe(Layer::Alive, Ok(Payload::Alive)));
+                }
+                3 => {
+                    publisher.apply(probe(Layer::Alive, Err(ProbeError::Refused)));
+                }
+                4 => {
+                    publisher.apply(probe(Layer::Alive, Err(ProbeError::Timeout)));
+                }
                 5 => {
                     let models = match rng.random_range(0..3) {
                         0 => vec!["m1".to_string()],
                         1 => vec!["m2".to_string()],
                         _ => vec!["m1".to_string(), "m2".to_string()],
                     };
-                    drop(publisher.apply(probe(Layer::Models, Ok(Payload::Models(models)))));
+                    publisher.apply(probe(Layer::Models, Ok(Payload::Models(models))));
                 }
-                6 => drop(publisher.apply(probe(
-                    Layer::Alive,
-                    Err(ProbeError::RateLimited {
-                        retry_after_s: Some(rng.random_range(1..4)),
-                    }),
-                ))),
+                6 => {
+                    publisher.apply(probe(
+                        Layer::Alive,
+                        Err(ProbeError::RateLimited {
+                            retry_after_s: Some(rng.random_range(1..4)),
+                        }),
+                    ));
+                }
                 7 => {
                     let region = ["a", "b", "c"][rng.random_range(0..3)];
                     push(&mut publisher, region, rng.random_range(0.0..1.0));
@@ -3234,9 +3296,7 @@ tiers = [["c"]]
                         done,
                     });
                 }
-                _ => {
-                    tokio::time::advance(Duration::from_millis(rng.random_range(0..4_000))).await
-                }
+                _ => tokio::time::advance(Duration::from_millis(rng.random_range(0..4_000))).await,
             }
             let before = snapshot.load_full();
             publisher.publish();
@@ -3297,7 +3357,8 @@ tiers = [["c"]]
         assert!(
             explain
                 .iter()
-                .any(|l| l.contains("region d endpoint gw.provider.example.net") && l.contains("down")),
+                .any(|l| l.contains("region d endpoint gw.provider.example.net")
+                    && l.contains("down")),
             "{explain:?}"
         );
         // A result that changes nothing an answer reads (region a's
@@ -3330,7 +3391,10 @@ tiers = [["c"]]
             ));
             tier.push(format!("\"r{i}\""));
         }
-        text.push_str(&format!("[services.chat]\ntiers = [[{}]]\n", tier.join(", ")));
+        text.push_str(&format!(
+            "[services.chat]\ntiers = [[{}]]\n",
+            tier.join(", ")
+        ));
         let (publisher, snapshot, mut first) =
             Publisher::new(load(&text), (0..N).collect(), None, Metrics::new());
         let (tx, rx) = mpsc::channel::<Msg>(1024);

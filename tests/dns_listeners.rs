@@ -62,6 +62,7 @@ fn broken_snapshot() -> Snapshot {
         geo: Default::default(),
         region_loads: Vec::new(),
         rrl: None,
+        wire: Default::default(),
     }
 }
 

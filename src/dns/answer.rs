@@ -410,7 +410,7 @@ fn common_prefix(a: IpAddr, b: IpAddr) -> u8 {
 }
 
 /// The residency class of a located client.
-fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
+pub(super) fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
     match (&service.residency, located) {
         (Some(index), Some(l)) if !l.from_ecs && index.without_ecs_unknown => index.unknown,
         (Some(index), Some(l)) => index.class(l.country, l.continent, l.eu),
@@ -418,13 +418,18 @@ fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> usize {
     }
 }
 
+/// Proximity: the estimated round trip from `coords` to a candidate, in ms.
+pub(super) fn estimate(coords: (f64, f64), c: &Candidate) -> f64 {
+    rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms
+}
+
 /// Proximity: the candidates within the tolerance of the best estimate.
-fn nearest(
+pub(super) fn nearest(
     candidates: &[Candidate],
     coords: (f64, f64),
     tolerance_ms: f64,
 ) -> impl Iterator<Item = &Candidate> {
-    let estimate = move |c: &Candidate| rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms;
+    let estimate = move |c: &Candidate| estimate(coords, c);
     let best = candidates
         .iter()
         .map(estimate)
@@ -547,7 +552,7 @@ const STICKY_V6: u8 = 56;
 /// shorter subnet; RFC 7871 lets SCOPE exceed SOURCE, but a resolver caches
 /// such an answer for SOURCE anyway, and it would only ask resolvers to
 /// reveal longer prefixes. `None` without ECS (nothing is echoed).
-fn sticky_scope(client: &Client) -> Option<u8> {
+pub(super) fn sticky_scope(client: &Client) -> Option<u8> {
     let net = client.ecs?;
     let width = if net.addr().is_ipv4() {
         STICKY_V4
@@ -559,7 +564,7 @@ fn sticky_scope(client: &Client) -> Option<u8> {
 
 /// The client's subnet (/24 or /56 of the ECS subnet, else of the resolver)
 /// as a key for sticky draws.
-fn subnet_key(client: &Client) -> u64 {
+pub(super) fn subnet_key(client: &Client) -> u64 {
     let ip = client
         .ecs
         .map(|n| n.addr())

@@ -7,8 +7,10 @@
 
 pub mod answer;
 mod handler;
+mod mmsg;
 pub mod query;
 pub mod reply;
 pub mod rrl;
+pub mod wire;
 
 pub use handler::{DnsServer, Handler, TcpLimits, Transport};

@@ -38,7 +38,7 @@ pub struct Opt<'a> {
 }
 
 impl Opt<'_> {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         let nsid = self.nsid.map_or(0, |n| 4 + n.len());
         let ecs = self
             .ecs
@@ -335,7 +335,7 @@ fn name_at_equals(message: &[u8], mut at: usize, labels: &[&[u8]]) -> bool {
     false
 }
 
-fn write_opt(buf: &mut Vec<u8>, opt: &Opt<'_>, rcode: u16) {
+pub(super) fn write_opt(buf: &mut Vec<u8>, opt: &Opt<'_>, rcode: u16) {
     buf.push(0); // the root
     buf.extend_from_slice(&41u16.to_be_bytes());
     buf.extend_from_slice(&opt.payload.to_be_bytes());

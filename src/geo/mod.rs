@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -56,8 +57,20 @@ pub enum GeoError {
 
 /// A database loaded into memory (never memory-mapped: a file replaced or
 /// truncated under us cannot hurt a running server).
+///
+/// Lookups walk the database's own search tree (a longest-prefix match,
+/// which gives the network and its prefix) and then read the place of the
+/// record the network points at. Decoding that record (a map of names in
+/// eight languages for a City database) was most of a lookup's cost, so
+/// every distinct record is decoded once, off the query path, into a
+/// table keyed by its offset ([`Places`]); a lookup then decodes nothing.
+/// The table depends on the database alone: it is built when a database is
+/// loaded (a thread of its own; a GeoLite2-City takes about a second) and
+/// never on a health change. Until it is ready, lookups decode as before:
+/// startup is not held up, and both ways give the same record.
 pub struct GeoDb {
-    reader: maxminddb::Reader<Vec<u8>>,
+    reader: Arc<maxminddb::Reader<Vec<u8>>>,
+    places: Arc<OnceLock<Places>>,
     pub path: PathBuf,
     /// File modification time when loaded, to notice a replacement.
     pub modified: Option<SystemTime>,
@@ -131,13 +144,36 @@ impl GeoDb {
         let reader = maxminddb::Reader::from_source(bytes).map_err(invalid)?;
         // A truncated or corrupt file is refused here, not at query time.
         reader.verify().map_err(invalid)?;
+        let reader = Arc::new(reader);
+        let places = Arc::new(OnceLock::new());
+        let (for_table, table) = (reader.clone(), places.clone());
+        // If the thread cannot start, lookups keep decoding: slower, same answers.
+        let _ = std::thread::Builder::new()
+            .name("geoip-table".into())
+            .spawn(move || {
+                let _ = table.set(Places::build(&for_table));
+            });
         Ok(GeoDb {
             database_type: reader.metadata().database_type.clone(),
             build_epoch: reader.metadata().build_epoch,
             reader,
+            places,
             path: path.to_path_buf(),
             modified,
         })
+    }
+
+    /// Waits (up to `limit`) for the table of places; `true` once it is
+    /// built. For tests and benchmarks: lookups never wait for it.
+    pub fn wait_for_table(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.places.get().is_none() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
     }
 
     /// Looks `ip` up. `None` when the database cannot say anything (an IPv6
@@ -146,12 +182,36 @@ impl GeoDb {
         let ip = ip.to_canonical();
         let result = self.reader.lookup(ip).ok()?;
         let prefix = result.network().ok()?.prefix();
+        if let (Some(places), Some(offset)) = (self.places.get(), result.offset())
+            && let Some(place) = places.get(offset)
+        {
+            return Some(GeoRecord { prefix, ..place });
+        }
+        Some(GeoRecord {
+            prefix,
+            ..decode(&result)
+        })
+    }
+
+    /// Looks `ip` up by decoding its record, never from the table (tests).
+    #[cfg(test)]
+    fn lookup_decoding(&self, ip: IpAddr) -> Option<GeoRecord> {
+        let result = self.reader.lookup(ip.to_canonical()).ok()?;
+        let prefix = result.network().ok()?.prefix();
+        Some(GeoRecord {
+            prefix,
+            ..decode(&result)
+        })
+    }
+}
+
+/// The place a lookup's record gives (prefix 0: the caller's to set);
+/// nothing known when there is no record or it cannot be decoded.
+fn decode<S: AsRef<[u8]>>(result: &maxminddb::LookupResult<'_, S>) -> GeoRecord {
+    {
         let record: Option<Record<'_>> = result.decode().ok().flatten();
         let Some(record) = record else {
-            return Some(GeoRecord {
-                prefix,
-                ..GeoRecord::default()
-            });
+            return GeoRecord::default();
         };
         // The country code and its EU flag come from the same record.
         let place = match record.country {
@@ -159,13 +219,82 @@ impl GeoDb {
             country => record.registered_country.or(country),
         };
         let country = place.as_ref().and_then(|c| c.iso_code).and_then(code);
-        Some(GeoRecord {
+        GeoRecord {
             country,
             continent: record.continent.and_then(|c| c.code).and_then(code),
             coords: record.location.and_then(|l| l.latitude.zip(l.longitude)),
-            prefix,
+            prefix: 0,
             eu: place.and_then(|c| c.is_in_european_union) == Some(true),
-        })
+        }
+    }
+}
+
+/// Every distinct record of a database, decoded once, by its offset in
+/// the data section: an open-addressing table (at most half full) of
+/// indexes into `places`. Its size is the database's (a GeoLite2-City has
+/// some 100,000 distinct records over millions of networks).
+struct Places {
+    slots: Vec<u32>,
+    offsets: Vec<usize>,
+    places: Vec<GeoRecord>,
+    shift: u32,
+}
+
+impl Places {
+    /// Walks every network of the database (the tree only) and decodes the
+    /// record of each offset not seen yet.
+    fn build<S: AsRef<[u8]>>(reader: &maxminddb::Reader<S>) -> Places {
+        let mut seen: std::collections::HashMap<usize, u32> = std::collections::HashMap::new();
+        let mut offsets = Vec::new();
+        let mut places = Vec::new();
+        if let Ok(networks) = reader.networks(maxminddb::WithinOptions::default()) {
+            for result in networks.flatten() {
+                let Some(offset) = result.offset() else {
+                    continue;
+                };
+                seen.entry(offset).or_insert_with(|| {
+                    offsets.push(offset);
+                    places.push(decode(&result));
+                    (places.len() - 1) as u32
+                });
+            }
+        }
+        let bits = (offsets.len() * 2)
+            .next_power_of_two()
+            .max(8)
+            .trailing_zeros();
+        let mut table = Places {
+            slots: vec![0; 1 << bits],
+            offsets,
+            places,
+            shift: 64 - bits,
+        };
+        for i in 0..table.offsets.len() {
+            let mut at = table.slot(table.offsets[i]);
+            while table.slots[at] != 0 {
+                at = (at + 1) & (table.slots.len() - 1);
+            }
+            table.slots[at] = i as u32 + 1;
+        }
+        table
+    }
+
+    fn slot(&self, offset: usize) -> usize {
+        ((offset as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    fn get(&self, offset: usize) -> Option<GeoRecord> {
+        let mut at = self.slot(offset);
+        loop {
+            let i = self.slots[at] as usize;
+            if i == 0 {
+                return None;
+            }
+            if self.offsets[i - 1] == offset {
+                return Some(self.places[i - 1]);
+            }
+            at = (at + 1) & (self.slots.len() - 1);
+        }
     }
 }
 
@@ -247,6 +376,36 @@ mod tests {
         // IPv4-mapped IPv6 is looked up as IPv4.
         let mapped = db.lookup("::ffff:10.5.0.9".parse().unwrap()).unwrap();
         assert_eq!((mapped.country, mapped.prefix), (code("CA"), 16));
+    }
+
+    #[test]
+    fn the_table_of_places_gives_what_decoding_gives_for_every_network() {
+        let db = db();
+        assert!(db.wait_for_table(std::time::Duration::from_secs(30)));
+        let table = db.places.get().unwrap();
+        assert!(!table.places.is_empty());
+        let networks = db.reader.networks(Default::default()).unwrap();
+        let mut checked = 0;
+        for result in networks {
+            let net = result.unwrap().network().unwrap();
+            // The first and the last address of each network, and its aliases
+            // (IPv4 through the mapped and 6to4 prefixes are the same records).
+            for ip in [net.network(), net.broadcast()] {
+                assert_eq!(db.lookup(ip), db.lookup_decoding(ip), "{ip} in {net}");
+                checked += 1;
+            }
+        }
+        for ip in [
+            "::ffff:10.1.70.1",
+            "2002:a01:4601::1",
+            "127.0.0.1",
+            "::1",
+            "2001:db8:ff::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(db.lookup(ip), db.lookup_decoding(ip), "{ip}");
+        }
+        assert!(checked > 20, "{checked}");
     }
 
     #[test]

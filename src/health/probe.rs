@@ -313,7 +313,7 @@ impl Http {
     /// Sends a GET of `path` on the kept connection (see [`Http`]).
     async fn get(&self, path: &str) -> Result<reqwest::Response, ProbeError> {
         let sent = self.reused.fetch_add(1, Ordering::Relaxed);
-        if sent % self.fresh_every == 0 {
+        if sent.is_multiple_of(self.fresh_every) {
             return self.get_fresh(path).await;
         }
         match self
@@ -869,10 +869,18 @@ mod tests {
         for n in 1..=3 {
             assert_eq!(probe.check().await, Ok(Payload::Alive), "probe {n}");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3, "the third one connected again");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "the third one connected again"
+        );
         // A dead server (listener and connections closed) is refused at
         // once, kept connection or not.
-        assert_eq!(probe.check().await, Ok(Payload::Alive), "probe 4 keeps a connection");
+        assert_eq!(
+            probe.check().await,
+            Ok(Payload::Alive),
+            "probe 4 keeps a connection"
+        );
         stop.cancel();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(probe.check().await, Err(ProbeError::Refused));

@@ -19,6 +19,7 @@ use crate::health::Status;
 use crate::metrics::QueryTable;
 
 mod service;
+pub mod wire;
 
 pub use service::{
     Candidate, ClassAnswer, ClassView, Counters, Decision, Drawn, EndpointInput, RegionInputs,
@@ -112,6 +113,9 @@ pub struct Snapshot {
     pub region_loads: Vec<(String, Option<f64>, f64)>,
     /// Response rate limiting of UDP answers; `None` when off.
     pub rrl: Option<Arc<crate::config::RateLimit>>,
+    /// Answers already encoded, for the query path to copy (empty: every
+    /// query takes the general path).
+    pub wire: wire::Wire,
 }
 
 /// Everything needed to locate a client.

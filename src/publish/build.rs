@@ -196,17 +196,20 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
             && before.levels.len() == built.levels.len()
             && snapshot.services.len() == config.services.len()
             && snapshot.service_views.len() == config.services.len()
+            && snapshot.wire.services.len() == config.services.len()
     });
     let changes = previous.map(|(before, _)| Changes::between(before, &built, loaded));
     let mut services = Vec::with_capacity(config.services.len());
     let mut service_views = Vec::with_capacity(config.services.len());
     let mut compiled = Vec::new();
+    let mut wires = Vec::with_capacity(config.services.len());
     for i in 0..config.services.len() {
         if let (Some((_, snapshot)), Some(changes)) = (previous, &changes)
             && !changes.touch(i, loaded, &built)
         {
             services.push(snapshot.services[i].clone());
             service_views.push(snapshot.service_views[i].clone());
+            wires.push(snapshot.wire.services[i].clone());
             continue;
         }
         let span = loaded.service_span[i].clone();
@@ -219,6 +222,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         };
         let (answer, view) =
             model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics);
+        wires.push(Arc::new(crate::dns::wire::compile_service(&answer)));
         services.push(Arc::new(answer));
         service_views.push(Arc::new(view));
         compiled.push(i);
@@ -278,6 +282,10 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
             .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
             .collect(),
         rrl: config.rrl.clone().map(Arc::new),
+        wire: crate::model::wire::Wire {
+            names: loaded.wire_names.clone(),
+            services: wires,
+        },
     };
     BuildOutput {
         snapshot,
