@@ -8,6 +8,7 @@
 //!   scale serve --regions 1000 --port 18600 --seconds 120 [--down-after 30 --down 100]
 //!   scale geoip --out FILE [--networks 3000000]
 //!   scale first-answer --dns 127.0.0.1:5353 --name NAME --seconds 30
+//!   scale probe-cost --regions 100 --port 18600 --n 20000 [--layer alive|models]
 //!
 //! Every region has one endpoint, `127.1.x.y` (region `i`: x = i / 250,
 //! y = i % 250 + 1), probed on `--port` (9: refused). Services: 80 %
@@ -55,6 +56,7 @@ fn main() {
         Some("serve") => serve(&args),
         Some("geoip") => geoip(&args),
         Some("first-answer") => first_answer(&args),
+        Some("probe-cost") => probe_cost(&args),
         _ => {
             eprintln!("usage: scale gen|build|serve|geoip|first-answer ... (see the source)");
             std::process::exit(2);
@@ -518,4 +520,130 @@ fn first_answer(args: &[String]) {
     }
     eprintln!("no answer within {seconds} s");
     std::process::exit(1);
+}
+
+/// CPU time this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// The CPU one probe costs this process: `--n` probes of one layer (the
+/// daemon's own probe code), over `--regions` simulated regions served by
+/// another process (`scale serve`), 64 in flight.
+fn probe_cost(args: &[String]) {
+    use inferdns::health::Probe;
+    let regions = num(args, "--regions", 100);
+    let port = num(args, "--port", 18600);
+    let n = num(args, "--n", 20_000);
+    let layer = arg(args, "--layer").unwrap_or_else(|| "alive".into());
+    let mut text = String::from(
+        "[server]\ndns-listen = [\"127.0.0.1:0\"]\n[zone]\napex = \"inference.example.com\"\nsoa = { primary = \"ns1.example.net\", contact = \"h.example.net\" }\nns = [{ name = \"ns1.example.net\" }]\n",
+    );
+    for i in 0..regions {
+        text.push_str(&format!(
+            "[regions.r{i}]\nendpoints = [{{ address = \"{}\", port = {port} }}]\nprobe = {{ models-path = \"/v1/models\" }}\n",
+            address(i)
+        ));
+    }
+    text.push_str("[services.s]\ntiers = [[\"r0\"]]\n");
+    let config = inferdns::config::load_str(std::path::Path::new("probe-cost.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let raw = args.iter().any(|a| a == "--raw");
+    rt.block_on(async move {
+        if raw {
+            // The floor: a fresh connection, a fixed request, read to the end.
+            let addrs: Vec<SocketAddr> = (0..regions)
+                .map(|i| SocketAddr::new(IpAddr::V4(address(i)), port as u16))
+                .collect();
+            let cpu0 = cpu_seconds();
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for w in 0..64 {
+                let addrs = addrs.clone();
+                let done = done.clone();
+                tasks.push(tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut k = w;
+                    let mut buf = vec![0u8; 4096];
+                    while done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                        let addr = addrs[k % addrs.len()];
+                        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                        stream
+                            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nuser-agent: inferdns\r\nconnection: close\r\n\r\n")
+                            .await
+                            .expect("write");
+                        while stream.read(&mut buf).await.expect("read") > 0 {}
+                        k += 64;
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.expect("a task");
+            }
+            let cpu = cpu_seconds() - cpu0;
+            println!("raw: {:.1} us per probe", cpu * 1e6 / n as f64);
+            return;
+        }
+        let mut probes = Vec::new();
+        for region in &config.regions {
+            let spec = &region.endpoints[0].probe;
+            let all = inferdns::health::probe::probes_for(spec).expect("probes");
+            let wanted = if layer == "models" { Layer::Models } else { Layer::Alive };
+            let probe = all
+                .into_iter()
+                .map(|(p, _, _)| p)
+                .find(|p| p.layer() == wanted)
+                .expect("the layer");
+            probes.push(Arc::new(probe));
+        }
+        let cpu0 = cpu_seconds();
+        let t = Instant::now();
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..64 {
+            let probes = probes.clone();
+            let (done, failed) = (done.clone(), failed.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut k = w;
+                while done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let probe = &probes[k % probes.len()];
+                    if tokio::time::timeout(Duration::from_secs(2), probe.check())
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    k += 64;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("a probe task");
+        }
+        let cpu = cpu_seconds() - cpu0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "probes": n,
+                "failed": failed.load(std::sync::atomic::Ordering::Relaxed),
+                "wall_s": t.elapsed().as_secs_f64(),
+                "cpu_s": cpu,
+                "cpu_us_per_probe": cpu * 1e6 / n as f64,
+            })
+        );
+    });
 }

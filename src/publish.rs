@@ -79,6 +79,9 @@ struct EndpointInfo {
     cooldown: Duration,
     slow_start: Duration,
     completion_model: Option<String>,
+    /// One probe cycle (interval + timeout): endpoints that went unfit
+    /// within one of each other went unfit together (last known good).
+    cycle: Duration,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -111,6 +114,10 @@ struct EndpointHealth {
     held: Vec<(Layer, ProbeError)>,
     /// The completion probe is not being sent: the region is full.
     completion_skipped: bool,
+    /// `inferdns_probes_total` by layer and result, as used so far.
+    probe_counters: Vec<(Layer, &'static str, prometheus::IntCounter)>,
+    /// `inferdns_probe_duration_seconds` of the endpoint's region.
+    probe_seconds: Option<prometheus::Histogram>,
 }
 
 impl EndpointHealth {
@@ -222,6 +229,10 @@ struct Loaded {
     service_span: Vec<std::ops::Range<usize>>,
     /// The services that use each region.
     region_services: Vec<Vec<usize>>,
+    /// Region index by id.
+    region_by_id: HashMap<String, usize>,
+    /// The distinct last-known-good holds of the services (not zero), shortest first.
+    holds: Vec<Duration>,
 }
 
 impl Loaded {
@@ -269,6 +280,7 @@ impl Loaded {
                     cooldown: p.cooldown,
                     slow_start: p.slow_start,
                     completion_model: p.completion.as_ref().map(|c| c.model.clone()),
+                    cycle: p.interval + p.timeout,
                 });
             }
         }
@@ -292,10 +304,25 @@ impl Loaded {
             }
             service_span.push(start..service_regions.len());
         }
+        let mut holds: Vec<Duration> = config
+            .services
+            .iter()
+            .map(|s| s.last_known_good)
+            .filter(|h| !h.is_zero())
+            .collect();
+        holds.sort_unstable();
+        holds.dedup();
         let zone = Arc::new(Zone::compile(&config));
         Loaded {
             wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
             zone,
+            region_by_id: config
+                .regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id.clone(), i))
+                .collect(),
+            holds,
             region_endpoints,
             service_regions,
             service_span,
@@ -313,6 +340,7 @@ impl Loaded {
     }
 }
 
+#[derive(Clone)]
 /// Inputs of a snapshot that change with time: region latency and load,
 /// the shedding level of each (service, region) pair (laid out as
 /// `Loaded::service_regions`) and the TTL of each service.
@@ -372,6 +400,14 @@ pub struct Publisher {
     holding: HashSet<String>,
     /// What the probe loops are told: recoveries and full regions.
     hints: watch::Sender<ProbeHints>,
+    /// A publish waiting for the coalescing gap to pass.
+    pending: Option<Instant>,
+    /// A region's measured latency moved since the last publish.
+    latency_moved: bool,
+    /// How long the last build took (the coalescing gap follows it).
+    build_cost: Duration,
+    /// Builds the coalescing bucket held, and when.
+    bucket: (f64, Instant),
     /// The drained flag and utilisation last set in each region's gauges.
     region_gauges: Vec<Option<(bool, Option<f64>)>>,
     /// What the published snapshot was built from; `None` after a reload
@@ -461,6 +497,10 @@ impl Publisher {
             hints: watch::channel(ProbeHints::default()).0,
             built: Some(first.built),
             region_gauges: Vec::new(),
+            pending: None,
+            latency_moved: false,
+            build_cost: Duration::ZERO,
+            bucket: (BURST, Instant::now()),
         };
         publisher.metrics.snapshot_generation.set(1);
         for view in &publisher.snapshot.load().service_views {
@@ -476,7 +516,8 @@ impl Publisher {
         self.hints = hints;
     }
 
-    /// Applies one message; returns true when answers or status changed.
+    /// Applies one message; returns true when answers or status changed
+    /// (a moved probe latency is noted apart: `run` republishes it later).
     pub fn apply(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Probe(report) => {
@@ -588,19 +629,33 @@ impl Publisher {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.metrics
-            .probes
-            .with_label_values(&[
-                info.region.as_str(),
-                info.target.as_str(),
-                crate::metrics::layer_label(report.layer),
-                label,
-            ])
-            .inc();
+        // Resolved once per endpoint, layer and result: 2,000 probes a
+        // second would otherwise hash four labels each.
+        let counter = match h
+            .probe_counters
+            .iter()
+            .find(|(l, r, _)| *l == report.layer && *r == label)
+        {
+            Some((_, _, counter)) => counter,
+            None => {
+                let counter = self.metrics.probes.with_label_values(&[
+                    info.region.as_str(),
+                    info.target.as_str(),
+                    crate::metrics::layer_label(report.layer),
+                    label,
+                ]);
+                h.probe_counters.push((report.layer, label, counter));
+                &h.probe_counters[h.probe_counters.len() - 1].2
+            }
+        };
+        counter.inc();
         if report.outcome.result != Ok(Payload::Skipped) {
-            self.metrics
-                .probe_seconds
-                .with_label_values(&[info.region.as_str()])
+            h.probe_seconds
+                .get_or_insert_with(|| {
+                    self.metrics
+                        .probe_seconds
+                        .with_label_values(&[info.region.as_str()])
+                })
                 .observe(report.outcome.elapsed.as_secs_f64());
         }
         let mut changed = false;
@@ -766,11 +821,12 @@ impl Publisher {
             Err(e) => changed |= note_error(h, e),
         }
         if ok {
-            // Republish only when the region's latency moved noticeably.
+            // Republish only when the region's latency moved noticeably,
+            // and not at once (see `LATENCY_REPUBLISH`).
             let now_ms = region_latency_of(&self.loaded, &self.health, r);
             let then = self.published_latency.get(r).copied().unwrap_or(0.0);
             if (now_ms - then).abs() > (0.2 * then).max(2.0) {
-                changed = true;
+                self.latency_moved = true;
             }
         }
         changed
@@ -829,18 +885,22 @@ impl Publisher {
                 next = Some(t);
             }
         };
-        for (r, region) in self.loaded.config.regions.iter().enumerate() {
-            let max_age = region.capacity.max_age;
-            for h in &self.health[self.loaded.region_endpoints[r].clone()] {
-                if let Some((_, at)) = h.load {
-                    consider(at + max_age);
-                }
-            }
-            if let Some((_, at)) = self.pushed.get(&region.id) {
-                consider(*at + max_age);
+        // Called after every message: no hashing per region or endpoint.
+        let regions = &self.loaded.config.regions;
+        for (id, (_, at)) in &self.pushed {
+            if let Some(region) = self.loaded.region_by_id.get(id) {
+                consider(*at + regions[*region].capacity.max_age);
             }
         }
-        for (h, info) in self.health.iter().zip(&self.loaded.info) {
+        for ((h, info), r) in self
+            .health
+            .iter()
+            .zip(&self.loaded.info)
+            .zip(&self.loaded.region_of)
+        {
+            if let Some((_, at)) = h.load {
+                consider(at + regions[*r].capacity.max_age);
+            }
             // A probe layer falls silent (its endpoint becomes unfit).
             for (layer, limit) in &info.silence {
                 if let Some((_, at)) = h.heard.iter().find(|(l, _)| l == layer) {
@@ -851,19 +911,23 @@ impl Publisher {
                 consider(until);
             }
             if let Some(since) = h.up_since
-                && now < since + info.slow_start
+                && !info.slow_start.is_zero()
             {
                 // Twenty steps per ramp, at least 100 ms apart, on a fixed
-                // grid from `since` (so that other messages cannot postpone them).
+                // grid from `since` (so that other messages cannot postpone
+                // them), and the ramp's end.
+                let end = since + info.slow_start;
                 let step = (info.slow_start / 20).max(Duration::from_millis(100));
-                let done = ((now - since).as_nanos() / step.as_nanos()) as u32;
-                consider(since + step * (done + 1));
+                let done = ((now.min(end) - since).as_nanos() / step.as_nanos()) as u32;
+                // The step (or end) just reached is due if no publish followed it.
+                consider((since + step * done).min(end));
+                if now < end {
+                    consider((since + step * (done + 1)).min(end));
+                }
             }
         }
         // A last-known-good hold ends (the all-down rule applies).
-        for t in self.last_good_deadlines() {
-            consider(t);
-        }
+        self.last_good_deadlines(&mut consider);
         next
     }
 
@@ -1124,6 +1188,8 @@ impl Publisher {
     /// Builds and swaps in a new snapshot, unless a reload is waiting for
     /// its first probes (then the old config keeps serving until it settles).
     pub fn publish(&mut self) {
+        // Whatever waited for the coalescing gap goes out with this one.
+        self.pending = None;
         // Marked even while a reload is deferred: a mark is the moment of the change.
         self.note_fitness();
         let moved = std::mem::take(&mut self.health_moved);
@@ -1139,15 +1205,95 @@ impl Publisher {
         self.publish_now();
     }
 
+    /// Panics when `next` (built incrementally) differs from a snapshot
+    /// compiled from scratch, naming the service and where they differ.
+    #[cfg(test)]
+    fn check_equals_full_build(&self, dynamic: Dynamic, next: &Snapshot) {
+        let full = build::build(
+            build::BuildInputs {
+                loaded: &self.loaded,
+                health: &self.health,
+                drained: &self.drained,
+                generation: self.generation,
+                geo: self.geo.clone(),
+                dynamic,
+                metrics: &self.metrics,
+            },
+            None,
+        )
+        .snapshot;
+        fn differ(what: &str, id: &str, full: String, shared: String) {
+            if full == shared {
+                return;
+            }
+            let (full, shared): (Vec<char>, Vec<char>) =
+                (full.chars().collect(), shared.chars().collect());
+            let at = full.iter().zip(&shared).take_while(|(a, b)| a == b).count();
+            let window = |text: &[char]| -> String {
+                text[at.saturating_sub(300)..(at + 200).min(text.len())]
+                    .iter()
+                    .collect()
+            };
+            panic!(
+                "{what} of service {id}: the incremental build differs from a full build\n full: ...{}\n incr: ...{}",
+                window(&full),
+                window(&shared),
+            );
+        }
+        // Debug text with the residency maps in order (a HashMap's order
+        // differs between two builds of the same config).
+        fn answer_text(answer: &model::ServiceAnswer) -> String {
+            let residency = answer.residency.as_ref().map(|r| {
+                let mut countries: Vec<_> = r.by_country.iter().collect();
+                countries.sort();
+                let mut continents: Vec<_> = r.by_continent.iter().collect();
+                continents.sort();
+                format!(
+                    "{countries:?} {continents:?} {:?} {} {} {}",
+                    r.eu, r.otherwise, r.unknown, r.without_ecs_unknown
+                )
+            });
+            format!(
+                "{} {residency:?} {:?} {:?} {:?}",
+                answer.located, answer.classes, answer.tolerance_ms, answer.refusals
+            )
+        }
+        assert_eq!(full.services.len(), next.services.len());
+        for (i, view) in full.service_views.iter().enumerate() {
+            let id = &view.id;
+            differ(
+                "answer",
+                id,
+                answer_text(&full.services[i]),
+                answer_text(&next.services[i]),
+            );
+            differ(
+                "view",
+                id,
+                format!("{view:?}"),
+                format!("{:?}", next.service_views[i]),
+            );
+            differ(
+                "encoded answer",
+                id,
+                format!("{:?}", full.wire.services[i]),
+                format!("{:?}", next.wire.services[i]),
+            );
+        }
+    }
+
     fn publish_now(&mut self) {
         let started = std::time::Instant::now();
         self.last_publish = Instant::now();
         self.generation += 1;
         self.published_latency = region_latency(&self.loaded, &self.health);
+        self.latency_moved = false;
         self.note_silence();
         self.note_fitness();
         let dynamic = self.dynamic();
         self.steer_completions();
+        #[cfg(test)]
+        let unshared = dynamic.clone();
         let previous = self.snapshot.load_full();
         let out = build::build(
             build::BuildInputs {
@@ -1163,6 +1309,10 @@ impl Publisher {
         );
         let next = out.snapshot;
         self.built = Some(out.built);
+        // Every unit test checks that sharing changed nothing: the
+        // snapshot equals one compiled from scratch.
+        #[cfg(test)]
+        self.check_equals_full_build(unshared, &next);
         // After a reload, services are matched by id; otherwise by index.
         let by_id: Option<HashMap<&str, &model::ServiceView>> = (!out.incremental).then(|| {
             previous
@@ -1208,9 +1358,13 @@ impl Publisher {
             self.first_round.send_replace(true);
         }
         self.metrics.snapshot_generation.set(self.generation as i64);
+        self.build_cost = started.elapsed();
+        let now = Instant::now();
+        let tokens = self.tokens_at(now, coalescing_gap(self.build_cost));
+        self.bucket = ((tokens - 1.0).max(0.0), now);
         self.metrics
             .snapshot_build_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(self.build_cost.as_secs_f64());
     }
 
     /// Sets the decision gauges of the services compiled for `next`, and
@@ -1271,23 +1425,44 @@ impl Publisher {
     /// Runs until the channel closes or `cancel` fires. Messages that arrive
     /// together are applied together and published once.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
+        // The next timed change (cool-down end, slow-start step, expiry,
+        // silence, hold end): recomputed after a publish or when it fires,
+        // not after every probe result (a scan of every endpoint). Probe
+        // results only postpone deadlines (a silence limit) between
+        // publishes; anything that brings one nearer changes the answer
+        // and publishes.
+        let mut wake: Option<Option<Instant>> = None;
         loop {
             let deadline = self.deferred.as_ref().map(|d| d.deadline);
-            let wake = self.next_wake();
+            let generation = self.generation;
+            let next = *wake.get_or_insert_with(|| self.next_wake());
             let msg = tokio::select! {
                 () = cancel.cancelled() => return,
-                () = sleep_until_some(wake) => {
-                    // A cool-down ended or a slow-start step is due: health
-                    // moved (a reload waiting for new endpoints goes live;
-                    // holding it back would also make this timer due again
-                    // at once, a busy loop).
-                    self.health_moved = true;
+                () = sleep_until_some(next) => {
+                    // Due unless it was postponed since it was computed.
+                    let now = self.next_wake();
+                    if now.is_some_and(|t| t <= Instant::now()) {
+                        // A cool-down ended or a slow-start step is due:
+                        // health moved (a reload waiting for new endpoints
+                        // goes live; holding it back would also make this
+                        // timer due again at once, a busy loop).
+                        self.health_moved = true;
+                        self.publish();
+                        wake = None;
+                    } else {
+                        wake = Some(now);
+                    }
+                    continue;
+                }
+                () = sleep_until_some(self.pending) => {
                     self.publish();
+                    wake = None;
                     continue;
                 }
                 () = sleep_until_some(deadline) => {
                     tracing::warn!("Reloaded endpoints did not all answer their first probe in time; serving the new config anyway.");
                     self.settle(true);
+                    wake = None;
                     continue;
                 }
                 msg = rx.recv() => match msg {
@@ -1300,10 +1475,54 @@ impl Publisher {
                 changed |= self.apply(msg);
             }
             if changed {
-                self.publish();
+                self.publish_coalesced();
+            } else if self.latency_moved && self.pending.is_none() {
+                self.pending = Some(self.last_publish + LATENCY_REPUBLISH);
+            }
+            if changed || self.generation != generation || self.deferred.is_some() {
+                wake = None;
             }
         }
     }
+
+    /// Publishes now while builds are rare; in a burst of changes (a whole
+    /// region dying, its endpoints' failures spread over a probe interval)
+    /// at most one build per coalescing gap, each with every change that
+    /// arrived meanwhile: a token bucket of [`BURST`] builds, refilled one
+    /// per gap. A single change is published at once.
+    fn publish_coalesced(&mut self) {
+        let gap = coalescing_gap(self.build_cost);
+        let now = Instant::now();
+        let tokens = self.tokens_at(now, gap);
+        if tokens >= 1.0 {
+            self.publish();
+        } else {
+            let wait = gap.mul_f64(1.0 - tokens);
+            self.pending.get_or_insert(now + wait);
+        }
+    }
+
+    /// Builds the bucket allows at `now` (spent by [`Publisher::publish_now`]).
+    fn tokens_at(&self, now: Instant, gap: Duration) -> f64 {
+        let (tokens, at) = self.bucket;
+        let refill = now.saturating_duration_since(at).as_secs_f64() / gap.as_secs_f64();
+        (tokens + refill).min(BURST)
+    }
+}
+
+/// Builds the coalescing bucket allows back to back.
+const BURST: f64 = 4.0;
+
+/// Shortest time between a snapshot build and one for a moved probe
+/// latency alone: it only re-ranks proximity answers, and on a busy edge
+/// every probe time moves (1,000 regions republished several times a second).
+const LATENCY_REPUBLISH: Duration = Duration::from_secs(1);
+
+/// Time between two snapshot builds through a storm of changes: four
+/// times what the last build took (builds take at most a fifth of a core),
+/// between 50 and 250 ms.
+fn coalescing_gap(build_cost: Duration) -> Duration {
+    (build_cost * 4).clamp(Duration::from_millis(50), Duration::from_millis(250))
 }
 
 /// Records `e` as the endpoint's last error; true if that changed.
@@ -3052,6 +3271,281 @@ tiers = [["primary"], ["secondary"]]
         assert!((mid - 0.5).abs() < 0.07, "about half way: {mid}");
         tokio::time::sleep_until(back + Duration::from_millis(10_600)).await;
         assert_eq!(primary_share(&snapshot), 1.0, "all of it after the ramp");
+        cancel.cancel();
+    }
+
+    const MIXED: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[geoip]
+database = "GEOIP"
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.a]
+location = { country = "DE", continent = "EU", lat = 50.1, lon = 8.7 }
+jurisdictions = ["eu"]
+endpoints = [{ address = "192.0.2.1" }, { address = "192.0.2.2" }]
+probe = { models-path = "/v1/models", slow-start = "5s", cooldown = "3s" }
+capacity = { gpus = 4, cost = 2.0, max-age = "10s" }
+[regions.b]
+location = { country = "IE", continent = "EU", lat = 53.3, lon = -6.3 }
+jurisdictions = ["eu"]
+endpoints = [{ address = "192.0.2.3" }]
+probe = { models-path = "/v1/models" }
+capacity = { gpus = 2, cost = 1.0, max-age = "10s" }
+[regions.c]
+location = { country = "US", continent = "NA", lat = 38.9, lon = -77.0 }
+jurisdictions = ["us"]
+endpoints = [{ address = "192.0.2.4" }, { address = "2001:db8::4" }]
+capacity = { gpus = 8, cost = 3.0, max-age = "10s" }
+[regions.d]
+endpoints = [{ cname = "gw.provider.example.net", probe-address = "203.0.113.7" }]
+[services.fail]
+tiers = [["a"], ["b", "c"], ["d"]]
+model = "m1"
+max-latency = "5ms"
+last-known-good = "10s"
+[services.cap]
+tiers = [["a", "b", "c"]]
+strategy = "capacity"
+records = 2
+sticky = true
+ttl-min = 5
+[services.cheap]
+tiers = [["a", "b"], ["c"]]
+strategy = "cost"
+model = "m2"
+when-all-down = "nodata"
+fallback = "fail"
+[services.near]
+tiers = [["a", "b", "c"]]
+strategy = "proximity"
+residency = { rules = [{ clients = ["eu"], allow = ["eu"] }], unknown-location = "deny" }
+when-all-down = "servfail"
+[services.other]
+tiers = [["c"]]
+"#;
+
+    fn mixed() -> Arc<Config> {
+        let geoip = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
+        load(&MIXED.replace("GEOIP", geoip))
+    }
+
+    /// Many random changes of every kind, each published: every build
+    /// (incremental, sharing the services whose inputs did not change) is
+    /// checked against a build from scratch inside `publish_now`.
+    #[tokio::test(start_paused = true)]
+    async fn incremental_builds_equal_full_builds_through_random_changes() {
+        use rand::{Rng, SeedableRng};
+        let config = mixed();
+        let endpoints: u64 = 6;
+        let (mut publisher, snapshot, _) =
+            Publisher::new(config, (0..endpoints).collect(), None, Metrics::new());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let mut shared = 0;
+        for _ in 0..600 {
+            let id = rng.random_range(0..endpoints);
+            let elapsed = Duration::from_micros(rng.random_range(0..9_000));
+            let probe = |layer, result| {
+                Msg::Probe(ProbeReport {
+                    endpoint: id,
+                    layer,
+                    outcome: crate::health::ProbeOutcome { result, elapsed },
+                })
+            };
+            match rng.random_range(0..10) {
+                0..=2 => {
+                    publisher.apply(probe(Layer::Alive, Ok(Payload::Alive)));
+                }
+                3 => {
+                    publisher.apply(probe(Layer::Alive, Err(ProbeError::Refused)));
+                }
+                4 => {
+                    publisher.apply(probe(Layer::Alive, Err(ProbeError::Timeout)));
+                }
+                5 => {
+                    let models = match rng.random_range(0..3) {
+                        0 => vec!["m1".to_string()],
+                        1 => vec!["m2".to_string()],
+                        _ => vec!["m1".to_string(), "m2".to_string()],
+                    };
+                    publisher.apply(probe(Layer::Models, Ok(Payload::Models(models))));
+                }
+                6 => {
+                    publisher.apply(probe(
+                        Layer::Alive,
+                        Err(ProbeError::RateLimited {
+                            retry_after_s: Some(rng.random_range(1..4)),
+                        }),
+                    ));
+                }
+                7 => {
+                    let region = ["a", "b", "c"][rng.random_range(0..3)];
+                    push(&mut publisher, region, rng.random_range(0.0..1.0));
+                }
+                8 => {
+                    let (done, _) = oneshot::channel();
+                    publisher.apply(Msg::Drain {
+                        region: ["a", "b", "c", "d"][rng.random_range(0..4)].into(),
+                        drained: rng.random_bool(0.3),
+                        done,
+                    });
+                }
+                _ => tokio::time::advance(Duration::from_millis(rng.random_range(0..4_000))).await,
+            }
+            let before = snapshot.load_full();
+            publisher.publish();
+            let after = snapshot.load();
+            shared += before
+                .services
+                .iter()
+                .zip(&after.services)
+                .filter(|(a, b)| Arc::ptr_eq(a, b))
+                .count();
+        }
+        assert!(shared > 600, "builds shared unchanged services: {shared}");
+        let decisions: HashSet<&str> = snapshot
+            .load()
+            .service_views
+            .iter()
+            .map(|v| v.decision.state())
+            .collect();
+        assert!(!decisions.is_empty());
+    }
+
+    /// One endpoint's change recompiles the services over its region only;
+    /// the others are the same `Arc`s as in the snapshot before.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_recompiles_only_the_services_over_its_region() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(mixed(), (0..6).collect(), None, Metrics::new());
+        for id in 0..6 {
+            for _ in 0..2 {
+                publisher.apply(report_on(id, Layer::Alive, Ok(Payload::Alive)));
+                publisher.apply(report_on(
+                    id,
+                    Layer::Models,
+                    Ok(Payload::Models(vec!["m1".into(), "m2".into()])),
+                ));
+            }
+        }
+        publisher.publish();
+        let before = snapshot.load_full();
+        // Endpoint 5 is the CNAME endpoint of region d, which only `fail` uses.
+        publisher.apply(report(5, false));
+        publisher.publish();
+        let after = snapshot.load_full();
+        for (i, view) in after.service_views.iter().enumerate() {
+            assert_eq!(
+                Arc::ptr_eq(&before.services[i], &after.services[i]),
+                view.id != "fail",
+                "{}",
+                view.id
+            );
+        }
+        let fail = after
+            .service_views
+            .iter()
+            .position(|v| v.id == "fail")
+            .unwrap();
+        let explain = &after.services[fail].classes[0].explain;
+        assert!(
+            explain
+                .iter()
+                .any(|l| l.contains("region d endpoint gw.provider.example.net")
+                    && l.contains("down")),
+            "{explain:?}"
+        );
+        // A result that changes nothing an answer reads (region a's
+        // endpoint still up, its time still under `fail`'s max-latency)
+        // shares every service.
+        publisher.apply(report(0, true));
+        publisher.publish();
+        let again = snapshot.load_full();
+        assert!(again.generation > after.generation);
+        for i in 0..again.services.len() {
+            assert!(Arc::ptr_eq(&after.services[i], &again.services[i]));
+        }
+    }
+
+    /// A whole group of regions dies at once (40 single-endpoint regions of
+    /// one service; their probes find out over one jittered interval): the
+    /// first loss is published at once, the rest coalesce into a few
+    /// builds rather than one per endpoint.
+    #[tokio::test(start_paused = true)]
+    async fn many_endpoints_failing_together_cost_a_few_builds() {
+        const N: u64 = 40;
+        let mut text = String::from(
+            "[server]\ndns-listen = [\"127.0.0.1:0\"]\n[zone]\napex = \"inference.example.com\"\nsoa = { primary = \"ns1.example.net\", contact = \"hostmaster.example.net\" }\nns = [{ name = \"ns1.example.net\" }]\n",
+        );
+        let mut tier = Vec::new();
+        for i in 0..N {
+            text.push_str(&format!(
+                "[regions.r{i}]\nendpoints = [{{ address = \"192.0.2.{}\" }}]\n",
+                i + 1
+            ));
+            tier.push(format!("\"r{i}\""));
+        }
+        text.push_str(&format!(
+            "[services.chat]\ntiers = [[{}]]\n",
+            tier.join(", ")
+        ));
+        let (publisher, snapshot, mut first) =
+            Publisher::new(load(&text), (0..N).collect(), None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(1024);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let backend = Scripted::new(Scripted::OK);
+        let schedule = Schedule {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(800),
+        };
+        for id in 0..N {
+            tokio::spawn(probe_loop(
+                id,
+                backend.clone(),
+                schedule,
+                tx.clone(),
+                no_hints(),
+                cancel.clone(),
+            ));
+        }
+        first.wait_for(|done| *done).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert_eq!(answer(&snapshot).len(), N as usize);
+        let before = snapshot.load().generation;
+        let fault = Instant::now();
+        backend.set(Scripted::REFUSE);
+        while answer(&snapshot).len() == N as usize {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let first_loss = fault.elapsed();
+        assert!(
+            first_loss <= Duration::from_millis(550),
+            "the first loss is published at once: {first_loss:?}"
+        );
+        // Once all are down the answer is the last known good one again:
+        // wait for the endpoints' status instead.
+        while !snapshot
+            .load()
+            .endpoints
+            .iter()
+            .all(|e| e.status == Status::Down)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let all = fault.elapsed();
+        let builds = snapshot.load().generation - before;
+        assert!(
+            all <= Duration::from_millis(550 + 250),
+            "every loss published within the interval and a gap: {all:?}"
+        );
+        assert!(
+            builds <= 20,
+            "{N} endpoints lost, {builds} builds (one per loss without coalescing)"
+        );
         cancel.cancel();
     }
 }

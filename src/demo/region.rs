@@ -308,14 +308,35 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Serves requests on one connection until the client closes it or asks
+/// to (`connection: close`), as model servers keep HTTP/1.1 connections
+/// alive. A fault change cancels the connection (see `supervise`): a
+/// region that goes down closes every open connection, as a dead process does.
 async fn serve_connection(
     mut stream: TcpStream,
     shared: Arc<Shared>,
     fault: Fault,
 ) -> std::io::Result<()> {
-    let Some(request) = read_request(&mut stream).await? else {
-        return Ok(());
-    };
+    while let Some(request) = read_request(&mut stream).await? {
+        let close = request
+            .headers
+            .iter()
+            .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close"));
+        serve_request(&mut stream, &request, &shared, fault, close).await?;
+        if close {
+            return stream.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn serve_request(
+    stream: &mut TcpStream,
+    request: &RequestHead,
+    shared: &Shared,
+    fault: Fault,
+    close: bool,
+) -> std::io::Result<()> {
     *shared.last_headers.lock().expect("headers lock poisoned") = request.headers.clone();
     match fault {
         Fault::Hung => return std::future::pending().await,
@@ -331,13 +352,13 @@ async fn serve_connection(
         }
         _ => {}
     }
-    let (status, content_type, body, extra) = route(&request, &shared, fault);
+    let (status, content_type, body, extra) = route(request, shared, fault);
+    let connection = if close { "close" } else { "keep-alive" };
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: {connection}\r\n{extra}\r\n{body}",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    stream.write_all(response.as_bytes()).await
 }
 
 fn route(

@@ -97,34 +97,35 @@ impl Publisher {
         }
     }
 
-    /// Per global endpoint, how long ago it was last fit.
+    /// Per global endpoint, how long ago it was last fit; `None` also once
+    /// that can no longer matter: longer ago than every service's hold plus
+    /// one probe cycle (the most a last-known-good endpoint can trail the
+    /// one fit last). An input that stops changing lets builds share the
+    /// services over it.
     pub(super) fn fit_ago(&self) -> Vec<Option<Duration>> {
         let now = Instant::now();
+        let longest = self.loaded.holds.last().copied();
         self.loaded
             .ids
             .iter()
-            .map(|id| self.fit_log.ago(*id, now))
+            .zip(&self.loaded.info)
+            .map(|(id, info)| {
+                let ago = self.fit_log.ago(*id, now)?;
+                (ago < longest? + info.cycle).then_some(ago)
+            })
             .collect()
     }
 
     /// When a last-known-good hold may end: each hold after each endpoint
     /// went unfit (the publisher republishes then).
-    pub(super) fn last_good_deadlines(&self) -> Vec<Instant> {
-        let holds: HashSet<Duration> = self
-            .loaded
-            .config
-            .services
-            .iter()
-            .map(|s| s.last_known_good)
-            .filter(|h| !h.is_zero())
-            .collect();
-        let mut out = Vec::new();
+    pub(super) fn last_good_deadlines(&self, mut each: impl FnMut(Instant)) {
         for mark in self.fit_log.marks.values() {
             if let Mark::UnfitSince(at) = mark {
-                out.extend(holds.iter().map(|h| *at + *h));
+                for hold in &self.loaded.holds {
+                    each(*at + *hold);
+                }
             }
         }
-        out
     }
 
     /// Logs services that began or stopped answering last known good in
