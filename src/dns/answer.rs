@@ -10,8 +10,8 @@ use hickory_proto::rr::rdata::TXT;
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 use crate::capacity::rendezvous_score;
-use crate::geo::{Code, code_str, distance_km, in_eu_eea, rtt_ms_for_km};
-use crate::model::{Candidate, Node, RrSet, ServiceAnswer, Snapshot};
+use crate::geo::{Code, Point, code_str, in_eu_eea, rtt_ms_for_km};
+use crate::model::{Candidate, GeoView, Node, RrSet, ServiceAnswer, Snapshot};
 
 /// The label that asks for an explanation: `_explain.<service>`.
 const EXPLAIN_LABEL: &[u8] = b"_explain";
@@ -134,14 +134,14 @@ pub fn explain_lines(snap: &Snapshot, service: usize, client: &Client) -> Vec<St
     let class_index = class_of(s, s.located.then_some(&located));
     let class = &s.classes[class_index];
     lines.extend(class.explain.iter().cloned());
-    if let (Some(tolerance), Some(coords)) = (s.tolerance_ms, located.coords)
+    if let (Some(tolerance), Some(point)) = (s.tolerance_ms, located.point)
         && !class.candidates.is_empty()
     {
-        let chosen: Vec<&str> = nearest(&class.candidates, coords, tolerance)
+        let chosen: Vec<&str> = nearest(&class.candidates, &point, tolerance)
             .map(|c| c.region.as_str())
             .collect();
         for c in &class.candidates {
-            let km = distance_km(coords, c.coords);
+            let km = point.km_to(&c.point);
             lines.push(format!(
                 "proximity: region {} {:.0} km, estimate {:.1} ms ({:.1} ms distance + {:.1} ms measured) -> {}",
                 c.region,
@@ -301,6 +301,8 @@ pub struct Located {
     pub country: Option<Code>,
     pub continent: Option<Code>,
     pub coords: Option<(f64, f64)>,
+    /// `coords` on the globe (proximity's distances).
+    pub point: Option<Point>,
     /// In the built-in group `eu`: the database flags the client
     /// `is_in_european_union`, or its country is on the `EU_EEA` list (the
     /// list alone for network overrides, which carry no flag).
@@ -314,14 +316,71 @@ pub struct Located {
 
 /// Locates the client: the ECS subnet if any, else the resolver; network
 /// overrides first, then GeoIP.
+///
+/// Each query-path thread remembers the last [`RECENT`] subnets it located
+/// (a fixed table, one entry per slot, overwritten on collision: nothing a
+/// sender can grow; a thrashing sender only costs the lookups it would
+/// cost anyway). An entry holds for one [`GeoView`] (its `id`; every
+/// snapshot has its own), so a reload, a database swap or a new override
+/// is never answered from an older view. Resolvers repeat their own address
+/// and their clients' subnets, so most queries skip the tree walk.
 pub fn locate(snap: &Snapshot, client: &Client) -> Located {
     let (subnet, from_ecs) = match (client.ecs, client.addr) {
         (Some(net), _) => (net.trunc(), true),
         (None, Some(ip)) => (ipnet::IpNet::from(ip.to_canonical()), false),
         (None, None) => return Located::default(),
     };
-    let (ip, used) = (subnet.addr(), subnet.prefix_len());
     let geo = &snap.geo;
+    if geo.id == 0 {
+        return locate_in(geo, subnet, from_ecs);
+    }
+    let key = (geo.id, subnet, from_ecs);
+    let slot = recent_slot(&subnet, from_ecs);
+    let hit = RECENTLY_LOCATED.with_borrow(|recent| {
+        recent
+            .get(slot)
+            .and_then(|entry| entry.as_ref())
+            .filter(|(k, _)| *k == key)
+            .map(|(_, located)| *located)
+    });
+    if let Some(located) = hit {
+        return located;
+    }
+    let located = locate_in(geo, subnet, from_ecs);
+    RECENTLY_LOCATED.with_borrow_mut(|recent| {
+        if recent.is_empty() {
+            recent.resize(RECENT, None);
+        }
+        recent[slot] = Some((key, located));
+    });
+    located
+}
+
+/// Subnets each thread remembers in [`locate`]: 1,024 entries of 80 bytes.
+const RECENT: usize = 1024;
+
+type RecentKey = (u64, ipnet::IpNet, bool);
+
+thread_local! {
+    static RECENTLY_LOCATED: std::cell::RefCell<Vec<Option<(RecentKey, Located)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn recent_slot(subnet: &ipnet::IpNet, from_ecs: bool) -> usize {
+    let bits = match subnet.addr() {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let folded = (bits as u64)
+        ^ ((bits >> 64) as u64).rotate_left(17)
+        ^ (u64::from(subnet.prefix_len()) << 1)
+        ^ u64::from(from_ecs);
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT.trailing_zeros())) as usize
+}
+
+/// [`locate`] without the memory of recent subnets.
+fn locate_in(geo: &GeoView, subnet: ipnet::IpNet, from_ecs: bool) -> Located {
+    let (ip, used) = (subnet.addr(), subnet.prefix_len());
     let (place, eu, network, by) =
         if let Some(o) = geo.overrides.iter().find(|o| o.network.contains(&ip)) {
             let p = &o.place;
@@ -376,6 +435,7 @@ pub fn locate(snap: &Snapshot, client: &Client) -> Located {
         country: place.0,
         continent: place.1,
         coords: place.2,
+        point: place.2.map(Point::new),
         eu,
         scope: clear_of_overrides(geo.overrides.iter().map(|o| o.network), network, ip),
         from_ecs,
@@ -418,18 +478,19 @@ pub(super) fn class_of(service: &ServiceAnswer, located: Option<&Located>) -> us
     }
 }
 
-/// Proximity: the estimated round trip from `coords` to a candidate, in ms.
-pub(super) fn estimate(coords: (f64, f64), c: &Candidate) -> f64 {
-    rtt_ms_for_km(distance_km(coords, c.coords)) + c.latency_ms
+/// Proximity: the estimated round trip from `client` to a candidate, in ms.
+pub(super) fn estimate(client: &Point, c: &Candidate) -> f64 {
+    rtt_ms_for_km(client.km_to(&c.point)) + c.latency_ms
 }
 
 /// Proximity: the candidates within the tolerance of the best estimate.
-pub(super) fn nearest(
-    candidates: &[Candidate],
-    coords: (f64, f64),
+pub(super) fn nearest<'a>(
+    candidates: &'a [Candidate],
+    client: &Point,
     tolerance_ms: f64,
-) -> impl Iterator<Item = &Candidate> {
-    let estimate = move |c: &Candidate| estimate(coords, c);
+) -> impl Iterator<Item = &'a Candidate> + 'a {
+    let client = *client;
+    let estimate = move |c: &Candidate| estimate(&client, c);
     let best = candidates
         .iter()
         .map(estimate)
@@ -504,9 +565,9 @@ fn service_records<'a>(
         draw(out, entries, counters, drawn.records, key);
         return None;
     }
-    match (service.tolerance_ms, located.and_then(|l| l.coords)) {
-        (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
-            for c in nearest(&class.candidates, coords, tolerance) {
+    match (service.tolerance_ms, located.and_then(|l| l.point)) {
+        (Some(tolerance), Some(point)) if !class.candidates.is_empty() => {
+            for c in nearest(&class.candidates, &point, tolerance) {
                 let records = pick(&c.a, &c.aaaa);
                 let weights = if std::ptr::eq(records, &c.a[..]) {
                     &c.a_weights
@@ -650,6 +711,7 @@ mod tests {
         Candidate {
             region: region.into(),
             coords,
+            point: Point::new(coords),
             latency_ms,
             a: Vec::new(),
             aaaa: Vec::new(),
@@ -660,7 +722,7 @@ mod tests {
     }
 
     fn chosen(candidates: &[Candidate], client: (f64, f64), tolerance: f64) -> Vec<&str> {
-        nearest(candidates, client, tolerance)
+        nearest(candidates, &Point::new(client), tolerance)
             .map(|c| c.region.as_str())
             .collect()
     }

@@ -471,8 +471,8 @@ impl<'a> Asked<'a, '_> {
             pick.parts[0] = &drawn[..len];
             return Some(pick);
         }
-        match (service.tolerance_ms, located.and_then(|l| l.coords)) {
-            (Some(tolerance), Some(coords)) if !class.candidates.is_empty() => {
+        match (service.tolerance_ms, located.and_then(|l| l.point)) {
+            (Some(tolerance), Some(point)) if !class.candidates.is_empty() => {
                 // As `nearest` decides, with each estimate computed once.
                 let n = class.candidates.len();
                 if n > 64 {
@@ -480,7 +480,7 @@ impl<'a> Asked<'a, '_> {
                 }
                 let mut estimates = [0.0f64; 64];
                 for (e, c) in estimates.iter_mut().zip(&class.candidates) {
-                    *e = estimate(coords, c);
+                    *e = estimate(&point, c);
                 }
                 let best = estimates[..n].iter().copied().fold(f64::INFINITY, f64::min);
                 let mut used = 0;

@@ -121,12 +121,24 @@ pub struct Snapshot {
 /// Everything needed to locate a client.
 #[derive(Debug, Clone, Default)]
 pub struct GeoView {
+    /// Unique to this view in the process ([`GeoView::next_id`]; 0 for a
+    /// default one): what the query path's memory of located subnets is
+    /// keyed by.
+    pub id: u64,
     pub db: Option<Arc<GeoDb>>,
     /// Longest prefix first.
     pub overrides: Arc<Vec<Override>>,
     pub ecs: bool,
     pub max_prefix_v4: u8,
     pub max_prefix_v6: u8,
+}
+
+impl GeoView {
+    /// A new view's `id`: never 0, never given twice in a process.
+    pub fn next_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Zone {

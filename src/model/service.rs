@@ -331,6 +331,8 @@ fn last_known_good(
 pub struct Candidate {
     pub region: String,
     pub coords: (f64, f64),
+    /// `coords` on the globe, for the query path's distances.
+    pub point: crate::geo::Point,
     /// What this edge measures for the region (probe time), in ms.
     pub latency_ms: f64,
     pub a: Vec<Record>,
@@ -894,6 +896,7 @@ fn class_answer(
             let mut candidate = Candidate {
                 region: config.regions[r].id.clone(),
                 coords,
+                point: crate::geo::Point::new(coords),
                 latency_ms: latency_ms.get(r).copied().unwrap_or(0.0),
                 a: Vec::new(),
                 aaaa: Vec::new(),

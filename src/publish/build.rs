@@ -269,6 +269,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         nsid: (!nsid.is_empty()).then(|| nsid.as_bytes().to_vec()),
         explain_acl: loaded.explain_acl.clone(),
         geo: GeoView {
+            id: GeoView::next_id(),
             db: geo,
             overrides: loaded.overrides.clone(),
             ecs: config.geo.ecs,
