@@ -1844,6 +1844,37 @@ tiers = [["primary"], ["secondary"]]
 
     /// A probe this edge could not make (out of descriptors: a connection
     /// flood) says nothing about the endpoint: shown, never counted.
+    /// What the query path remembers of located subnets is keyed by the
+    /// snapshot's GeoView id: a health change keeps it (the memory
+    /// outlives failovers), a reload gets a new one (never an older view).
+    #[test]
+    fn the_geo_view_id_survives_health_changes_and_not_reloads() {
+        let (mut publisher, snapshot, _) =
+            Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        for endpoint in [0, 1] {
+            publisher.apply(report(endpoint, true));
+        }
+        publisher.publish();
+        let first = snapshot.load().geo.id;
+        assert_ne!(first, 0);
+        for _ in 0..3 {
+            publisher.apply(report(0, false));
+        }
+        publisher.publish();
+        assert_eq!(answer(&snapshot), ["192.0.2.2"], "failed over");
+        assert_eq!(snapshot.load().geo.id, first, "a health change");
+        let (done, _applied) = oneshot::channel();
+        publisher.apply(Msg::Reload {
+            config: load(MAIN),
+            ids: vec![0, 1],
+            geo: None,
+            done,
+        });
+        publisher.publish();
+        let reloaded = snapshot.load().geo.id;
+        assert!(reloaded != first && reloaded != 0, "a reload: {reloaded}");
+    }
+
     #[test]
     fn a_local_resource_error_is_no_result_about_the_endpoint() {
         let (mut publisher, snapshot, _) =

@@ -134,10 +134,45 @@ pub struct GeoView {
 }
 
 impl GeoView {
-    /// A new view's `id`: never 0, never given twice in a process.
-    pub fn next_id() -> u64 {
+    /// The view of `db`, `overrides` and the config's `[geo]` settings. It
+    /// keeps the `id` of `previous` when it locates every client the same
+    /// way (the same database and override list, the same settings: a
+    /// health change), and gets a new one otherwise (never 0, never given
+    /// twice in a process), so that what the query path remembers of
+    /// located subnets outlives health changes but never a reload or a
+    /// database swap.
+    pub fn new(
+        db: Option<Arc<GeoDb>>,
+        overrides: Arc<Vec<Override>>,
+        config: &Config,
+        previous: Option<&GeoView>,
+    ) -> GeoView {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        let mut view = GeoView {
+            id: 0,
+            db,
+            overrides,
+            ecs: config.geo.ecs,
+            max_prefix_v4: config.geo.max_prefix_v4,
+            max_prefix_v6: config.geo.max_prefix_v6,
+        };
+        view.id = match previous {
+            Some(p) if p.id != 0 && p.locates_as(&view) => p.id,
+            _ => NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        view
+    }
+
+    fn locates_as(&self, other: &GeoView) -> bool {
+        let same_db = match (&self.db, &other.db) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_db
+            && Arc::ptr_eq(&self.overrides, &other.overrides)
+            && (self.ecs, self.max_prefix_v4, self.max_prefix_v6)
+                == (other.ecs, other.max_prefix_v4, other.max_prefix_v6)
     }
 }
 

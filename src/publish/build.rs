@@ -190,6 +190,12 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         levels: dynamic.levels,
         ttls: dynamic.ttls,
     };
+    let geo = GeoView::new(
+        geo,
+        loaded.overrides.clone(),
+        config,
+        previous.map(|(_, snapshot)| &snapshot.geo),
+    );
     let previous = previous.filter(|(before, snapshot)| {
         before.endpoints.len() == built.endpoints.len()
             && before.loads.len() == built.loads.len()
@@ -268,14 +274,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         queries: loaded.queries.clone(),
         nsid: (!nsid.is_empty()).then(|| nsid.as_bytes().to_vec()),
         explain_acl: loaded.explain_acl.clone(),
-        geo: GeoView {
-            id: GeoView::next_id(),
-            db: geo,
-            overrides: loaded.overrides.clone(),
-            ecs: config.geo.ecs,
-            max_prefix_v4: config.geo.max_prefix_v4,
-            max_prefix_v6: config.geo.max_prefix_v6,
-        },
+        geo,
         region_loads: config
             .regions
             .iter()
