@@ -6,7 +6,7 @@
 //! increments counters whose handles were resolved when the snapshot was
 //! built, so it takes no lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -156,11 +156,9 @@ pub struct Metrics {
     pub last_known_good: IntGaugeVec,
     /// Times a service began answering its last known good endpoints.
     pub last_known_good_holds: IntCounterVec,
-    /// 1 for the decision a service's (unrestricted) answer follows, by
-    /// service and decision; set when a snapshot is built.
-    service_decision: IntGaugeVec,
-    /// The tier a service answers, while it answers a tier.
-    service_tier: IntGaugeVec,
+    /// `inferdns_service_decision` and `inferdns_service_tier`; set when a
+    /// snapshot is built.
+    decisions: Arc<DecisionGauges>,
     /// When the config in force was loaded (start or reload).
     pub config_loaded: Gauge,
 }
@@ -446,28 +444,9 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let service_decision = register(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "inferdns_service_decision",
-                    "1 for the decision the service's answer follows (tier, last_known_good, fail_open, nodata, servfail, unprobed, residency_nodata, fallback), 0 for the others.",
-                ),
-                &["service", "decision"],
-            )
-            .expect("valid metric"),
-        );
-        let service_tier = register(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "inferdns_service_tier",
-                    "The tier (0 = best) a service answers; absent while it answers no tier.",
-                ),
-                &["service"],
-            )
-            .expect("valid metric"),
-        );
+        let decisions = Arc::new(DecisionGauges::new());
+        r.register(Box::new(DecisionGauges::collector(&decisions)))
+            .expect("metric names are unique and valid");
         let config_loaded = register(
             &r,
             Gauge::new(
@@ -524,8 +503,7 @@ impl Metrics {
             probe_layers_silent,
             last_known_good,
             last_known_good_holds,
-            service_decision,
-            service_tier,
+            decisions,
             config_loaded,
         })
     }
@@ -579,29 +557,18 @@ impl Metrics {
         self.last_known_good_holds
             .with_label_values(&[service])
             .inc_by(0);
-        let current = decision_label(decision);
-        for label in DECISIONS {
-            self.service_decision
-                .with_label_values(&[service, label])
-                .set(i64::from(label == current));
-        }
-        match decision {
-            Decision::Tier { tier } | Decision::LastKnownGood { tier, .. } => self
-                .service_tier
-                .with_label_values(&[service])
-                .set(i64::try_from(*tier).unwrap_or(i64::MAX)),
-            _ => {
-                let _ = self.service_tier.remove_label_values(&[service]);
+        let tier = match decision {
+            Decision::Tier { tier } | Decision::LastKnownGood { tier, .. } => {
+                Some(i64::try_from(*tier).unwrap_or(i64::MAX))
             }
-        }
+            _ => None,
+        };
+        self.decisions.set(service, decision_label(decision), tier);
     }
 
     /// Drops the decision gauges of a service a reload removed.
     pub fn forget_service(&self, service: &str) {
-        for label in DECISIONS {
-            let _ = self.service_decision.remove_label_values(&[service, label]);
-        }
-        let _ = self.service_tier.remove_label_values(&[service]);
+        self.decisions.forget(service);
         let _ = self.last_known_good.remove_label_values(&[service]);
         let _ = self.last_known_good_holds.remove_label_values(&[service]);
     }
@@ -650,6 +617,124 @@ impl crate::model::Counters for Metrics {
 
     fn refusal(&self, service: &str) -> Option<IntCounter> {
         Some(self.residency_refusals.with_label_values(&[service]))
+    }
+}
+
+/// `inferdns_service_decision` (every [`DECISIONS`] label per service, 1
+/// for the current one) and `inferdns_service_tier`, written out at scrape
+/// from one small row per service. As gauge vectors they were nine series
+/// objects per service, kept for good: about 50 MB at 10,000 services.
+struct DecisionGauges {
+    descs: [prometheus::core::Desc; 2],
+    /// By service: the index of its decision in [`DECISIONS`] and its tier.
+    rows: Mutex<BTreeMap<String, (usize, Option<i64>)>>,
+}
+
+/// The registered side of a shared [`DecisionGauges`].
+struct DecisionCollector(Arc<DecisionGauges>);
+
+impl DecisionGauges {
+    fn new() -> Self {
+        let desc = |name: &str, help: &str, labels: &[&str]| {
+            prometheus::core::Desc::new(
+                name.to_string(),
+                help.to_string(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                HashMap::new(),
+            )
+            .expect("valid metric")
+        };
+        DecisionGauges {
+            descs: [
+                desc(
+                    "inferdns_service_decision",
+                    "1 for the decision the service's answer follows (tier, last_known_good, fail_open, nodata, servfail, unprobed, residency_nodata, fallback), 0 for the others.",
+                    &["service", "decision"],
+                ),
+                desc(
+                    "inferdns_service_tier",
+                    "The tier (0 = best) a service answers; absent while it answers no tier.",
+                    &["service"],
+                ),
+            ],
+            rows: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn collector(this: &Arc<Self>) -> DecisionCollector {
+        DecisionCollector(this.clone())
+    }
+
+    fn set(&self, service: &str, decision: &str, tier: Option<i64>) {
+        let index = DECISIONS
+            .iter()
+            .position(|d| *d == decision)
+            .expect("every decision label is in DECISIONS");
+        let mut rows = self.rows.lock().expect("decision rows lock poisoned");
+        match rows.get_mut(service) {
+            Some(row) => *row = (index, tier),
+            None => {
+                rows.insert(service.to_string(), (index, tier));
+            }
+        }
+    }
+
+    fn forget(&self, service: &str) {
+        self.rows
+            .lock()
+            .expect("decision rows lock poisoned")
+            .remove(service);
+    }
+}
+
+impl prometheus::core::Collector for DecisionCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
+        let label = |name: &str, value: &str| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.to_string());
+            pair.set_value(value.to_string());
+            pair
+        };
+        let gauge = |labels: Vec<LabelPair>, value: i64| {
+            let mut g = prometheus::proto::Gauge::default();
+            g.set_value(value as f64);
+            let mut m = Metric::from_label(labels);
+            m.set_gauge(g);
+            m
+        };
+        let rows = self.0.rows.lock().expect("decision rows lock poisoned");
+        let mut decision = Vec::with_capacity(rows.len() * DECISIONS.len());
+        let mut tier = Vec::new();
+        for (service, (current, t)) in rows.iter() {
+            for (i, d) in DECISIONS.iter().enumerate() {
+                let labels = vec![label("decision", d), label("service", service)];
+                decision.push(gauge(labels, i64::from(i == *current)));
+            }
+            if let Some(t) = t {
+                tier.push(gauge(vec![label("service", service)], *t));
+            }
+        }
+        drop(rows);
+        let family = |desc: &prometheus::core::Desc, metrics: Vec<Metric>| {
+            let mut f = MetricFamily::default();
+            f.set_name(desc.fq_name.clone());
+            f.set_help(desc.help.clone());
+            f.set_field_type(MetricType::GAUGE);
+            f.set_metric(metrics);
+            f
+        };
+        let mut out = Vec::new();
+        for (desc, metrics) in self.0.descs.iter().zip([decision, tier]) {
+            if !metrics.is_empty() {
+                out.push(family(desc, metrics));
+            }
+        }
+        out
     }
 }
 
@@ -709,5 +794,61 @@ impl QueryTable {
         if let Some(counter) = &self.ignored {
             counter.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(text: &str, name: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn decision_gauges_have_every_label_per_service_and_go_with_the_service() {
+        let metrics = Metrics::new();
+        metrics.set_decision("chat", &Decision::Tier { tier: 1 });
+        metrics.set_decision("lost", &Decision::NoData);
+        metrics.set_decision("chat", &Decision::Tier { tier: 0 });
+        let text = metrics.encode();
+        let decisions = samples(&text, "inferdns_service_decision{");
+        assert_eq!(decisions.len(), 2 * DECISIONS.len(), "{decisions:#?}");
+        assert!(
+            decisions
+                .contains(&r#"inferdns_service_decision{decision="tier",service="chat"} 1"#.into())
+        );
+        assert!(
+            decisions.contains(
+                &r#"inferdns_service_decision{decision="nodata",service="chat"} 0"#.into()
+            )
+        );
+        assert!(
+            decisions.contains(
+                &r#"inferdns_service_decision{decision="nodata",service="lost"} 1"#.into()
+            )
+        );
+        assert_eq!(
+            decisions.iter().filter(|l| l.ends_with(" 1")).count(),
+            2,
+            "one current decision per service: {decisions:#?}"
+        );
+        assert_eq!(
+            samples(&text, "inferdns_service_tier{"),
+            vec![r#"inferdns_service_tier{service="chat"} 0"#.to_string()]
+        );
+        assert!(text.contains("# TYPE inferdns_service_decision gauge"));
+
+        metrics.forget_service("chat");
+        let text = metrics.encode();
+        assert!(!text.contains(r#"service="chat""#), "{text}");
+        assert_eq!(
+            samples(&text, "inferdns_service_decision{").len(),
+            DECISIONS.len()
+        );
+        assert!(samples(&text, "inferdns_service_tier{").is_empty());
     }
 }
