@@ -208,8 +208,13 @@ async fn explain(
 }
 
 fn block_on(future: impl std::future::Future<Output = Result<(), AppError>>) -> ExitCode {
+    // Before any thread exists: the policy query threads get back; this
+    // thread (which runs the root future) works in the background too.
+    crate::sched::remember();
+    crate::sched::background();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(crate::sched::background)
         .build()
     {
         Ok(rt) => rt,

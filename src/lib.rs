@@ -20,6 +20,8 @@
 //!   reload and the log level; [`metrics`] holds the Prometheus families;
 //!   [`notify`] tells systemd (`Type=notify`) about readiness, reloads and
 //!   the watchdog.
+//! - [`sched`]: under a real-time policy, only the UDP query threads keep
+//!   it; background threads drop to SCHED_OTHER.
 //! - [`demo`]: simulated inference regions and the `inferdns demo` story;
 //!   the integration tests use the same regions.
 
@@ -38,3 +40,4 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod publish;
+pub mod sched;

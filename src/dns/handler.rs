@@ -554,6 +554,7 @@ async fn serve_udp(
     std::thread::Builder::new()
         .name("dns-udp".into())
         .spawn(move || {
+            crate::sched::queries();
             let _ = done.send(udp_loop(&socket, &handler, &stop));
         })?;
     match finished.await {
