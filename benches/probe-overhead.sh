@@ -34,6 +34,8 @@ timeout $((WARMUP + SECS + 60)) python3 -c "
 import http.server, functools, sys
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])
 handler.log_message = lambda *a: None
+# HTTP/1.1: connections stay open between probes, as a model server's do.
+http.server.SimpleHTTPRequestHandler.protocol_version = 'HTTP/1.1'
 http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()
 " "$PORT" "$RUN/www" >/dev/null 2>&1 &
 PIDS+=($!)

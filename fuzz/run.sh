@@ -12,7 +12,8 @@
 # under CI=true, where it is an error: CI machines carry nightly in their
 # image, so its absence is a broken machine, not a reason to pass.
 # Built without a sanitizer (`-s none`): the crate's only `unsafe` is the
-# batched UDP I/O (src/dns/mmsg.rs), which no target reaches, and
+# batched UDP I/O (src/dns/mmsg.rs) and the thread scheduling calls
+# (src/sched.rs), which no target reaches, and
 # AddressSanitizer would double the build (ring's C included) and halve
 # the executions; debug assertions and overflow checks stay on.
 set -euo pipefail

@@ -4,10 +4,11 @@
 //! two per query removes the per-call entry, descriptor lookup and socket
 //! locking from all but one query of each batch.
 //!
-//! The only `unsafe` of the crate lives here: filling the kernel's message
-//! headers with pointers into buffers this module owns, and reading back
-//! the socket addresses the kernel wrote. The buffers are allocated once
-//! per socket and reused; a call never allocates.
+//! Most of the crate's `unsafe` lives here (the rest in `crate::sched`):
+//! filling the kernel's message headers with pointers into buffers this
+//! module owns, and reading back the socket addresses the kernel wrote.
+//! The buffers are allocated once per socket and reused; a call never
+//! allocates.
 
 use std::io;
 use std::mem::{MaybeUninit, size_of, zeroed};
