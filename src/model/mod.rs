@@ -19,6 +19,7 @@ use crate::health::Status;
 use crate::metrics::QueryTable;
 
 mod service;
+mod strategy;
 pub mod wire;
 
 pub use service::{

@@ -5,7 +5,8 @@
 //! each time a snapshot is about to be built (not by the probe state
 //! machines), the WARN/INFO lines and metrics of services entering and
 //! leaving a last-known-good hold, and the wake-ups at the holds' ends. The
-//! choice itself is made in `model::service` from `EndpointInput::fit_ago`.
+//! choice itself is made in `model::strategy::last_good` from
+//! `EndpointInput::fit_ago`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
