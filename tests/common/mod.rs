@@ -293,49 +293,60 @@ impl Knot {
         let knotd = ["/usr/sbin/knotd", "/usr/bin/knotd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())?;
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let path = dir.path().display().to_string();
-        std::fs::write(dir.path().join("zone"), zone).unwrap();
-        std::fs::write(
-            dir.path().join("knot.conf"),
-            format!(
-                "server:\n  rundir: \"{path}\"\n  listen: 127.0.0.1@{port}\n\
-                 database:\n  storage: \"{path}\"\n\
-                 zone:\n  - domain: {domain}\n    file: \"{path}/zone\"\n    storage: \"{path}\"\n    zonefile-load: whole\n    journal-content: none\n"
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new(knotd)
-            .arg("-c")
-            .arg(dir.path().join("knot.conf"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let knot = Knot {
-            child,
-            addr,
-            _dir: dir,
-        };
         let soa = Ask::new(&format!("{domain}."), RecordType::SOA)
             .message()
             .to_vec()
             .unwrap();
-        for _ in 0..100 {
-            if client::exchange_udp(addr, &soa, std::time::Duration::from_millis(100))
-                .await
-                .is_ok()
-            {
-                return Some(knot);
+        // The port is free when picked but not held: another test may take
+        // it (UDP or TCP) before knotd binds, and knotd then exits. Such a
+        // start is tried again on another port.
+        let mut last = None;
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let path = dir.path().display().to_string();
+            std::fs::write(dir.path().join("zone"), zone).unwrap();
+            std::fs::write(
+                dir.path().join("knot.conf"),
+                format!(
+                    "server:\n  rundir: \"{path}\"\n  listen: 127.0.0.1@{port}\n\
+                     database:\n  storage: \"{path}\"\n\
+                     zone:\n  - domain: {domain}\n    file: \"{path}/zone\"\n    storage: \"{path}\"\n    zonefile-load: whole\n    journal-content: none\n"
+                ),
+            )
+            .unwrap();
+            let child = std::process::Command::new(knotd)
+                .arg("-c")
+                .arg(dir.path().join("knot.conf"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()?;
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let mut knot = Knot {
+                child,
+                addr,
+                _dir: dir,
+            };
+            for _ in 0..100 {
+                if client::exchange_udp(addr, &soa, std::time::Duration::from_millis(100))
+                    .await
+                    .is_ok()
+                {
+                    return Some(knot);
+                }
+                if knot.child.try_wait().ok().flatten().is_some() {
+                    break; // exited: most likely the port was taken
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            last = Some(addr);
         }
+        let addr = last.expect("at least one attempt");
         panic!("knotd did not start answering on {addr}");
     }
 }
