@@ -1054,7 +1054,7 @@ mod tests {
     async fn closing_server(
         stop: tokio_util::sync::CancellationToken,
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -1069,21 +1069,14 @@ mod tests {
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let mut served = 0;
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
                     loop {
-                        let n = tokio::select! {
+                        let more = tokio::select! {
                             () = stop.cancelled() => return,
-                            n = stream.read(&mut chunk) => n.unwrap_or(0),
+                            more = next_head(&mut stream) => more,
                         };
-                        if n == 0 {
+                        if !more {
                             return;
                         }
-                        buf.extend_from_slice(&chunk[..n]);
-                        if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            continue;
-                        }
-                        buf.clear();
                         if served == 1 {
                             return; // closed under the client's second request
                         }
@@ -1101,14 +1094,23 @@ mod tests {
         (addr, accepted)
     }
 
+    /// Reads one request head (up to the blank line) off `stream`, the
+    /// byte at a time a test server can afford; `false` at the end.
+    async fn next_head(stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
     fn alive_probe(addr: std::net::SocketAddr) -> AnyProbe {
-        let text = format!(
-            "[server]\ndns-listen = [\"127.0.0.1:0\"]\n[zone]\napex = \"inference.example.com\"\nsoa = {{ primary = \"ns1.example.net\", contact = \"h.example.net\" }}\nns = [{{ name = \"ns1.example.net\" }}]\n[regions.r]\nendpoints = [{{ address = \"127.0.0.1\", port = {} }}]\n[services.s]\ntiers = [[\"r\"]]\n",
-            addr.port()
-        );
-        let config = crate::config::load_str(std::path::Path::new("t.toml"), &text).unwrap();
-        let spec = &config.regions[0].endpoints[0].probe;
-        probes_for(spec).unwrap().remove(0).0
+        probes_of(addr, "").remove(0)
     }
 
     /// A loopback server that answers every request with `reply` (a whole
@@ -1118,7 +1120,7 @@ mod tests {
     async fn scripted_server(
         reply: &'static str,
     ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -1127,18 +1129,7 @@ mod tests {
             while let Ok((mut stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let n = stream.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            continue;
-                        }
-                        buf.clear();
+                    while next_head(&mut stream).await {
                         stream.write_all(reply.as_bytes()).await.unwrap();
                         if reply.contains("connection: close") {
                             return;
