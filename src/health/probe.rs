@@ -222,9 +222,10 @@ pub const FRESH_CONNECT_EVERY: Duration = Duration::from_secs(30);
 ///   connects afresh, so a backend that stops accepting connections but
 ///   keeps serving an open one is noticed within that time.
 pub struct Http {
-    /// Keeps one idle connection for the next probe.
-    client: reqwest::Client,
-    /// A new connection for every request.
+    /// How GETs go out, keeping one idle connection for the next probe.
+    kept: Kept,
+    /// A new connection for every request (fresh GETs over HTTPS, and
+    /// completions).
     fresh: reqwest::Client,
     /// `scheme://authority:port`
     base: String,
@@ -233,8 +234,15 @@ pub struct Http {
     /// Probes sent since the last fresh connection, and how many may be.
     reused: AtomicU32,
     fresh_every: u32,
-    /// Plain HTTP GETs skip reqwest: see [`Plain`].
-    plain: Option<Plain>,
+}
+
+/// The GET transport of an [`Http`].
+enum Kept {
+    /// Plain HTTP: our own kept connection (see [`Plain`]).
+    Plain(Plain),
+    /// HTTPS (or a Host header hyper's request cannot carry): reqwest with
+    /// one idle connection in its pool.
+    Reqwest(reqwest::Client),
 }
 
 /// GETs of a plain-HTTP endpoint over one kept HTTP/1.1 connection that
@@ -414,10 +422,7 @@ impl Conn {
                 while let Some(frame) = body.frame().await {
                     let frame = frame.map_err(|e| answered(hyper_error(&e)))?;
                     if let Some(data) = frame.data_ref() {
-                        if out.len() + data.len() > MAX_BODY {
-                            return Err(answered(too_large()));
-                        }
-                        out.extend_from_slice(data);
+                        append_bounded(&mut out, data).map_err(answered)?;
                     }
                 }
                 Ok(out)
@@ -459,8 +464,16 @@ fn hyper_error(e: &hyper::Error) -> ProbeError {
     classify_chain(e).unwrap_or_else(|| ProbeError::Transport(root_cause(e)))
 }
 
-fn too_large() -> ProbeError {
-    ProbeError::Malformed(format!("body larger than {} KiB", MAX_BODY / 1024))
+/// Appends a piece of a body, refusing a body over [`MAX_BODY`].
+fn append_bounded(body: &mut Vec<u8>, data: &[u8]) -> Result<(), ProbeError> {
+    if body.len() + data.len() > MAX_BODY {
+        return Err(ProbeError::Malformed(format!(
+            "body larger than {} KiB",
+            MAX_BODY / 1024
+        )));
+    }
+    body.extend_from_slice(data);
+    Ok(())
 }
 
 impl Http {
@@ -511,18 +524,22 @@ impl Http {
         let fresh_every = (FRESH_CONNECT_EVERY.as_secs_f64() / interval.as_secs_f64().max(1e-3))
             .floor()
             .clamp(1.0, f64::from(u32::MAX)) as u32;
+        let kept = match spec.scheme {
+            Scheme::Http => Plain::new(spec).map(Kept::Plain),
+            Scheme::Https => None,
+        };
+        let kept = match kept {
+            Some(kept) => kept,
+            None => Kept::Reqwest(build(1)?),
+        };
         Ok(Self {
-            client: build(1)?,
+            kept,
             fresh: build(0)?,
             base: format!("{scheme}://{authority}:{port}"),
             host: spec.host.clone(),
             api_key: spec.api_key.clone(),
             reused: AtomicU32::new(0),
             fresh_every,
-            plain: match spec.scheme {
-                Scheme::Http => Plain::new(spec),
-                Scheme::Https => None,
-            },
         })
     }
 
@@ -552,9 +569,9 @@ impl Http {
     ) -> Result<Vec<u8>, ProbeError> {
         let sent = self.reused.fetch_add(1, Ordering::Relaxed);
         let fresh = sent.is_multiple_of(self.fresh_every);
-        let result = match &self.plain {
-            Some(plain) => plain.get(path, fresh, wanted).await,
-            None => self.fetch_tls(path, fresh, wanted).await,
+        let result = match &self.kept {
+            Kept::Plain(plain) => plain.get(path, fresh, wanted).await,
+            Kept::Reqwest(client) => self.fetch_reqwest(client, path, fresh, wanted).await,
         };
         tracing::trace!(
             url = %self.url(path),
@@ -569,8 +586,9 @@ impl Http {
     }
 
     /// [`Http::fetch`] through reqwest (HTTPS).
-    async fn fetch_tls(
+    async fn fetch_reqwest(
         &self,
+        client: &reqwest::Client,
         path: &str,
         fresh: bool,
         wanted: &(dyn Fn(u16) -> bool + Sync),
@@ -578,7 +596,7 @@ impl Http {
         let response = match fresh {
             true => self.get_fresh(path).await?,
             false => match self
-                .request(&self.client, reqwest::Method::GET, path)
+                .request(client, reqwest::Method::GET, path)
                 .send()
                 .await
             {
@@ -638,10 +656,7 @@ fn status_error(status: u16, headers: &http::HeaderMap) -> ProbeError {
 async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, ProbeError> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(classify)? {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
+        append_bounded(&mut body, &chunk)?;
     }
     Ok(body)
 }
