@@ -236,11 +236,12 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let (probe_hints, probe_hints_rx) = watch::channel(ProbeHints::default());
     let mut probes = ProbeSet::new(cancel.clone(), metrics.clone(), probe_hints_rx);
     let ids = probes.sync(&config, &tx)?;
-    let admin_auth = Arc::new(ArcSwap::from_pointee(AdminAuth::of(&server)));
+    let admin_auth = Arc::new(ArcSwap::from_pointee(AdminAuth::of(&config)));
     let geo_db = load_geo(&config, &metrics)
         .await
         .map_err(|e| AppError::Geo(e.to_string()))?;
     let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config));
+    let (fleet, fleet_rx) = watch::channel(Arc::new(config.fleet.clone()));
     let geo_state = Arc::new(std::sync::Mutex::new(GeoState::of(geo_db.clone())));
     let (mut publisher, snapshot, mut first_round) =
         Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
@@ -263,6 +264,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         geo_target,
         geo_state: geo_state.clone(),
         notifier: notifier.clone(),
+        fleet,
     };
     tasks.spawn("reloader", reloader.run(reload_rx, cancel.clone()));
     let watcher = GeoWatcher {
@@ -272,6 +274,10 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
         metrics: metrics.clone(),
     };
     tasks.spawn("geoip-watcher", watcher.run(cancel.clone()));
+    tasks.spawn(
+        "fleet-pull",
+        crate::fleet::pull::run(fleet_rx, tx.clone(), cancel.clone()),
+    );
     let control = Control {
         publisher: tx,
         reload: reload_tx,
@@ -370,6 +376,8 @@ struct Reloader {
     geo_state: Arc<std::sync::Mutex<GeoState>>,
     /// Tells systemd a reload is under way, and when it is over.
     notifier: Notifier,
+    /// The fleet the pull loops pull (restarted when it changes).
+    fleet: watch::Sender<Arc<crate::config::Fleet>>,
 }
 
 impl Reloader {
@@ -442,11 +450,17 @@ impl Reloader {
             tracing::error!(error = %e, "Reload refused; the running configuration stays.");
             vec![e.to_string()]
         })?;
-        self.admin_auth
-            .store(Arc::new(AdminAuth::of(&config.server)));
+        self.admin_auth.store(Arc::new(AdminAuth::of(&config)));
         let geo_db = geo.in_use.clone();
         *self.geo_state.lock().expect("GeoIP state lock poisoned") = geo;
         self.geo_target.send_replace(GeoTarget::of(&config));
+        self.fleet.send_if_modified(|fleet| {
+            let changed = **fleet != config.fleet;
+            if changed {
+                *fleet = Arc::new(config.fleet.clone());
+            }
+            changed
+        });
         let (done, generation) = oneshot::channel();
         let msg = Msg::Reload {
             config: Arc::new(config),

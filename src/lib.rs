@@ -33,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod error;
+pub mod fleet;
 pub mod geo;
 pub mod health;
 pub mod log;

@@ -152,6 +152,17 @@ pub struct Metrics {
     pub task_failures: IntCounterVec,
     /// Probe layers that sent no result for longer than their silence limit.
     pub probe_layers_silent: IntGauge,
+    /// Fleet: 1 while a peer's observations are fresh, by peer.
+    pub fleet_peer_fresh: IntGaugeVec,
+    /// Fleet: pulls of a peer by result (`ok`, `error`).
+    pub fleet_pulls: IntCounterVec,
+    /// Fleet: observation body bytes received from a peer.
+    pub fleet_pull_bytes: IntCounterVec,
+    /// Fleet: vantage points with fresh views, this edge included.
+    pub fleet_vantage_points: IntGauge,
+    /// Fleet: 1 while too few vantage points are fresh for the quorum and
+    /// this edge decides from its own view.
+    pub fleet_local_fallback: IntGauge,
     /// 1 while a service answers its last known good endpoints, by service.
     pub last_known_good: IntGaugeVec,
     /// Times a service began answering its last known good endpoints.
@@ -422,6 +433,56 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let fleet_peer_fresh = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_fleet_peer_fresh",
+                    "1 while the fleet peer's observations are fresh (pulled within the expiry).",
+                ),
+                &["peer"],
+            )
+            .expect("valid metric"),
+        );
+        let fleet_pulls = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_fleet_pulls_total",
+                    "Pulls of a fleet peer's observations, by result (ok, error).",
+                ),
+                &["peer", "result"],
+            )
+            .expect("valid metric"),
+        );
+        let fleet_pull_bytes = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_fleet_pull_bytes_total",
+                    "Observation body bytes received from a fleet peer.",
+                ),
+                &["peer"],
+            )
+            .expect("valid metric"),
+        );
+        let fleet_vantage_points = register(
+            &r,
+            IntGauge::new(
+                "inferdns_fleet_vantage_points",
+                "Edges whose views are fresh, this one included (1 without a fleet).",
+            )
+            .expect("valid metric"),
+        );
+        fleet_vantage_points.set(1);
+        let fleet_local_fallback = register(
+            &r,
+            IntGauge::new(
+                "inferdns_fleet_local_fallback",
+                "1 while too few fleet peers are fresh for the quorum and this edge decides alone.",
+            )
+            .expect("valid metric"),
+        );
         let last_known_good = register(
             &r,
             IntGaugeVec::new(
@@ -501,6 +562,11 @@ impl Metrics {
             capacity_reports,
             task_failures,
             probe_layers_silent,
+            fleet_peer_fresh,
+            fleet_pulls,
+            fleet_pull_bytes,
+            fleet_vantage_points,
+            fleet_local_fallback,
             last_known_good,
             last_known_good_holds,
             decisions,

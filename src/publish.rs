@@ -26,6 +26,7 @@ use crate::metrics::{Metrics, QueryTable};
 use crate::model::{self, EndpointIndex, RegionLoad, Snapshot, Zone};
 
 mod build;
+mod fleet;
 mod last_good;
 
 /// Everything the publisher can be told.
@@ -56,6 +57,12 @@ pub enum Msg {
         drained: bool,
         done: oneshot::Sender<Result<u64, String>>,
     },
+    /// A pull of a fleet peer, good or not.
+    Peer(crate::fleet::pull::Pulled),
+    /// This edge's own observations, for a peer.
+    Observe(oneshot::Sender<crate::fleet::Observations>),
+    /// The fleet as this edge sees it now (`None` without peers).
+    Fleet(oneshot::Sender<Option<crate::fleet::FleetView>>),
 }
 
 impl From<ProbeReport> for Msg {
@@ -231,6 +238,8 @@ struct Loaded {
     region_services: Vec<Vec<usize>>,
     /// Region index by id.
     region_by_id: HashMap<String, usize>,
+    /// Global endpoint index by (region id, target): how peers name them.
+    endpoint_by_key: HashMap<(String, String), usize>,
     /// The distinct last-known-good holds of the services (not zero), shortest first.
     holds: Vec<Duration>,
 }
@@ -313,7 +322,13 @@ impl Loaded {
         holds.sort_unstable();
         holds.dedup();
         let zone = Arc::new(Zone::compile(&config));
+        let endpoint_by_key = info
+            .iter()
+            .enumerate()
+            .map(|(g, i)| ((i.region.clone(), i.target.clone()), g))
+            .collect();
         Loaded {
+            endpoint_by_key,
             wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
             zone,
             region_by_id: config
@@ -413,6 +428,10 @@ pub struct Publisher {
     /// What the published snapshot was built from; `None` after a reload
     /// (the next build compiles every service).
     built: Option<build::Built>,
+    /// The fleet's other edges, as last pulled.
+    peers: Vec<crate::fleet::PeerView>,
+    /// The fleet state last published (`complete`, `degraded`, `local`).
+    fleet_state: &'static str,
 }
 
 impl Publisher {
@@ -427,6 +446,7 @@ impl Publisher {
     ) -> (Self, Arc<ArcSwap<Snapshot>>, watch::Receiver<bool>) {
         let loaded = Loaded::new(config, ids, &metrics);
         let (first_round, first_round_rx) = watch::channel(loaded.ids.is_empty());
+        let peers = fleet::peer_views(&loaded, Vec::new());
         let now = Instant::now();
         let health: Vec<EndpointHealth> = loaded
             .info
@@ -461,6 +481,7 @@ impl Publisher {
                 geo: geo.clone(),
                 dynamic,
                 metrics: &metrics,
+                overlay: &[],
             },
             None,
         );
@@ -501,6 +522,8 @@ impl Publisher {
             latency_moved: false,
             build_cost: Duration::ZERO,
             bucket: (BURST, Instant::now()),
+            peers,
+            fleet_state: "complete",
         };
         publisher.metrics.snapshot_generation.set(1);
         for view in &publisher.snapshot.load().service_views {
@@ -555,6 +578,15 @@ impl Publisher {
                 self.pushed.insert(region, (report, Instant::now()));
                 self.publish();
                 let _ = done.send(Ok(self.generation));
+                false
+            }
+            Msg::Peer(pulled) => self.apply_peer(pulled),
+            Msg::Observe(done) => {
+                let _ = done.send(self.observations(Instant::now()));
+                false
+            }
+            Msg::Fleet(done) => {
+                let _ = done.send(self.fleet_view(Instant::now()));
                 false
             }
             Msg::Geo(db) => {
@@ -928,25 +960,43 @@ impl Publisher {
         }
         // A last-known-good hold ends (the all-down rule applies).
         self.last_good_deadlines(&mut consider);
+        // A peer's views expire (its votes and load reports stop counting).
+        self.fleet_deadlines(&mut consider);
         next
     }
 
-    /// Region `r`'s load now: fresh scraped loads of its endpoints and a
-    /// fresh pushed report; anything older than `max-age` is unknown.
+    /// Region `r`'s load now: this edge's own report, or a fleet peer's
+    /// when that is fresher (see [`Publisher::local_region_load`]).
     fn region_load(&self, r: usize, now: Instant) -> RegionLoad {
+        let (load, at) = self.local_region_load(r, now);
+        self.freshest_region_load(r, now, load, at)
+    }
+
+    /// Region `r`'s load as this edge read it, and when: fresh scraped
+    /// loads of its endpoints and a fresh pushed report; anything older
+    /// than `max-age` is unknown.
+    fn local_region_load(&self, r: usize, now: Instant) -> (RegionLoad, Option<Instant>) {
         let region = &self.loaded.config.regions[r];
         let cap = &region.capacity;
         let fresh = |at: Instant| now.saturating_duration_since(at) < cap.max_age;
+        let mut newest: Option<Instant> = None;
         let scraped: Vec<crate::capacity::Load> = self.health
             [self.loaded.region_endpoints[r].clone()]
         .iter()
-        .filter_map(|h| h.load.filter(|(_, at)| fresh(*at)).map(|(l, _)| l))
+        .filter_map(|h| h.load.filter(|(_, at)| fresh(*at)))
+        .map(|(l, at)| {
+            newest = newest.max(Some(at));
+            l
+        })
         .collect();
         let pushed = self
             .pushed
             .get(&region.id)
             .filter(|(_, at)| fresh(*at))
-            .map(|(p, _)| *p);
+            .map(|(p, at)| {
+                newest = newest.max(Some(*at));
+                *p
+            });
         let from_metrics = (!scraped.is_empty())
             .then(|| capacity::utilization(&capacity::combine(&scraped), cap.queue_saturation))
             .flatten();
@@ -955,7 +1005,7 @@ impl Publisher {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        RegionLoad {
+        let load = RegionLoad {
             util,
             gpus: pushed
                 .and_then(|p| p.gpus_total)
@@ -963,7 +1013,8 @@ impl Publisher {
                 .unwrap_or(cap.gpus),
             base: cap.weight,
             cost: cap.cost,
-        }
+        };
+        (load, newest.filter(|_| util.is_some()))
     }
 
     /// Loads, levels (with hysteresis) and adaptive TTLs for the next snapshot.
@@ -1099,6 +1150,7 @@ impl Publisher {
         self.region_gauges.clear();
         self.loaded = next;
         self.health = health;
+        self.peers = fleet::peer_views(&self.loaded, std::mem::take(&mut self.peers));
         // A drained region that the new config no longer has is forgotten.
         let regions: HashSet<&str> = self
             .loaded
@@ -1208,7 +1260,12 @@ impl Publisher {
     /// Panics when `next` (built incrementally) differs from a snapshot
     /// compiled from scratch, naming the service and where they differ.
     #[cfg(test)]
-    fn check_equals_full_build(&self, dynamic: Dynamic, next: &Snapshot) {
+    fn check_equals_full_build(
+        &self,
+        dynamic: Dynamic,
+        overlay: &[Option<fleet::Overlay>],
+        next: &Snapshot,
+    ) {
         let full = build::build(
             build::BuildInputs {
                 loaded: &self.loaded,
@@ -1218,6 +1275,7 @@ impl Publisher {
                 geo: self.geo.clone(),
                 dynamic,
                 metrics: &self.metrics,
+                overlay,
             },
             None,
         )
@@ -1292,6 +1350,9 @@ impl Publisher {
         self.note_fitness();
         let dynamic = self.dynamic();
         self.steer_completions();
+        let now = Instant::now();
+        self.note_fleet(now);
+        let overlay = self.overlay(now);
         #[cfg(test)]
         let unshared = dynamic.clone();
         let previous = self.snapshot.load_full();
@@ -1304,6 +1365,7 @@ impl Publisher {
                 geo: self.geo.clone(),
                 dynamic,
                 metrics: &self.metrics,
+                overlay: &overlay,
             },
             self.built.as_ref().map(|b| (b, &*previous)),
         );
@@ -1312,7 +1374,7 @@ impl Publisher {
         // Every unit test checks that sharing changed nothing: the
         // snapshot equals one compiled from scratch.
         #[cfg(test)]
-        self.check_equals_full_build(unshared, &next);
+        self.check_equals_full_build(unshared, &overlay, &next);
         // After a reload, services are matched by id; otherwise by index.
         let by_id: Option<HashMap<&str, &model::ServiceView>> = (!out.incremental).then(|| {
             previous
@@ -1611,9 +1673,17 @@ fn region_latency_of(loaded: &Loaded, health: &[EndpointHealth], r: usize) -> f6
     }
 }
 
+/// Measured region latency, for proximity. In a fleet, none: each edge
+/// measures its own network path to a region, which says nothing of the
+/// client's and would make edges answer one client differently; the
+/// distance model alone ranks there.
 fn region_latency(loaded: &Loaded, health: &[EndpointHealth]) -> Vec<f64> {
+    let fleet = loaded.config.fleet.seed.is_some();
     (0..loaded.config.regions.len())
-        .map(|r| region_latency_of(loaded, health, r))
+        .map(|r| match fleet {
+            true => 0.0,
+            false => region_latency_of(loaded, health, r),
+        })
         .collect()
 }
 

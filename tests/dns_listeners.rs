@@ -62,6 +62,7 @@ fn broken_snapshot() -> Snapshot {
         geo: Default::default(),
         region_loads: Vec::new(),
         rrl: None,
+        choice_seed: None,
         wire: Default::default(),
     }
 }

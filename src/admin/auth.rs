@@ -13,7 +13,7 @@ use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use super::{AdminState, error};
-use crate::config::{Secret, ServerConfig};
+use crate::config::{Config, Secret, ServerConfig};
 
 /// Who may use the admin API (replaced whole on reload).
 #[derive(Debug, Clone, Default)]
@@ -22,13 +22,18 @@ pub struct AdminAuth {
     pub token: Option<Secret>,
     /// The read routes need the token too.
     pub reads: bool,
+    /// The fleet's token: peers pulling observations send it. `None`: the
+    /// route is closed.
+    pub fleet: Option<Secret>,
 }
 
 impl AdminAuth {
-    pub fn of(server: &ServerConfig) -> Self {
+    pub fn of(config: &Config) -> Self {
+        let server = &config.server;
         Self {
             token: server.admin_token.clone(),
             reads: server.admin_token_for_reads,
+            fleet: config.fleet.token.clone(),
         }
     }
 }
@@ -76,6 +81,27 @@ pub async fn require_token(
         return error(
             StatusCode::FORBIDDEN,
             "mutating routes are disabled: set server.admin-token-file in the config",
+        );
+    };
+    if !token_matches(expected, &headers) {
+        return unauthorized();
+    }
+    next.run(request).await
+}
+
+/// The fleet route: the fleet's token, always (an edge's observations are
+/// its whole view of the regions).
+pub async fn require_fleet_token(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = state.control.admin_auth.load();
+    let Some(expected) = auth.fleet.as_ref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this edge has no fleet: set [fleet] token-file and peers in the config",
         );
     };
     if !token_matches(expected, &headers) {

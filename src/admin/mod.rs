@@ -77,8 +77,15 @@ pub fn router(state: AdminState, body_timeout: Duration) -> Router {
             state.clone(),
             auth::require_read_token,
         ));
+    let fleet = Router::new()
+        .route(crate::config::fleet::OBSERVATIONS_PATH, get(observations))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_fleet_token,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(fleet)
         .route("/readyz", get(readyz))
         .merge(reads)
         .merge(mutating)
@@ -112,7 +119,33 @@ fn age_s(snap: &Snapshot) -> f64 {
         .as_secs_f64()
 }
 
+/// This edge's own observations, for its fleet peers.
+async fn observations(State(state): State<AdminState>) -> Response {
+    let (done, result) = oneshot::channel();
+    if state
+        .control
+        .publisher
+        .send(Msg::Observe(done))
+        .await
+        .is_err()
+    {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match result.await {
+        Ok(obs) => Json(obs).into_response(),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+/// The fleet as the publisher sees it now (`None` without peers).
+async fn fleet_view(state: &AdminState) -> Option<crate::fleet::FleetView> {
+    let (done, result) = oneshot::channel();
+    state.control.publisher.send(Msg::Fleet(done)).await.ok()?;
+    result.await.ok().flatten()
+}
+
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let fleet = fleet_view(&state).await;
     let snap = state.snapshot.load_full();
     // Regions in config order, with their endpoint counts.
     let mut regions: Vec<serde_json::Value> = Vec::new();
@@ -143,6 +176,7 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "regions": regions,
         "services": snap.service_views.iter().map(|v| &**v).collect::<Vec<_>>(),
         "endpoints": snap.endpoints,
+        "fleet": fleet,
     }))
 }
 

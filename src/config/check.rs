@@ -233,6 +233,10 @@ impl Checker {
             true => None,
             false => self.rrl(src, &file.rrl),
         };
+        let fleet = match self.broken.section("fleet") {
+            true => None,
+            false => self.fleet(src, &file.fleet, server.as_ref(), apex.as_ref()),
+        };
         let mut services = Vec::new();
         if let Some(apex) = &apex {
             let ctx = Ctx {
@@ -267,6 +271,7 @@ impl Checker {
             geo: geo?,
             overrides,
             rrl,
+            fleet: fleet?,
         })
     }
 

@@ -36,6 +36,44 @@ pub struct MainFile {
     /// Response rate limiting of UDP answers.
     #[serde(default)]
     pub rrl: RrlSection,
+    /// The other edges of the fleet and how their observations count.
+    #[serde(default)]
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: the other edges serving the zone, pulled for what they observe.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FleetSection {
+    /// This edge's name as its peers list it. Default: `server.nsid`.
+    pub edge: Option<Spanned<String>>,
+    /// The other edges (`[[fleet.peers]]`).
+    #[serde(default)]
+    pub peers: Vec<Spanned<PeerSection>>,
+    /// Bearer token shared by the fleet: sent to peers, required of them.
+    pub token_file: Option<Spanned<String>>,
+    /// PEM CA for `https://` peer URLs (a private CA), besides the system roots.
+    pub ca_file: Option<Spanned<String>>,
+    /// How often each peer is pulled. Default "1s".
+    pub pull_interval: Option<Spanned<String>>,
+    /// Longest wait for one pull. Default: half the pull interval.
+    pub pull_timeout: Option<Spanned<String>>,
+    /// A peer's observations count this long after its last good pull.
+    /// Default: three pull intervals.
+    pub expiry: Option<Spanned<String>>,
+    /// `"local"` (default), `"any-up"`, `"majority"`, a count (`"2"`) or a
+    /// share (`"60%"`) of vantage points that must see an endpoint up.
+    pub quorum: Option<Spanned<String>>,
+    /// Seed of the weighted choices every edge makes alike. Default: the zone apex.
+    pub seed: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: Spanned<String>,
+    /// The peer's admin API, e.g. `http://10.0.0.2:9153`.
+    pub url: Spanned<String>,
 }
 
 /// `[rrl]`: response rate limiting (as NSD's and Knot's RRL), on by default.

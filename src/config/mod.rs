@@ -9,6 +9,7 @@ mod admin;
 mod capacity;
 mod check;
 pub mod file;
+pub mod fleet;
 mod limits;
 mod parse;
 mod probes;
@@ -43,6 +44,50 @@ pub struct Config {
     pub overrides: Vec<Override>,
     /// Response rate limiting; `None` when off.
     pub rrl: Option<RateLimit>,
+    /// The other edges; empty: this edge decides alone.
+    pub fleet: Fleet,
+}
+
+/// `[fleet]`: the peers this edge pulls and how their views combine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    /// This edge's name.
+    pub edge: String,
+    pub peers: Vec<Peer>,
+    /// Sent to peers and required of them; set whenever there are peers.
+    pub token: Option<Secret>,
+    /// Extra root certificate (PEM) for `https://` peers.
+    pub ca_pem: Option<Vec<u8>>,
+    pub pull_interval: Duration,
+    pub pull_timeout: Duration,
+    pub expiry: Duration,
+    pub quorum: crate::fleet::Quorum,
+    /// Seed of the weighted choices; `Some` when there are peers (every
+    /// edge then chooses alike for a client subnet).
+    pub seed: Option<u64>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            edge: String::new(),
+            peers: Vec::new(),
+            token: None,
+            ca_pem: None,
+            pull_interval: Duration::from_secs(1),
+            pull_timeout: Duration::from_millis(500),
+            expiry: Duration::from_secs(3),
+            quorum: crate::fleet::Quorum::Local,
+            seed: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// The peer's observations route (`<url>/v1/fleet/observations`).
+    pub url: String,
 }
 
 /// Response rate limiting (RRL) of UDP answers, per client prefix and

@@ -119,31 +119,7 @@ impl Checker {
                 "a tcp probe cannot read models or completions; use kind = \"http\"",
             );
         }
-        let ca_pem = match &p.ca_file {
-            Some(file) => {
-                let path = self.base.join(file.get_ref());
-                match std::fs::read(&path) {
-                    Ok(pem) if reqwest::Certificate::from_pem(&pem).is_ok() => Some(pem),
-                    Ok(_) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("{} is not a PEM certificate", path.display()),
-                        );
-                        None
-                    }
-                    Err(e) => {
-                        self.err(
-                            src,
-                            file.span(),
-                            format!("cannot read CA file {}: {e}", path.display()),
-                        );
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
+        let ca_pem = p.ca_file.as_ref().and_then(|file| self.ca_file(src, file));
         let api_key = match (&p.api_key_file, &p.api_key_env) {
             (Some(_), Some(env)) => {
                 self.err(src, env.span(), "api-key-file and api-key-env: choose one");
@@ -215,6 +191,37 @@ impl Checker {
                 path.span(),
                 format!("path {p:?} must start with '/' and have no spaces"),
             );
+        }
+    }
+}
+
+impl Checker {
+    /// The PEM certificate in `file` (relative to the main file), or an
+    /// error at its position.
+    pub(super) fn ca_file(
+        &mut self,
+        src: &Source<'_>,
+        file: &toml::Spanned<String>,
+    ) -> Option<Vec<u8>> {
+        let path = self.base.join(file.get_ref());
+        match std::fs::read(&path) {
+            Ok(pem) if reqwest::Certificate::from_pem(&pem).is_ok() => Some(pem),
+            Ok(_) => {
+                self.err(
+                    src,
+                    file.span(),
+                    format!("{} is not a PEM certificate", path.display()),
+                );
+                None
+            }
+            Err(e) => {
+                self.err(
+                    src,
+                    file.span(),
+                    format!("cannot read CA file {}: {e}", path.display()),
+                );
+                None
+            }
         }
     }
 }

@@ -549,16 +549,17 @@ fn service_records<'a>(
             RecordType::ANY => (&drawn.aaaa, &drawn.aaaa_counters),
             _ => return None,
         };
-        // A sticky draw depends on the client's subnet (when there are more
-        // endpoints than it answers): ECS scope is the width of the key. A
-        // random draw does not depend on the client and adds no scope.
-        let key = if drawn.sticky {
+        // A sticky draw (and every draw in a fleet) depends on the client's
+        // subnet (when there are more endpoints than it answers): ECS scope
+        // is the width of the key. A random draw does not depend on the
+        // client and adds no scope.
+        let key = if drawn.sticky || snap.choice_seed.is_some() {
             if entries.len() > drawn.records
                 && let Some(width) = sticky_scope(client)
             {
                 out.scope = Some(out.scope.map_or(width, |s| s.max(width)));
             }
-            subnet_key(client)
+            choice_key(snap, client)
         } else {
             rand::random()
         };
@@ -574,12 +575,13 @@ fn service_records<'a>(
                 } else {
                     &c.aaaa_weights
                 };
-                push_weighted(out, records, weights);
+                let keyed = fleet_key(snap, client, weights, out);
+                push_weighted(out, records, weights, keyed);
                 out.answered.extend(c.answered.iter());
             }
         }
         // Failback under slow start: part of the answers still go to the next tier.
-        _ if class.spill > 0.0 && rand::random::<f64>() < class.spill => {
+        _ if class.spill > 0.0 && chance(snap, client, SPILL_SALT, out) < class.spill => {
             out.answers.extend(
                 pick(&class.spill_a, &class.spill_aaaa)
                     .iter()
@@ -596,11 +598,56 @@ fn service_records<'a>(
             } else {
                 &class.aaaa_weights
             };
-            push_weighted(out, records, weights);
+            let keyed = fleet_key(snap, client, weights, out);
+            push_weighted(out, records, weights, keyed);
             out.answered.extend(class.answered.iter());
         }
     }
     None
+}
+
+/// The key of a client subnet's choices: the subnet's, mixed with the
+/// fleet's seed when there is one (every edge then chooses alike).
+pub(super) fn choice_key(snap: &Snapshot, client: &Client) -> u64 {
+    let key = subnet_key(client);
+    snap.choice_seed
+        .map_or(key, |seed| crate::fleet::mix(key, seed))
+}
+
+/// In a fleet, the key of the client's weighted picks among `weights`
+/// (`None`: no weights, or no fleet, and the picks are random).
+/// The answer then depends on the subnet, and its ECS scope says so.
+fn fleet_key(
+    snap: &Snapshot,
+    client: &Client,
+    weights: &[f64],
+    out: &mut Answer<'_>,
+) -> Option<u64> {
+    if snap.choice_seed.is_none() || weights.is_empty() {
+        return None;
+    }
+    widen_to_subnet(client, out);
+    Some(choice_key(snap, client))
+}
+
+/// The answer depends on the client's subnet: its ECS scope covers the
+/// subnet key's width.
+fn widen_to_subnet(client: &Client, out: &mut Answer<'_>) {
+    if let Some(width) = sticky_scope(client) {
+        out.scope = Some(out.scope.map_or(width, |s| s.max(width)));
+    }
+}
+
+/// Salt of the failback spill's chance (apart from the weighted picks').
+const SPILL_SALT: u64 = 0x0053_5049_4c4c;
+
+/// A number in [0, 1): random, or in a fleet the client subnet's own.
+fn chance(snap: &Snapshot, client: &Client, salt: u64, out: &mut Answer<'_>) -> f64 {
+    if snap.choice_seed.is_none() {
+        return rand::random();
+    }
+    widen_to_subnet(client, out);
+    crate::fleet::unit(choice_key(snap, client), salt)
 }
 
 /// Width of the sticky key: the /24 (IPv4) or /56 (IPv6) a client is in.
@@ -663,15 +710,25 @@ fn draw<'a>(
 }
 
 /// Every record when `weights` is empty; else each record with probability
-/// equal to its weight, and at least the heaviest one.
-fn push_weighted<'a>(out: &mut Answer<'a>, records: &'a [Record], weights: &[f64]) {
+/// equal to its weight (drawn from `keyed`, the client subnet's key in a
+/// fleet, else at random), and at least the heaviest one.
+fn push_weighted<'a>(
+    out: &mut Answer<'a>,
+    records: &'a [Record],
+    weights: &[f64],
+    keyed: Option<u64>,
+) {
     if weights.is_empty() {
         out.answers.extend(records.iter().map(Cow::Borrowed));
         return;
     }
     let before = out.answers.len();
-    for (record, weight) in records.iter().zip(weights) {
-        if *weight >= 1.0 || rand::random::<f64>() < *weight {
+    for (j, (record, weight)) in records.iter().zip(weights).enumerate() {
+        let roll = match keyed {
+            Some(key) => crate::fleet::unit(key, j as u64 + 1),
+            None => rand::random::<f64>(),
+        };
+        if *weight >= 1.0 || roll < *weight {
             out.answers.push(Cow::Borrowed(record));
         }
     }

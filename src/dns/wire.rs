@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, RData, Record, RecordType};
 
-use super::answer::{Client, class_of, estimate, locate, sticky_scope, subnet_key};
+use super::answer::{Client, choice_key, class_of, estimate, locate, sticky_scope};
 use super::handler::{ecs_echo, located_subnet};
 use super::query::{self, Ecs, HEADER_LEN, Query, Question};
 use super::reply::{Header, Opt, Section, Writer, write_opt};
@@ -172,6 +172,7 @@ fn scratch_snapshot(zone: Arc<Zone>) -> Snapshot {
         geo: Default::default(),
         region_loads: Vec::new(),
         rrl: None,
+        choice_seed: None,
         wire: Default::default(),
     }
 }
@@ -425,13 +426,13 @@ impl<'a> Asked<'a, '_> {
         }
         if let Some(d) = &class.drawn {
             let entries = if aaaa { &d.aaaa } else { &d.a };
-            let key = if d.sticky {
+            let key = if d.sticky || snap.choice_seed.is_some() {
                 if entries.len() > d.records
                     && let Some(width) = sticky_scope(&client)
                 {
                     scope = Some(scope.map_or(width, |s| s.max(width)));
                 }
-                subnet_key(&client)
+                choice_key(snap, &client)
             } else {
                 rand::random()
             };

@@ -172,7 +172,7 @@ pub fn install_crypto_provider() {
 /// start-up and ~400 MB at 1,000 endpoints). The same verifier reqwest
 /// builds (the platform's roots plus the region's `ca-file`), the same
 /// protocol versions and ALPN (h2, http/1.1).
-fn shared_tls(ca_pem: Option<&[u8]>) -> Option<rustls::ClientConfig> {
+pub(crate) fn shared_tls(ca_pem: Option<&[u8]>) -> Option<rustls::ClientConfig> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     static SHARED: Mutex<Vec<(Option<Vec<u8>>, rustls::ClientConfig)>> = Mutex::new(Vec::new());

@@ -1,9 +1,9 @@
 //! The rise/fall state machine of one endpoint. Pure: no time, no I/O.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What we believe about an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
     /// No probe has finished yet. Never answered as fit.

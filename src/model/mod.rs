@@ -87,6 +87,9 @@ pub struct EndpointView {
     pub skipped: Option<String>,
     /// When the status last changed (seconds since the Unix epoch).
     pub since_unix_s: Option<u64>,
+    /// How the fleet decided `status` (with a fleet quorum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<crate::fleet::EndpointQuorum>,
 }
 
 /// Everything the query path reads, swapped in whole.
@@ -114,6 +117,9 @@ pub struct Snapshot {
     pub region_loads: Vec<(String, Option<f64>, f64)>,
     /// Response rate limiting of UDP answers; `None` when off.
     pub rrl: Option<Arc<crate::config::RateLimit>>,
+    /// With a fleet: the seed of the weighted choices, which then depend
+    /// on the client subnet only (every edge chooses alike).
+    pub choice_seed: Option<u64>,
     /// Answers already encoded, for the query path to copy (empty: every
     /// query takes the general path).
     pub wire: wire::Wire,

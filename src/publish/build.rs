@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::fleet::Overlay;
 use super::{Dynamic, EndpointHealth, Loaded, SKIPPED_FULL, layer_state, silence_reason};
 use crate::capacity::Level;
 use crate::config::Strategy;
@@ -99,6 +100,8 @@ pub(super) struct BuildInputs<'a> {
     pub geo: Option<Arc<GeoDb>>,
     pub dynamic: Dynamic,
     pub metrics: &'a Metrics,
+    /// The fleet's combined state per endpoint; empty: this edge's own.
+    pub overlay: &'a [Option<Overlay>],
 }
 
 /// A new snapshot, what it was built from, and the indexes of the
@@ -123,11 +126,17 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         geo,
         dynamic,
         metrics,
+        overlay,
     } = cx;
+    let over = |g: usize| overlay.get(g).and_then(Option::as_ref);
     let config = &loaded.config;
     let errors: Vec<Option<String>> = health
         .iter()
-        .map(|h| h.last_error.as_ref().map(ToString::to_string))
+        .enumerate()
+        .map(|(g, h)| match over(g).and_then(|o| o.note.clone()) {
+            Some(note) => Some(note),
+            None => h.last_error.as_ref().map(ToString::to_string),
+        })
         .collect();
     let now = Instant::now();
     let silent: Vec<Option<String>> = health
@@ -144,42 +153,60 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         .zip(&errors)
         .zip(&silent)
         .zip(&dynamic.fit_ago)
-        .map(|((((h, info), error), silent), fit_ago)| EndpointInput {
-            status: h.state.status,
-            last_error: error.as_deref(),
-            drained: drained.contains(&info.region),
-            cooling_s: h
-                .cooling_until
-                .filter(|u| *u > now)
-                .map(|u| (u - now).as_secs_f64()),
-            models: info
-                .layers
-                .contains(&Layer::Models)
-                .then(|| match h.models_state.status {
-                    Status::Up => h.models.as_deref().unwrap_or(&[]),
-                    _ => &[],
-                }),
-            completion_ok: !info.layers.contains(&Layer::Completion)
-                || h.completion_state.status == Status::Up,
-            completion_model: info.completion_model.as_deref(),
-            layers_pending: (info.layers.contains(&Layer::Models)
-                && h.models_state.status == Status::Unknown)
-                || (info.layers.contains(&Layer::Completion)
-                    && h.completion_state.status == Status::Unknown),
-            slow_start: h
-                .up_since
-                .filter(|_| !info.slow_start.is_zero())
-                .map(|since| {
-                    ((now - since).as_secs_f64() / info.slow_start.as_secs_f64()).clamp(0.1, 1.0)
-                })
-                .unwrap_or(1.0),
-            latency_ms: h.completion_ms.or(h.latency_ms),
-            silent: silent.as_deref(),
-            fit_ago: *fit_ago,
-            last_models: info
-                .layers
-                .contains(&Layer::Models)
-                .then(|| h.models.as_deref().unwrap_or(&[])),
+        .enumerate()
+        .map(|(g, ((((h, info), error), silent), fit_ago))| {
+            // The fleet's state of each layer where it decides, else this edge's.
+            let o = over(g);
+            let (alive, models_status, completion_status) = match o {
+                Some(o) => (o.alive, o.models, o.completion),
+                None => (
+                    h.state.status,
+                    h.models_state.status,
+                    h.completion_state.status,
+                ),
+            };
+            let model_list = match o {
+                Some(o) => o.model_list.as_deref(),
+                None => h.models.as_deref(),
+            };
+            EndpointInput {
+                status: alive,
+                last_error: error.as_deref(),
+                drained: drained.contains(&info.region),
+                cooling_s: h
+                    .cooling_until
+                    .filter(|u| *u > now)
+                    .map(|u| (u - now).as_secs_f64()),
+                models: info
+                    .layers
+                    .contains(&Layer::Models)
+                    .then(|| match models_status {
+                        Status::Up => model_list.unwrap_or(&[]),
+                        _ => &[],
+                    }),
+                completion_ok: !info.layers.contains(&Layer::Completion)
+                    || completion_status == Status::Up,
+                completion_model: info.completion_model.as_deref(),
+                layers_pending: (info.layers.contains(&Layer::Models)
+                    && models_status == Status::Unknown)
+                    || (info.layers.contains(&Layer::Completion)
+                        && completion_status == Status::Unknown),
+                slow_start: h
+                    .up_since
+                    .filter(|_| !info.slow_start.is_zero())
+                    .map(|since| {
+                        ((now - since).as_secs_f64() / info.slow_start.as_secs_f64())
+                            .clamp(0.1, 1.0)
+                    })
+                    .unwrap_or(1.0),
+                latency_ms: h.completion_ms.or(h.latency_ms),
+                silent: silent.as_deref(),
+                fit_ago: *fit_ago,
+                last_models: info
+                    .layers
+                    .contains(&Layer::Models)
+                    .then(|| h.models.as_deref().unwrap_or(&[])),
+            }
         })
         .collect();
     let built = Built {
@@ -238,11 +265,13 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         .zip(&loaded.info)
         .zip(errors)
         .zip(silent)
-        .map(|(((h, info), last_error), silent)| EndpointView {
+        .enumerate()
+        .map(|(g, (((h, info), last_error), silent))| EndpointView {
             region: info.region.clone(),
             target: info.target.clone(),
             probe: info.probe.clone(),
-            status: h.state.status,
+            status: over(g).map_or(h.state.status, |o| o.alive),
+            quorum: over(g).map(|o| o.view.clone()),
             layers: info
                 .layers
                 .iter()
@@ -282,6 +311,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
             .map(|(r, l)| (r.id.clone(), l.util, l.gpus))
             .collect(),
         rrl: config.rrl.clone().map(Arc::new),
+        choice_seed: config.fleet.seed,
         wire: crate::model::wire::Wire {
             names: loaded.wire_names.clone(),
             services: wires,
