@@ -3649,4 +3649,117 @@ tiers = [["c"]]
         );
         cancel.cancel();
     }
+
+    /// A fleet of three (this edge "a", peers "b" and "c", nobody pulls
+    /// them here: their pulls are sent by the test), majority.
+    fn fleet_of_three() -> Arc<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "fleet-secret\n").unwrap();
+        let text = format!(
+            "{MAIN}\n[fleet]\nedge = \"a\"\ntoken-file = \"token\"\nquorum = \"majority\"\npull-interval = \"1s\"\npeers = [{{ name = \"b\", url = \"http://127.0.0.1:1\" }}, {{ name = \"c\", url = \"http://127.0.0.1:2\" }}]\n"
+        );
+        let path = dir.path().join("inferdns.toml");
+        std::fs::write(&path, text).unwrap();
+        Arc::new(crate::config::load(&path).unwrap())
+    }
+
+    /// Peer `peer`'s pull: the primary up or down, the secondary up.
+    fn peer_says(peer: &str, primary: Status) -> Msg {
+        use crate::fleet::{EndpointObs, LayerObs, Observations};
+        let endpoint = |region: &str, target: &str, state| EndpointObs {
+            region: region.into(),
+            target: target.into(),
+            alive: LayerObs { state, age_ms: 100 },
+            models: None,
+            completion: None,
+            model_list: None,
+            error: None,
+            rtt_ms: None,
+            ttft_ms: None,
+        };
+        Msg::Peer(crate::fleet::pull::Pulled {
+            peer: peer.into(),
+            bytes: 200,
+            result: Ok(Observations {
+                edge: peer.into(),
+                endpoints: vec![
+                    endpoint("primary", "192.0.2.1", primary),
+                    endpoint("secondary", "192.0.2.2", Status::Up),
+                ],
+                regions: Vec::new(),
+            }),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_majority_outvotes_this_edge_until_its_peers_views_expire() {
+        let (publisher, snapshot, _) =
+            Publisher::new(fleet_of_three(), vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        for msg in [
+            report(0, true),
+            report(1, true),
+            peer_says("b", Status::Up),
+            peer_says("c", Status::Up),
+        ] {
+            tx.send(msg).await.unwrap();
+        }
+        until(&snapshot, "192.0.2.1").await;
+        // This edge loses its path to the primary; both peers still reach it.
+        for second in 0..5 {
+            for msg in [
+                report(0, false),
+                report(1, true),
+                peer_says("b", Status::Up),
+                peer_says("c", Status::Up),
+            ] {
+                tx.send(msg).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            assert_eq!(answer(&snapshot), ["192.0.2.1"], "second {second}");
+        }
+        let e = &snapshot.load().endpoints[0];
+        let q = e.quorum.as_ref().expect("a quorum view");
+        assert_eq!((q.result, q.voters, q.up), (Status::Up, 3, 2));
+        assert_eq!(q.views[0].alive, Status::Down, "this edge's own view");
+        assert!(
+            e.last_error
+                .as_deref()
+                .is_some_and(|t| t.contains("quorum majority: 2 of 3")),
+            "{e:?}"
+        );
+        // The peers fall silent: their views count for 3 pull intervals
+        // after their last pull, then this edge decides alone.
+        let last_pull = Instant::now() - Duration::from_millis(1000);
+        let keep_local_alive = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                loop {
+                    for msg in [report(0, false), report(1, true)] {
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        let moved = until(&snapshot, "192.0.2.2").await - last_pull;
+        assert!(
+            moved >= Duration::from_secs(3) && moved <= Duration::from_millis(3010),
+            "moved {moved:?} after the last pull"
+        );
+        let q = snapshot.load().endpoints[0].quorum.clone().unwrap();
+        assert!(q.local_fallback, "{q:?}");
+        // One peer back, seeing the primary up: two views, a tie keeps it up.
+        tx.send(peer_says("b", Status::Up)).await.unwrap();
+        until(&snapshot, "192.0.2.1").await;
+        // ... and seeing it down: a majority of the views that count.
+        tx.send(peer_says("b", Status::Down)).await.unwrap();
+        until(&snapshot, "192.0.2.2").await;
+        keep_local_alive.abort();
+        cancel.cancel();
+    }
 }

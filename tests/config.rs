@@ -721,3 +721,86 @@ endpoints = [{ address = "192.0.2.3" }]
     );
     assert_eq!(errors.len(), 2, "{errors:#?}");
 }
+
+#[test]
+fn fleet_mistakes_are_refused_where_they_are_written() {
+    let main = base_config(
+        r#"[regions.east]
+endpoints = [{ address = "192.0.2.1" }]
+[services.chat]
+tiers = [["east"]]
+
+[fleet]
+edge = "edge-a"
+quorum = "most"
+pull-interval = "10ms"
+peers = [{ name = "edge-a", url = "http://127.0.0.2:9153" }, { name = "edge-b", url = "ftp://127.0.0.3" }]
+"#,
+    );
+    let (_files, errors) = load_errors(&main, ZONE, &[]);
+    let at = |needle: &str| pos(&main, needle);
+    let (l, c) = at("\"most\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "is not \"local\", \"any-up\", \"majority\"",
+    );
+    let (l, c) = at("\"10ms\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "fleet.pull-interval 10ms is out of range",
+    );
+    let (l, c) = at("\"edge-a\", url");
+    has(&errors, "inferdns.toml", l, c, "this edge's own");
+    let (l, c) = at("\"ftp://");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "not an http:// or https:// URL",
+    );
+    let (l, c) = at("{ name = \"edge-a\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "fleet peers need fleet.token-file",
+    );
+
+    // A quorum needs peers; a count cannot exceed the fleet.
+    let main = base_config(
+        "[regions.east]\nendpoints = [{ address = \"192.0.2.1\" }]\n[services.chat]\ntiers = [[\"east\"]]\n[fleet]\nquorum = \"majority\"\n",
+    );
+    let (_files, errors) = load_errors(&main, ZONE, &[]);
+    let (l, c) = pos(&main, "\"majority\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "a fleet quorum needs [[fleet.peers]]",
+    );
+    let main = base_config(
+        "[regions.east]\nendpoints = [{ address = \"192.0.2.1\" }]\n[services.chat]\ntiers = [[\"east\"]]\n[fleet]\nquorum = \"3\"\ntoken-file = \"token\"\npeers = [{ name = \"b\", url = \"http://127.0.0.2:9153\" }]\n",
+    );
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    files.write("token", "t0ken\n");
+    let path = files.write("inferdns.toml", &main);
+    let errors = config::load(&path).err().map(|e| e.0).unwrap_or_default();
+    let (l, c) = pos(&main, "\"3\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "fleet.quorum 3 is out of range: the fleet has 2 edge(s)",
+    );
+}

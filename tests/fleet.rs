@@ -38,8 +38,18 @@ fn admin(i: usize, port: u16) -> String {
 
 /// Starts three edges; `regions(i)` is edge `i`'s regions and services.
 async fn start_fleet(quorum: &str, port: u16, regions: impl Fn(usize) -> String) -> Vec<Edge> {
+    start_edges(3, quorum, port, regions).await
+}
+
+/// Starts the first `count` edges of a fleet of three.
+async fn start_edges(
+    count: usize,
+    quorum: &str,
+    port: u16,
+    regions: impl Fn(usize) -> String,
+) -> Vec<Edge> {
     let mut edges = Vec::new();
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate().take(count) {
         let peers: Vec<String> = (0..3)
             .filter(|j| *j != i)
             .map(|j| {
@@ -52,14 +62,14 @@ async fn start_fleet(quorum: &str, port: u16, regions: impl Fn(usize) -> String)
             .collect();
         let extra = format!(
             "[geoip]\ndatabase = \"{DB}\"\n[ecs]\nmax-prefix-v4 = 32\n\n[fleet]\nedge = \"{}\"\ntoken-file = \"fleet-token\"\nquorum = \"{quorum}\"\npull-interval = \"{}ms\"\npeers = [{}]\n\n{}",
-            NAMES[i],
+            name,
             PULL.as_millis(),
             peers.join(", "),
             regions(i)
         );
         let text = base_config(&extra).replace(
             "admin-listen = \"127.0.0.1:0\"",
-            &format!("admin-listen = \"{}\"\nnsid = \"{}\"", admin(i, port), NAMES[i]),
+            &format!("admin-listen = \"{}\"\nnsid = \"{}\"", admin(i, port), name),
         );
         let files = Files::new();
         files.write("zone.db", ZONE);
@@ -320,10 +330,7 @@ async fn an_edge_left_alone_decides_from_its_own_view_and_says_so() {
 async fn observations_need_the_fleet_token() {
     let r = Regions::start().await;
     let edges = start_fleet("majority", 19353, |i| r.config(i)).await;
-    let url = format!(
-        "http://{}/v1/fleet/observations",
-        edges[0].running.admin
-    );
+    let url = format!("http://{}/v1/fleet/observations", edges[0].running.admin);
     assert_eq!(http("GET", &url, None, None).await.0, 401);
     assert_eq!(http("GET", &url, Some("wrong"), None).await.0, 401);
     let (code, body) = http("GET", &url, Some(TOKEN), None).await;
@@ -443,4 +450,107 @@ async fn every_edge_gives_a_client_subnet_the_same_answer() {
     // The capacity draw really spreads clients, and proximity really places them.
     assert!(spread["pool"].len() >= 2, "{spread:?}");
     assert!(spread["near"].len() >= 2, "{spread:?}");
+}
+
+/// What a hostile or broken peer does with a pull.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hostile {
+    Garbage,
+    OutOfRange,
+    Huge,
+    Silent,
+}
+
+/// A fake edge-c at its admin address that answers every pull with `mode`.
+async fn hostile_peer(port: u16, mode: tokio::sync::watch::Receiver<Hostile>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(admin(2, port)).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mode = *mode.borrow();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let body: Vec<u8> = match mode {
+                    Hostile::Garbage => b"<html>not json</html>".to_vec(),
+                    Hostile::OutOfRange => br#"{"edge":"edge-c","endpoints":[],"regions":[{"id":"east","utilization":5.0,"gpus":1,"age_ms":0}]}"#.to_vec(),
+                    Hostile::Huge => vec![b' '; 9 * 1024 * 1024],
+                    Hostile::Silent => {
+                        // Holds the connection, never answers (bounded: the test ends first).
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(&body).await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_garbage_peer_changes_nothing_but_its_own_freshness() {
+    let r = Regions::start().await;
+    let port = 19553;
+    let (mode_tx, mode_rx) = tokio::sync::watch::channel(Hostile::Garbage);
+    hostile_peer(port, mode_rx).await;
+    let edges = start_edges(2, "majority", port, |i| r.config(i)).await;
+    let two: Vec<&Edge> = edges.iter().collect();
+    all_answer(&two, CHAT, &["127.0.0.51"], Duration::from_secs(10)).await;
+    for (mode, error) in [
+        (Hostile::Garbage, "not observations"),
+        (Hostile::OutOfRange, "out of range"),
+        (Hostile::Huge, "body larger than"),
+        (Hostile::Silent, "no answer within"),
+    ] {
+        mode_tx.send_replace(mode);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for e in &two {
+            loop {
+                let s = e.status().await;
+                let c = s["fleet"]["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == "edge-c")
+                    .cloned()
+                    .unwrap();
+                if c["last_error"].as_str().is_some_and(|t| t.contains(error)) {
+                    assert_eq!(c["fresh"], false, "{c}");
+                    assert_eq!(s["fleet"]["state"], "degraded", "{}", s["fleet"]);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{mode:?}: {c}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // The hostile load report moved no region's utilisation.
+        for e in &two {
+            let s = e.status().await;
+            let east = s["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == "east")
+                .cloned()
+                .unwrap();
+            assert!(east["utilization"].is_null(), "{east}");
+        }
+        steady(&two, &["127.0.0.51"], Duration::from_millis(300)).await;
+    }
+    // And edge-a's lost path is still outvoted by the one good peer left.
+    r.east_seen_by_a.set_fault(Fault::Down);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edges[0].quorum_of("127.0.0.51").await["views"][0]["alive"] != "down" {
+        assert!(Instant::now() < deadline, "edge-a never saw east down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    steady(&two, &["127.0.0.51"], Duration::from_millis(500)).await;
 }

@@ -120,7 +120,7 @@ fn age_s(snap: &Snapshot) -> f64 {
 }
 
 /// This edge's own observations, for its fleet peers.
-async fn observations(State(state): State<AdminState>) -> Response {
+async fn observations(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
     let (done, result) = oneshot::channel();
     if state
         .control
@@ -131,10 +131,24 @@ async fn observations(State(state): State<AdminState>) -> Response {
     {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    match result.await {
-        Ok(obs) => Json(obs).into_response(),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    let Ok(obs) = result.await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let json = match serde_json::to_vec(&obs) {
+        Ok(json) => json,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    // Peers ask for gzip (the JSON repeats itself endpoint after endpoint);
+    // curl and browsers that do not ask get it plain.
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let json_type = (header::CONTENT_TYPE, "application/json");
+    if gzip && let Ok(body) = crate::fleet::gzip(&json) {
+        return ([json_type, (header::CONTENT_ENCODING, "gzip")], body).into_response();
     }
+    ([json_type], json).into_response()
 }
 
 /// The fleet as the publisher sees it now (`None` without peers).

@@ -81,7 +81,8 @@ impl Checker {
                     Duration::from_millis(100),
                     Duration::from_secs(60),
                 )
-            })?;
+            })
+            .unwrap_or(d.pull_interval);
         let timeout = f.pull_timeout.as_ref().map_or(Some(interval / 2), |v| {
             self.duration(
                 src,
@@ -90,10 +91,10 @@ impl Checker {
                 Duration::from_millis(10),
                 interval,
             )
-        })?;
+        });
         let expiry = f.expiry.as_ref().map_or(Some(interval * 3), |v| {
             self.duration(src, v, "fleet.expiry", interval, Duration::from_secs(600))
-        })?;
+        });
         let quorum = match &f.quorum {
             None => Quorum::Local,
             Some(q) => match Quorum::parse(q.get_ref(), peers.len() + 1) {
@@ -126,8 +127,8 @@ impl Checker {
             token,
             ca_pem,
             pull_interval: interval,
-            pull_timeout: timeout,
-            expiry,
+            pull_timeout: timeout.unwrap_or(interval / 2),
+            expiry: expiry.unwrap_or(interval * 3),
             quorum,
         })
     }

@@ -173,6 +173,32 @@ pub fn unit(key: u64, salt: u64) -> f64 {
     (mix(key, salt) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// `data` gzipped (fast: a pull is small and frequent).
+pub fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(data)?;
+    encoder.finish()
+}
+
+/// `data` gunzipped, refused when it would be larger than `limit` (a small
+/// body can hold a huge one).
+pub fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("not gzip: {e}"))?;
+    if out.len() > limit {
+        return Err(format!("body larger than {} MiB unpacked", limit >> 20));
+    }
+    Ok(out)
+}
+
 /// What one edge observed, as served to its peers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Observations {
@@ -472,6 +498,17 @@ mod tests {
         assert_eq!(fleet_state(Quorum::Majority, 3, 3), "complete");
         assert_eq!(fleet_state(Quorum::Majority, 3, 2), "degraded");
         assert_eq!(fleet_state(Quorum::Majority, 3, 1), "local");
+    }
+
+    #[test]
+    fn a_small_gzip_body_that_unpacks_huge_is_refused() {
+        let bomb = gzip(&vec![0u8; 9 << 20]).unwrap();
+        assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+        let e = gunzip(&bomb, 8 << 20).unwrap_err();
+        assert!(e.contains("larger than 8 MiB unpacked"), "{e}");
+        let small = gzip(b"{\"edge\":\"b\"}").unwrap();
+        assert_eq!(gunzip(&small, 8 << 20).unwrap(), b"{\"edge\":\"b\"}");
+        assert!(gunzip(b"not gzip", 1024).is_err());
     }
 
     #[test]

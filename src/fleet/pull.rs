@@ -113,23 +113,35 @@ pub async fn pull(
     timeout: Duration,
 ) -> Pulled {
     let mut bytes = 0u64;
+    let late = || format!("no answer within {} ms", timeout.as_millis());
+    // reqwest's own timeout (the same) may fire first: said the same way.
+    let describe = |e: reqwest::Error| if e.is_timeout() { late() } else { describe(&e) };
     let result = tokio::time::timeout(timeout, async {
-        let mut request = client.get(&peer.url);
+        let mut request = client
+            .get(&peer.url)
+            .header(reqwest::header::ACCEPT_ENCODING, "gzip");
         if let Some(token) = token {
             request = request.bearer_auth(&token.0);
         }
-        let mut response = request.send().await.map_err(|e| describe(&e))?;
+        let mut response = request.send().await.map_err(describe)?;
         let status = response.status();
+        let response_gzipped = response
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         if !status.is_success() {
             return Err(format!("HTTP {}", status.as_u16()));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| describe(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(describe)? {
             bytes += chunk.len() as u64;
             if body.len() + chunk.len() > MAX_BODY {
                 return Err(format!("body larger than {} MiB", MAX_BODY >> 20));
             }
             body.extend_from_slice(&chunk);
+        }
+        if response_gzipped {
+            body = super::gunzip(&body, MAX_BODY)?;
         }
         let obs: Observations =
             serde_json::from_slice(&body).map_err(|e| format!("not observations: {e}"))?;
@@ -137,7 +149,7 @@ pub async fn pull(
         Ok(obs)
     })
     .await
-    .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())));
+    .unwrap_or_else(|_| Err(late()));
     Pulled {
         peer: peer.name.clone(),
         result,

@@ -445,7 +445,8 @@ fn own_view(h: &EndpointHealth, info: &EndpointInfo, now: Instant) -> EndpointOb
         completion: layer(Layer::Completion),
         model_list: h.models.as_deref().map(<[String]>::to_vec),
         error: h.last_error.as_ref().map(|e| e.kind().to_string()),
-        rtt_ms: h.latency_ms,
-        ttft_ms: h.completion_ms,
+        // Hundredths of a millisecond are plenty, and a third of the bytes.
+        rtt_ms: h.latency_ms.map(|v| (v * 100.0).round() / 100.0),
+        ttft_ms: h.completion_ms.map(|v| (v * 100.0).round() / 100.0),
     }
 }
