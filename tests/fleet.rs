@@ -233,6 +233,13 @@ async fn a_majority_keeps_a_region_one_edge_cannot_reach_and_moves_together_when
         assert!(Instant::now() < deadline, "edge-a never saw east down: {q}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Explain says the fleet overruled this edge.
+    let url = format!("http://{}/v1/explain?name=chat", edges[0].running.admin);
+    let (_, text) = http("GET", &url, None, None).await;
+    assert!(
+        text.contains("endpoint 127.0.0.51: up (quorum majority: 2 of 3 vantage points see it up (this edge: down)) -> kept"),
+        "{text}"
+    );
     let asked = steady(&all, &["127.0.0.51"], Duration::from_secs(2)).await;
     eprintln!("one edge cut off from east: {asked} answers over 2 s, all east");
 

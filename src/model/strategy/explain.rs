@@ -81,10 +81,11 @@ fn endpoint_lines(cx: &Cx<'_>, d: &Decided<'_>, lines: &mut Vec<String>) {
                     Status::Down => "down",
                     Status::Unknown => "unknown",
                 };
-                // A past error of an endpoint that is up again is history, not a reason.
+                // A past error of an endpoint that is up again is history,
+                // not a reason; a fleet's quorum that overruled this edge is.
                 let error = input
                     .last_error
-                    .filter(|_| input.status != Status::Up)
+                    .filter(|e| input.status != Status::Up || e.starts_with("quorum "))
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default();
                 lines.push(format!(
