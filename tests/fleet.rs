@@ -197,6 +197,19 @@ tiers = [["east"], ["west"]]
     }
 }
 
+/// Waits until edge-a's own view of east (its first vantage point) is down.
+async fn until_edge_a_sees_east_down(edge: &Edge) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = edge.quorum_of("127.0.0.51").await;
+        if q["views"][0]["alive"] == "down" {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "edge-a never saw east down: {q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls every edge for `window`; panics if one answers anything but `want`.
 async fn steady(edges: &[&Edge], want: &[&str], window: Duration) -> usize {
     let end = Instant::now() + window;
@@ -221,18 +234,9 @@ async fn a_majority_keeps_a_region_one_edge_cannot_reach_and_moves_together_when
 
     // Edge-a alone loses its path to east: it sees east down, the fleet does not.
     r.east_seen_by_a.set_fault(Fault::Down);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let q = edges[0].quorum_of("127.0.0.51").await;
-        let own = q["views"][0]["alive"].clone();
-        if own == "down" {
-            assert_eq!(q["result"], "up", "{q}");
-            assert_eq!(q["local_fallback"], false, "{q}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "edge-a never saw east down: {q}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let q = until_edge_a_sees_east_down(&edges[0]).await;
+    assert_eq!(q["result"], "up", "{q}");
+    assert_eq!(q["local_fallback"], false, "{q}");
     // Explain says the fleet overruled this edge.
     let url = format!("http://{}/v1/explain?name=chat", edges[0].running.admin);
     let (_, text) = http("GET", &url, None, None).await;
@@ -305,11 +309,7 @@ async fn a_majority_keeps_a_region_one_edge_cannot_reach_and_moves_together_when
     }
     // With two of three left, one edge's lost path still moves nothing (a tie keeps it up).
     r.east_seen_by_a.set_fault(Fault::Down);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while edges[0].quorum_of("127.0.0.51").await["views"][0]["alive"] != "down" {
-        assert!(Instant::now() < deadline, "edge-a never saw east down");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_edge_a_sees_east_down(&edges[0]).await;
     steady(&two, &["127.0.0.51"], Duration::from_secs(1)).await;
 }
 
@@ -554,10 +554,6 @@ async fn a_slow_or_garbage_peer_changes_nothing_but_its_own_freshness() {
     }
     // And edge-a's lost path is still outvoted by the one good peer left.
     r.east_seen_by_a.set_fault(Fault::Down);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while edges[0].quorum_of("127.0.0.51").await["views"][0]["alive"] != "down" {
-        assert!(Instant::now() < deadline, "edge-a never saw east down");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_edge_a_sees_east_down(&edges[0]).await;
     steady(&two, &["127.0.0.51"], Duration::from_millis(500)).await;
 }

@@ -69,6 +69,24 @@ fn unauthorized() -> Response {
     response
 }
 
+/// `request` if it carries `expected`; 403 with `disabled` when there is
+/// no token to expect, 401 when it is missing or wrong.
+async fn with_token(
+    expected: Option<&Secret>,
+    disabled: &str,
+    headers: &HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = expected else {
+        return error(StatusCode::FORBIDDEN, disabled);
+    };
+    if !token_matches(expected, headers) {
+        return unauthorized();
+    }
+    next.run(request).await
+}
+
 /// Mutating routes: the token, always.
 pub async fn require_token(
     State(state): State<AdminState>,
@@ -77,16 +95,8 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     let auth = state.control.admin_auth.load();
-    let Some(expected) = auth.token.as_ref() else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "mutating routes are disabled: set server.admin-token-file in the config",
-        );
-    };
-    if !token_matches(expected, &headers) {
-        return unauthorized();
-    }
-    next.run(request).await
+    let disabled = "mutating routes are disabled: set server.admin-token-file in the config";
+    with_token(auth.token.as_ref(), disabled, &headers, request, next).await
 }
 
 /// The fleet route: the fleet's token, always (an edge's observations are
@@ -98,16 +108,8 @@ pub async fn require_fleet_token(
     next: Next,
 ) -> Response {
     let auth = state.control.admin_auth.load();
-    let Some(expected) = auth.fleet.as_ref() else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "this edge has no fleet: set [fleet] token-file and peers in the config",
-        );
-    };
-    if !token_matches(expected, &headers) {
-        return unauthorized();
-    }
-    next.run(request).await
+    let disabled = "this edge has no fleet: set [fleet] token-file and peers in the config";
+    with_token(auth.fleet.as_ref(), disabled, &headers, request, next).await
 }
 
 /// Read routes: the token when `admin-token-for-reads` is set.
