@@ -205,6 +205,48 @@ fn layers(e: &Value) -> String {
     }
 }
 
+/// The fleet line and its peers' table, when the edge has peers.
+fn fleet_lines(out: &mut String, f: &Value) {
+    if !f.is_object() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "fleet: edge {}, quorum {}, {} of {} edges fresh ({})",
+        text(&f["edge"]),
+        text(&f["quorum"]),
+        text(&f["fresh"]),
+        text(&f["edges"]),
+        text(&f["state"]),
+    );
+    out.push('\n');
+    let peers: Vec<Vec<String>> = f["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                text(&p["name"]),
+                if p["fresh"].as_bool() == Some(true) {
+                    "yes".to_string()
+                } else {
+                    "no".to_string()
+                },
+                p["age_s"]
+                    .as_f64()
+                    .map_or("never".to_string(), |a| format!("{a:.1} s")),
+                if p["last_error"].is_string() {
+                    text(&p["last_error"])
+                } else {
+                    "-".to_string()
+                },
+            ]
+        })
+        .collect();
+    table(out, &["PEER", "FRESH", "LAST PULL", "LAST ERROR"], &peers);
+    out.push('\n');
+}
+
 /// The tables of `inferdns status` from the JSON of `GET /v1/status`:
 /// regions, endpoints, services (and their residency classes).
 pub fn render_status(s: &Value) -> String {
@@ -222,6 +264,7 @@ pub fn render_status(s: &Value) -> String {
         s["snapshot"]["age_s"].as_f64().unwrap_or(0.0),
     );
     out.push('\n');
+    fleet_lines(&mut out, &s["fleet"]);
     let regions: Vec<Vec<String>> = s["regions"]
         .as_array()
         .into_iter()
@@ -258,6 +301,13 @@ pub fn render_status(s: &Value) -> String {
                 if e[flag].as_bool() == Some(true) {
                     let _ = write!(state, " ({word})");
                 }
+            }
+            let q = &e["quorum"];
+            if q.is_object() {
+                let _ = match q["local_fallback"].as_bool() {
+                    Some(true) => write!(state, " (own view)"),
+                    _ => write!(state, " ({}/{} up)", text(&q["up"]), text(&q["voters"])),
+                };
             }
             let error = [&e["silent"], &e["last_error"], &e["skipped"]]
                 .into_iter()
@@ -338,7 +388,12 @@ mod tests {
             "endpoints": [
                 {"region": "primary", "target": "192.0.2.1", "status": "up", "layers": {"alive": "up", "models": "up"}, "latency_ms": 12.4, "last_error": null},
                 {"region": "dead", "target": "192.0.2.2", "status": "down", "drained": true, "layers": {"alive": "down"}, "last_error": "connection refused"},
+                {"region": "dead", "target": "192.0.2.3", "status": "up", "layers": {"alive": "down"},
+                 "quorum": {"up": 2, "voters": 3, "local_fallback": false}, "last_error": "quorum majority: 2 of 3 vantage points see it up (this edge: down)"},
             ],
+            "fleet": {"edge": "edge-a", "quorum": "majority", "fresh": 2, "edges": 3, "state": "degraded",
+                      "peers": [{"name": "edge-b", "fresh": true, "age_s": 0.4},
+                                {"name": "edge-c", "fresh": false, "age_s": 9.0, "last_error": "HTTP 503"}]},
             "services": [
                 {"id": "chat", "name": "chat.example.", "decision": {"state": "tier", "tier": 0},
                  "regions": [{"region": "primary", "share": 1.0}]},
@@ -359,6 +414,11 @@ mod tests {
             "REGION ENDPOINT STATE LAYERS LATENCY LAST ERROR",
             "primary 192.0.2.1 up alive up, models up 12 ms -",
             "dead 192.0.2.2 down (drained) alive down - connection refused",
+            "dead 192.0.2.3 up (2/3 up) alive down - quorum majority: 2 of 3 vantage points see it up (this edge: down)",
+            "fleet: edge edge-a, quorum majority, 2 of 3 edges fresh (degraded)",
+            "PEER FRESH LAST PULL LAST ERROR",
+            "edge-b yes 0.4 s -",
+            "edge-c no 9.0 s HTTP 503",
             "SERVICE NAME CLIENTS DECISION SHARES",
             "chat chat.example. everyone tier 0 primary 100%",
             "eu eu.example. others fail-open -",
