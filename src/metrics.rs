@@ -87,11 +87,12 @@ pub const NO_SERVICE: &str = "-";
 
 /// The `decision` labels of `inferdns_service_decision`, one per
 /// [`Decision`] kind: each service has all of them, the current one 1.
-pub const DECISIONS: [&str; 8] = [
+pub const DECISIONS: [&str; 9] = [
     "tier",
     "last_known_good",
     "fail_open",
     "nodata",
+    "no_room",
     "servfail",
     "unprobed",
     "residency_nodata",
@@ -105,6 +106,7 @@ pub fn decision_label(decision: &Decision) -> &'static str {
         Decision::LastKnownGood { .. } => "last_known_good",
         Decision::FailOpen => "fail_open",
         Decision::NoData => "nodata",
+        Decision::NoRoom => "no_room",
         Decision::ServFail => "servfail",
         Decision::Unprobed => "unprobed",
         Decision::ResidencyNoData => "residency_nodata",

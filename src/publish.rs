@@ -1074,7 +1074,7 @@ impl Publisher {
                     }
                 }
                 self.levels[at] = level;
-                let w = capacity::weight(load.base, load.gpus, load.util, level);
+                let w = capacity::weight(load.base, load.gpus, load.util, level, s.criticality);
                 let old = self.weights[at].replace(w);
                 // The gauges move only when their value does (10,000
                 // services would otherwise cost a label lookup each, per build).

@@ -1021,3 +1021,210 @@ shed = "at-reduce"
         ]
     );
 }
+
+/// A critical and a sheddable capacity name over regions a and b (both
+/// read through vLLM metrics); the sheddable one falls back to `small`
+/// (its own region c).
+async fn criticality_fleet() -> (Server, SimRegion, SimRegion, SimRegion) {
+    let mut regions = Vec::new();
+    for ip in ["127.0.0.111", "127.0.0.112", "127.0.0.113"] {
+        let r = SimRegion::start(format!("{ip}:0").parse().unwrap(), MODEL)
+            .await
+            .unwrap();
+        r.set_load(Load {
+            running: 1,
+            waiting: 0,
+            kv_cache: 0.30,
+        });
+        regions.push(r);
+    }
+    let text = format!(
+        r#"
+[regions.a]
+endpoints = [{{ address = "127.0.0.111", port = {} }}]
+probe = {{ interval = "100ms" }}
+capacity = {{ metrics = "vllm", metrics-interval = "100ms", max-age = "30s" }}
+
+[regions.b]
+endpoints = [{{ address = "127.0.0.112", port = {} }}]
+probe = {{ interval = "100ms" }}
+capacity = {{ metrics = "vllm", metrics-interval = "100ms", max-age = "30s" }}
+
+[regions.c]
+endpoints = [{{ address = "127.0.0.113", port = {} }}]
+probe = {{ interval = "100ms" }}
+
+[services.vip]
+tiers = [["a", "b"]]
+strategy = "capacity"
+criticality = "critical"
+
+[services.batch]
+tiers = [["a", "b"]]
+strategy = "capacity"
+criticality = "sheddable"
+fallback = "small"
+
+[services.small]
+tiers = [["c"]]
+
+[services.batch-only]
+tiers = [["a", "b"]]
+strategy = "capacity"
+criticality = "sheddable"
+"#,
+        regions[0].addr().port(),
+        regions[1].addr().port(),
+        regions[2].addr().port()
+    );
+    let server = Server::start_with_token(&base_config(&text), TOKEN).await;
+    let c = regions.pop().unwrap();
+    let b = regions.pop().unwrap();
+    let a = regions.pop().unwrap();
+    (server, a, b, c)
+}
+
+/// Share of `n` answers of `name` that name region a (127.0.0.111).
+async fn share_of(server: &Server, name: &str, n: u32) -> f64 {
+    let mut hits = 0;
+    for _ in 0..n {
+        let got = answer_strings(&server.udp(name, RecordType::A).await);
+        hits += u32::from(got.iter().any(|a| a == "127.0.0.111"));
+    }
+    f64::from(hits) / f64::from(n)
+}
+
+async fn wait_region_utilization(server: &Server, region: &str, want: f64) {
+    let url = format!("http://{}/v1/status", server.running.admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http("GET", &url, None, None).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let util = v["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == region)
+            .and_then(|r| r["utilization"].as_f64());
+        if util.is_some_and(|u| (u - want).abs() < 1e-6) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{region} never reported {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sheddable_name_leaves_a_busy_region_before_a_critical_one_gives_up_any_share() {
+    let (server, a, _b, _c) = criticality_fleet().await;
+    const VIP: &str = "vip.inference.example.com.";
+    const BATCH: &str = "batch.inference.example.com.";
+    let n = 600;
+    let mut rows = Vec::new();
+    for kv in [0.30, 0.50, 0.70, 0.78, 0.86] {
+        a.set_load(Load {
+            running: 4,
+            waiting: 0,
+            kv_cache: kv,
+        });
+        wait_region_utilization(&server, "a", kv).await;
+        let vip = share_of(&server, VIP, n).await;
+        let batch = share_of(&server, BATCH, n).await;
+        eprintln!("region a at {kv:.2}: critical share {vip:.3}, sheddable share {batch:.3}");
+        rows.push((kv, vip, batch));
+    }
+    // b stays at 30 %. Sheddable (watermarks 65/75/80 %): its share of a
+    // falls from 0.65 on and is zero from 0.75 (shed at its reduce level).
+    // Critical: a's static share (one region of two) up to its prepare
+    // watermark (80 %), then much less.
+    let half_sd = 5.0 * (0.25 / f64::from(n)).sqrt();
+    for (kv, vip, batch) in &rows {
+        match *kv {
+            k if k < 0.65 => {
+                assert!((vip - 0.5).abs() <= half_sd, "{rows:?}");
+                assert!(*batch > 0.2, "{rows:?}");
+            }
+            k if k < 0.75 => {
+                assert!((vip - 0.5).abs() <= half_sd, "{rows:?}");
+                assert!(*batch > 0.0 && *batch < 0.35, "{rows:?}");
+            }
+            k if k < 0.80 => {
+                assert_eq!(*batch, 0.0, "sheddable gone from a: {rows:?}");
+                assert!(
+                    (vip - 0.5).abs() <= half_sd,
+                    "critical still at its share: {rows:?}"
+                );
+            }
+            _ => {
+                assert_eq!(*batch, 0.0, "{rows:?}");
+                assert!(*vip < 0.3, "critical shed past its prepare: {rows:?}");
+            }
+        }
+    }
+    let why = explain(&server, "batch").await;
+    assert!(
+        why.contains("criticality sheddable, watermarks 65/75/80%"),
+        "{why}"
+    );
+    assert!(
+        why.contains("removed: criticality sheddable leaves a busy region first"),
+        "{why}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_region_full_the_sheddable_name_falls_back_and_the_critical_one_answers() {
+    let (server, a, b, _c) = criticality_fleet().await;
+    for (name, region) in [("a", &a), ("b", &b)] {
+        region.set_load(Load {
+            running: 8,
+            waiting: 0,
+            kv_cache: 0.97,
+        });
+        wait_region_utilization(&server, name, 0.97).await;
+    }
+    let vip = answer_strings(
+        &server
+            .udp("vip.inference.example.com.", RecordType::A)
+            .await,
+    );
+    assert_eq!(vip.len(), 1, "critical still answered: {vip:?}");
+    assert!(
+        vip[0] == "127.0.0.111" || vip[0] == "127.0.0.112",
+        "{vip:?}"
+    );
+    let batch = answer_strings(
+        &server
+            .udp("batch.inference.example.com.", RecordType::A)
+            .await,
+    );
+    assert_eq!(
+        batch,
+        ["127.0.0.113", "small.inference.example.com."],
+        "sheddable answers its fallback"
+    );
+    let why = explain(&server, "batch").await;
+    assert!(
+        why.contains(
+            "no region has room for this sheddable name -> CNAME to fallback service small"
+        ),
+        "{why}"
+    );
+    // Without a fallback: NODATA, never a full region.
+    let reply = server
+        .udp("batch-only.inference.example.com.", RecordType::A)
+        .await;
+    assert_eq!(
+        reply.metadata.response_code,
+        hickory_proto::op::ResponseCode::NoError
+    );
+    assert!(answer_strings(&reply).is_empty(), "{reply:?}");
+    let why = explain(&server, "batch-only").await;
+    assert!(
+        why.contains("-> NODATA (the headroom is kept for the others)"),
+        "{why}"
+    );
+}

@@ -804,3 +804,56 @@ peers = [{ name = "edge-a", url = "http://127.0.0.2:9153" }, { name = "edge-b", 
         "fleet.quorum 3 is out of range: the fleet has 2 edge(s)",
     );
 }
+
+#[test]
+fn criticality_is_checked_and_sets_the_shed_rule() {
+    let main = base_config(
+        r#"[regions.east]
+endpoints = [{ address = "192.0.2.1" }]
+[services.chat]
+tiers = [["east"]]
+criticality = "vip"
+[services.batch]
+tiers = [["east"]]
+criticality = "sheddable"
+shed = "at-remove"
+"#,
+    );
+    let (_files, errors) = load_errors(&main, ZONE, &[]);
+    let (l, c) = pos(&main, "\"vip\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "criticality \"vip\" is not one of \"critical\", \"standard\", \"sheddable\"",
+    );
+    let (l, c) = pos(&main, "\"at-remove\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "shed and criticality = \"sheddable\": choose one",
+    );
+
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    let path = files.write(
+        "inferdns.toml",
+        &base_config(
+            "[regions.east]\nendpoints = [{ address = \"192.0.2.1\" }]\n[services.batch]\ntiers = [[\"east\"]]\nstrategy = \"capacity\"\ncriticality = \"sheddable\"\n[services.vip]\ntiers = [[\"east\"]]\nstrategy = \"capacity\"\ncriticality = \"critical\"\n",
+        ),
+    );
+    let config = config::load(&path).unwrap();
+    let batch = &config.services[0];
+    assert_eq!(batch.shed, inferdns::capacity::Shed::AtReduce);
+    let w = batch.watermarks;
+    assert!(
+        (w.prepare - 0.65).abs() < 1e-9
+            && (w.reduce - 0.75).abs() < 1e-9
+            && (w.remove - 0.80).abs() < 1e-9,
+        "{w:?}"
+    );
+    assert_eq!(config.services[1].shed, inferdns::capacity::Shed::Never);
+}

@@ -1,5 +1,5 @@
 //! An edge fleet on loopback: three inferdns instances that pull each
-//! other's observations (admin API on 127.0.0.101-103), simulated regions,
+//! other's observations (admin API on 127.0.0.121-123), simulated regions,
 //! faults injected for one edge only (that edge probes its own instance of
 //! the region at the same address), and the answers every edge gives.
 //! The quorum rule itself is tested in `fleet::tests`; timing bounds here
@@ -33,7 +33,7 @@ struct Edge {
 
 /// The admin address of edge `i` (fixed: the peers must know it before start).
 fn admin(i: usize, port: u16) -> String {
-    format!("127.0.0.{}:{port}", 101 + i)
+    format!("127.0.0.{}:{port}", 121 + i)
 }
 
 /// Starts three edges; `regions(i)` is edge `i`'s regions and services.
@@ -237,11 +237,13 @@ async fn a_majority_keeps_a_region_one_edge_cannot_reach_and_moves_together_when
     let q = until_edge_a_sees_east_down(&edges[0]).await;
     assert_eq!(q["result"], "up", "{q}");
     assert_eq!(q["local_fallback"], false, "{q}");
-    // Explain says the fleet overruled this edge.
+    // Explain says the fleet overruled this edge (2 of 3 views, or 1 of
+    // 2 while a peer's last pull is late: a tie stays up).
     let url = format!("http://{}/v1/explain?name=chat", edges[0].running.admin);
     let (_, text) = http("GET", &url, None, None).await;
     assert!(
-        text.contains("endpoint 127.0.0.51: up (quorum majority: 2 of 3 vantage points see it up (this edge: down)) -> kept"),
+        text.contains("endpoint 127.0.0.51: up (quorum majority: ")
+            && text.contains("vantage points see it up (this edge: down)) -> kept"),
         "{text}"
     );
     let asked = steady(&all, &["127.0.0.51"], Duration::from_secs(2)).await;

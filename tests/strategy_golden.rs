@@ -632,6 +632,7 @@ fn render(config: &Config, s: &Scenario, states: &mut Vec<String>) -> String {
             regions: &regions,
             levels: &levels,
             ttl: s.ttl,
+            criticality: service.criticality,
         };
         let (answer, view) = service_answer(config, &index, i, &inputs, &inputs_of, &Named);
         writeln!(out, "-- service {}", service.id).unwrap();

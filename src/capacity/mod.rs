@@ -83,6 +83,56 @@ impl Default for Watermarks {
     }
 }
 
+/// How much a service's traffic matters when GPUs run short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criticality {
+    /// Keeps its share of a region while the region is below its prepare
+    /// watermark (the others leave to make that room); load never removes
+    /// a region from it, only health does.
+    Critical,
+    /// The service's own watermarks and shed rule (the default).
+    Standard,
+    /// Watermarks [`SHEDDABLE_OFFSET`] lower, shed at its reduce watermark,
+    /// and when every fit region is past it: its fallback or NODATA, never
+    /// a full region.
+    Sheddable,
+}
+
+/// How far below the service's watermarks a sheddable name's sit.
+pub const SHEDDABLE_OFFSET: f64 = 0.15;
+
+impl Criticality {
+    pub const ALL: [(Criticality, &'static str); 3] = [
+        (Criticality::Critical, "critical"),
+        (Criticality::Standard, "standard"),
+        (Criticality::Sheddable, "sheddable"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(c, _)| *c == self)
+            .map_or("standard", |(_, n)| n)
+    }
+
+    pub fn parse(name: &str) -> Option<Criticality> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(c, _)| *c)
+    }
+}
+
+impl Watermarks {
+    /// Every watermark `by` lower (a sheddable name's), none below 0.01.
+    pub fn lowered(self, by: f64) -> Watermarks {
+        Watermarks {
+            prepare: (self.prepare - by).max(0.01),
+            reduce: (self.reduce - by).max(0.02),
+            remove: (self.remove - by).max(0.03),
+            hysteresis: self.hysteresis,
+        }
+    }
+}
+
 /// How hard a region is being shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -212,12 +262,23 @@ pub fn slot_use(load: &Load) -> Option<f64> {
     Some((demand / slots).clamp(0.0, 1.0))
 }
 
-/// Share of answers: base weight x size x headroom, shed by level.
-pub fn weight(base: f64, gpus: f64, util: Option<f64>, level: Level) -> f64 {
+/// Share of answers: base weight x size x headroom, shed by level. A
+/// critical name keeps the static share (base x size) while the region is
+/// below its prepare watermark: the headroom the others leave is its.
+pub fn weight(
+    base: f64,
+    gpus: f64,
+    util: Option<f64>,
+    level: Level,
+    criticality: Criticality,
+) -> f64 {
     let Some(util) = util else {
         // Unknown (no report, or expired): the static weight.
         return base * gpus;
     };
+    if criticality == Criticality::Critical && level == Level::Normal {
+        return base * gpus;
+    }
     let headroom = (1.0 - util).max(0.0);
     let shed = match level {
         Level::Normal => 1.0,
@@ -280,7 +341,15 @@ mod tests {
     #[test]
     fn weights_follow_headroom_and_shed_at_the_watermarks() {
         let w = Watermarks::default();
-        let at = |u: f64| weight(1.0, 4.0, Some(u), w.level(u, Level::Normal));
+        let at = |u: f64| {
+            weight(
+                1.0,
+                4.0,
+                Some(u),
+                w.level(u, Level::Normal),
+                Criticality::Standard,
+            )
+        };
         assert!((at(0.30) - 2.8).abs() < 1e-9, "4 GPUs x 70% headroom");
         assert!(
             (at(0.85) - 4.0 * 0.15 * 0.5).abs() < 1e-9,
@@ -289,7 +358,7 @@ mod tests {
         assert!((at(0.92) - 4.0 * 0.08 * 0.1).abs() < 1e-9, "sharply at 90%");
         assert_eq!(at(0.96), 0.0, "removed at 95%");
         assert_eq!(
-            weight(2.0, 4.0, None, Level::Normal),
+            weight(2.0, 4.0, None, Level::Normal, Criticality::Standard),
             8.0,
             "unknown: the static weight"
         );

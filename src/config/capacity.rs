@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::check::Checker;
 use super::file::{CapacitySection, ServiceSection};
 use super::{MetricsSpec, RegionCapacity, Source, Strategy};
-use crate::capacity::{Preset, Series, Shed, Watermarks};
+use crate::capacity::{Criticality, Preset, SHEDDABLE_OFFSET, Series, Shed, Watermarks};
 
 /// Load reports older than this expire to "unknown".
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(15);
@@ -213,6 +213,60 @@ impl Checker {
                 );
                 (default, false)
             }
+        }
+    }
+}
+
+impl Checker {
+    /// The service's criticality, and the watermarks and shed rule it
+    /// makes: sheddable names sit [`SHEDDABLE_OFFSET`] lower and shed at
+    /// their reduce watermark; critical names are never shed for load. A
+    /// `shed` written beside a class that sets it is refused.
+    pub(super) fn criticality(
+        &mut self,
+        src: &Source<'_>,
+        s: &ServiceSection,
+        watermarks: Watermarks,
+        shed: Shed,
+        shed_set: bool,
+    ) -> (Criticality, Watermarks, Shed) {
+        let Some(given) = &s.criticality else {
+            return (Criticality::Standard, watermarks, shed);
+        };
+        let Some(class) = Criticality::parse(given.get_ref()) else {
+            let names: Vec<String> = Criticality::ALL
+                .iter()
+                .map(|(_, n)| format!("{n:?}"))
+                .collect();
+            self.err(
+                src,
+                given.span(),
+                format!(
+                    "criticality {:?} is not one of {}",
+                    given.get_ref(),
+                    names.join(", ")
+                ),
+            );
+            return (Criticality::Standard, watermarks, shed);
+        };
+        if shed_set
+            && class != Criticality::Standard
+            && let Some(written) = &s.shed
+        {
+            self.err(
+                src,
+                written.span(),
+                format!(
+                    "shed and criticality = {:?}: choose one (a {} name's shed rule is set by its class)",
+                    class.name(),
+                    class.name()
+                ),
+            );
+        }
+        match class {
+            Criticality::Critical => (class, watermarks, Shed::Never),
+            Criticality::Standard => (class, watermarks, shed),
+            Criticality::Sheddable => (class, watermarks.lowered(SHEDDABLE_OFFSET), Shed::AtReduce),
         }
     }
 }

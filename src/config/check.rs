@@ -973,6 +973,7 @@ impl Checker {
             None => None,
         };
         let (shed, shed_set) = self.shed(src, s, strategy);
+        let (criticality, watermarks, shed) = self.criticality(src, s, watermarks, shed, shed_set);
         Some(Service {
             id: id.to_string(),
             name,
@@ -990,6 +991,7 @@ impl Checker {
             watermarks,
             shed,
             shed_set,
+            criticality,
             ttl_min,
         })
     }

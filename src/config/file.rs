@@ -482,6 +482,10 @@ pub struct ServiceSection {
     /// `at-remove` or `at-reduce`. Default: `at-remove` for the capacity
     /// and cost strategies, `never` for failover and proximity.
     pub shed: Option<Spanned<String>>,
+    /// `critical`, `standard` (default) or `sheddable`: who leaves a busy
+    /// region first (sheddable: watermarks 0.15 lower, shed at reduce, no
+    /// full region ever), who keeps its share (critical).
+    pub criticality: Option<Spanned<String>>,
     /// Cost strategy: the least headroom a region needs to be chosen. Default 0.2.
     pub min_headroom: Option<Spanned<f64>>,
     /// Adaptive TTL: the TTL while weights move or a region is near a watermark.

@@ -401,6 +401,7 @@ pub struct Service {
     pub shed: crate::capacity::Shed,
     /// `shed` was written in the config (else it is the strategy's default).
     pub shed_set: bool,
+    pub criticality: crate::capacity::Criticality,
     /// Adaptive TTL floor; equal to `ttl` when off.
     pub ttl_min: u32,
 }

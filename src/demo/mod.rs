@@ -252,7 +252,13 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         let share = fleet_share(dns, 400).await?;
         let watermarks = crate::capacity::Watermarks::default();
         let level = watermarks.level(kv, crate::capacity::Level::Normal);
-        let east = crate::capacity::weight(1.0, 1.0, Some(kv), level);
+        let east = crate::capacity::weight(
+            1.0,
+            1.0,
+            Some(kv),
+            level,
+            crate::capacity::Criticality::Standard,
+        );
         let expected = east / (east + 0.7);
         p.event(
             json!({"event": "capacity", "us_east_kv_cache": kv, "us_east_share": round3(share), "expected_share": round3(expected)}),

@@ -144,6 +144,8 @@ pub struct RegionInputs<'a> {
     pub levels: &'a [Level],
     /// The TTL to answer with now (adaptive TTL).
     pub ttl: u32,
+    /// The service's criticality (a critical name keeps its share).
+    pub criticality: capacity::Criticality,
 }
 
 impl RegionInputs<'_> {
@@ -159,7 +161,7 @@ impl RegionInputs<'_> {
     /// Capacity weight of region `r` (headroom x size x base, shed by level).
     pub fn weight(&self, r: usize) -> f64 {
         let l = &self.loads[r];
-        capacity::weight(l.base, l.gpus, l.util, self.level(r))
+        capacity::weight(l.base, l.gpus, l.util, self.level(r), self.criticality)
     }
 }
 
@@ -211,6 +213,9 @@ pub enum Decision {
     },
     /// Nothing is fit; answering NODATA.
     NoData,
+    /// A sheddable name: every fit region is past its shed level and it
+    /// has no fallback: NODATA, so that the others keep the headroom.
+    NoRoom,
     /// Nothing is fit; answering SERVFAIL.
     ServFail,
     /// Nothing is fit because endpoints have no probe result yet (just
@@ -231,6 +236,7 @@ impl Decision {
             Decision::FailOpen => "fail-open",
             Decision::LastKnownGood { .. } => "last-known-good",
             Decision::NoData => "no-data",
+            Decision::NoRoom => "no-room",
             Decision::ServFail => "serv-fail",
             Decision::Unprobed => "unprobed",
             Decision::ResidencyNoData => "residency-no-data",

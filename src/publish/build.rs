@@ -252,6 +252,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
             regions: &loaded.service_regions[span.clone()],
             levels: &built.levels[span],
             ttl: built.ttls[i],
+            criticality: config.services[i].criticality,
         };
         let (answer, view) =
             model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics);

@@ -4,7 +4,7 @@
 //! built from.
 
 use super::{Cx, Decided, name};
-use crate::capacity::{Level, Shed};
+use crate::capacity::{Criticality, Level, Shed};
 use crate::config::{self, Allowed};
 use crate::health::Status;
 use crate::model::display_name;
@@ -118,10 +118,14 @@ fn verdict(cx: &Cx<'_>, d: &Decided<'_>, t: usize, r: usize, e: usize) -> String
             last_good.unwrap_or_default().as_secs_f64()
         ),
         (true, Some(why), _) => format!("removed at eligible: {why}"),
-        (true, None, Some(_)) if cx.shed(r) && !d.all_full => format!(
-            "removed at capacity: level {} (shed = \"{}\")",
+        (true, None, _) if cx.shed(r) && !d.all_full => format!(
+            "removed at capacity: level {} (shed = \"{}\"{})",
             level_name(cx.regions.level(r)),
-            cx.service.shed.name()
+            cx.service.shed.name(),
+            match cx.service.criticality {
+                Criticality::Standard => String::new(),
+                c => format!(", criticality {}", c.name()),
+            }
         ),
         (true, None, Some(w)) if t == w => match input.weight(cx.max_latency_ms()) {
             w if w < 1.0 => {
@@ -150,14 +154,23 @@ fn capacity_lines(cx: &Cx<'_>, d: &Decided<'_>, lines: &mut Vec<String>) {
     lines.push(format!(
         "capacity: shed = \"{}\" ({}): {}",
         s.shed.name(),
-        if s.shed_set {
-            "set for this service".to_string()
-        } else {
-            format!("default for {} names", name(s.strategy))
+        match s.criticality {
+            Criticality::Standard if s.shed_set => "set for this service".to_string(),
+            Criticality::Standard => format!("default for {} names", name(s.strategy)),
+            c => format!(
+                "criticality {}, watermarks {:.0}/{:.0}/{:.0}%",
+                c.name(),
+                s.watermarks.prepare * 100.0,
+                s.watermarks.reduce * 100.0,
+                s.watermarks.remove * 100.0
+            ),
         },
         match s.shed {
             Shed::Never => "load never removes a region, only health does",
             Shed::AtRemove => "a region leaves at the remove watermark unless all are that full",
+            Shed::AtReduce if s.criticality == Criticality::Sheddable => {
+                "a region leaves at the reduce watermark, even when all are that full (then the fallback, else NODATA)"
+            }
             Shed::AtReduce => "a region leaves at the reduce watermark unless all are that full",
         }
     ));
@@ -174,6 +187,8 @@ fn capacity_lines(cx: &Cx<'_>, d: &Decided<'_>, lines: &mut Vec<String>) {
         let level = cx.regions.level(r);
         let rule = if cx.shed(r) && d.all_full {
             " -> kept: every fit region is this full"
+        } else if cx.shed(r) && s.criticality == Criticality::Sheddable {
+            " -> removed: criticality sheddable leaves a busy region first"
         } else if cx.shed(r) {
             " -> removed by the shed rule"
         } else if level >= Level::Reduce && s.shed == Shed::Never {
@@ -206,12 +221,23 @@ fn decision_line(cx: &Cx<'_>, d: &Decided<'_>, shown: &[String]) -> String {
             )
         }
         Decision::NoData => "decision: nothing fit -> NODATA".to_string(),
+        Decision::NoRoom => {
+            "decision: every fit region is past this sheddable name's shed level -> NODATA (the headroom is kept for the others)".to_string()
+        }
         Decision::ServFail => "decision: nothing fit -> SERVFAIL".to_string(),
         Decision::Unprobed => {
             "decision: nothing fit, endpoints not probed yet -> SERVFAIL".to_string()
         }
         Decision::ResidencyNoData => {
             "decision: nothing these clients may use is fit -> NODATA (residency)".to_string()
+        }
+        Decision::Fallback { service }
+            if cx.service.criticality == Criticality::Sheddable
+                && cx.service.tiers.iter().any(|t| !cx.fit(t).is_empty()) =>
+        {
+            format!(
+                "decision: no region has room for this sheddable name -> CNAME to fallback service {service}"
+            )
         }
         Decision::Fallback { service } => format!(
             "decision: no region can serve {} -> CNAME to fallback service {service}",

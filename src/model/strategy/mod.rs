@@ -28,7 +28,7 @@ use hickory_proto::rr::{RData, Record};
 
 use super::EndpointIndex;
 use super::service::{ClassAnswer, ClassView, Counters, Decision, EndpointInput, RegionInputs};
-use crate::capacity::Shed;
+use crate::capacity::{Criticality, Shed};
 use crate::config::{self, AllDown, Allowed, Config, Service, Target};
 use last_good::LastGood;
 
@@ -120,6 +120,25 @@ fn decide<'a>(cx: &Cx<'a>, strategy: &dyn Strategy) -> Decided<'a> {
         };
     }
     let s = cx.service;
+    // A sheddable name with fit regions, all past its shed level: no room.
+    // Its fallback, else NODATA; never a full region (nor the last known
+    // good, nor fail-open: the regions are fit, only busy).
+    let no_room = s.criticality == Criticality::Sheddable
+        && s.tiers.iter().any(|tier| !cx.fit(tier).is_empty());
+    if no_room {
+        let decision = match cx.fallback() {
+            Some(fallback) => Decision::Fallback {
+                service: fallback.id.clone(),
+            },
+            None => Decision::NoRoom,
+        };
+        return Decided {
+            decision,
+            chosen: Vec::new(),
+            all_full: false,
+            last_good: None,
+        };
+    }
     // Nothing fit, but what was fit went unfit together a moment ago (an
     // edge whose probes all time out looks like that): the endpoints fit
     // last, for the hold, before any rule below.
@@ -199,7 +218,8 @@ fn first_fit_tier<'a>(cx: &Cx<'a>) -> Option<Choice<'a>> {
             });
         }
     }
-    if cx.service.shed == Shed::Never {
+    // A sheddable name never takes a full region: the others keep it.
+    if cx.service.shed == Shed::Never || cx.service.criticality == Criticality::Sheddable {
         return None;
     }
     tiers.iter().enumerate().find_map(|(t, tier)| {
