@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::health::Layer;
@@ -154,6 +154,15 @@ pub struct Metrics {
     pub task_failures: IntCounterVec,
     /// Probe layers that sent no result for longer than their silence limit.
     pub probe_layers_silent: IntGauge,
+    /// Rollouts: the share of client subnets answered with the canary.
+    pub rollout_canary_share: GaugeVec,
+    /// Rollouts: canaries rolled back, by service and trigger.
+    pub rollout_rollbacks: IntCounterVec,
+    /// Rollouts: regions fit on the stable version.
+    pub rollout_stable_regions: IntGaugeVec,
+    /// Rollouts: 1 while fewer regions are fit on the stable version than
+    /// the guard asks for.
+    pub rollout_guard_breached: IntGaugeVec,
     /// Fleet: 1 while a peer's observations are fresh, by peer.
     pub fleet_peer_fresh: IntGaugeVec,
     /// Fleet: pulls of a peer by result (`ok`, `error`).
@@ -435,6 +444,50 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let rollout_canary_share = register(
+            &r,
+            GaugeVec::new(
+                Opts::new(
+                    "inferdns_rollout_canary_share",
+                    "Share of client subnets a service's rollout answers with the canary version (0 after a rollback, 1 once promoted).",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
+        let rollout_rollbacks = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "inferdns_rollout_rollbacks_total",
+                    "Canaries rolled back, by trigger (automatic: its checks failed; operator).",
+                ),
+                &["service", "trigger"],
+            )
+            .expect("valid metric"),
+        );
+        let rollout_stable_regions = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_rollout_stable_regions",
+                    "Regions fit on a rollout's stable version.",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
+        let rollout_guard_breached = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "inferdns_rollout_guard_breached",
+                    "1 while fewer regions are fit on a rollout's stable version than min-stable-regions (before promotion).",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+        );
         let fleet_peer_fresh = register(
             &r,
             IntGaugeVec::new(
@@ -564,6 +617,10 @@ impl Metrics {
             capacity_reports,
             task_failures,
             probe_layers_silent,
+            rollout_canary_share,
+            rollout_rollbacks,
+            rollout_stable_regions,
+            rollout_guard_breached,
             fleet_peer_fresh,
             fleet_pulls,
             fleet_pull_bytes,

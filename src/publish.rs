@@ -28,6 +28,7 @@ use crate::model::{self, EndpointIndex, RegionLoad, Snapshot, Zone};
 mod build;
 mod fleet;
 mod last_good;
+mod rollout;
 
 /// Everything the publisher can be told.
 #[derive(Debug)]
@@ -63,6 +64,13 @@ pub enum Msg {
     Observe(oneshot::Sender<crate::fleet::Observations>),
     /// The fleet as this edge sees it now (`None` without peers).
     Fleet(oneshot::Sender<Option<crate::fleet::FleetView>>),
+    /// An operator promotes (or rolls back) a service's canary; `done` gets
+    /// the generation, or why not.
+    Rollout {
+        service: String,
+        promote: bool,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 impl From<ProbeReport> for Msg {
@@ -240,6 +248,8 @@ struct Loaded {
     region_by_id: HashMap<String, usize>,
     /// Global endpoint index by (region id, target): how peers name them.
     endpoint_by_key: HashMap<(String, String), usize>,
+    /// The rollouts over each region: (service index, canary version).
+    region_canaries: Vec<Vec<(usize, String)>>,
     /// The distinct last-known-good holds of the services (not zero), shortest first.
     holds: Vec<Duration>,
 }
@@ -327,7 +337,16 @@ impl Loaded {
             .enumerate()
             .map(|(g, i)| ((i.region.clone(), i.target.clone()), g))
             .collect();
+        let mut region_canaries = vec![Vec::new(); config.regions.len()];
+        for (i, s) in config.services.iter().enumerate() {
+            if let Some(canary) = s.rollout.as_ref().and_then(|r| r.canary.as_ref()) {
+                for &r in &service_regions[service_span[i].clone()] {
+                    region_canaries[r].push((i, canary.clone()));
+                }
+            }
+        }
         Loaded {
+            region_canaries,
             endpoint_by_key,
             wire_names: Arc::new(crate::dns::wire::compile_names(&zone)),
             zone,
@@ -432,6 +451,9 @@ pub struct Publisher {
     peers: Vec<crate::fleet::PeerView>,
     /// The fleet state last published (`complete`, `degraded`, `local`).
     fleet_state: &'static str,
+    /// Each rollout's phase and checks, by service id (kept across reloads
+    /// while the service rolls out the same canary).
+    rollouts: HashMap<String, rollout::Tracked>,
 }
 
 impl Publisher {
@@ -482,6 +504,7 @@ impl Publisher {
                 dynamic,
                 metrics: &metrics,
                 overlay: &[],
+                rollouts: &HashMap::new(),
             },
             None,
         );
@@ -524,6 +547,7 @@ impl Publisher {
             bucket: (BURST, Instant::now()),
             peers,
             fleet_state: "complete",
+            rollouts: HashMap::new(),
         };
         publisher.metrics.snapshot_generation.set(1);
         for view in &publisher.snapshot.load().service_views {
@@ -581,6 +605,15 @@ impl Publisher {
                 false
             }
             Msg::Peer(pulled) => self.apply_peer(pulled),
+            Msg::Rollout {
+                service,
+                promote,
+                done,
+            } => {
+                let result = self.operate_rollout(&service, promote);
+                let _ = done.send(result);
+                false
+            }
             Msg::Observe(done) => {
                 let _ = done.send(self.observations(Instant::now()));
                 false
@@ -803,8 +836,11 @@ impl Publisher {
         }
         let fall = match &report.outcome.result {
             Err(ProbeError::Refused) => info.fall_refused,
+            // A canary on probation loses its share at its first failed check.
+            Err(_) if upper && self.on_probation(i) => 1,
             _ => info.fall,
         };
+        let h = &mut self.health[i];
         let (moved, became) = observe(
             info,
             h,
@@ -962,6 +998,8 @@ impl Publisher {
         self.last_good_deadlines(&mut consider);
         // A peer's views expire (its votes and load reports stop counting).
         self.fleet_deadlines(&mut consider);
+        // A canary's clean checks reach its promote-after.
+        self.rollout_deadlines(&mut consider);
         next
     }
 
@@ -1151,6 +1189,7 @@ impl Publisher {
         self.loaded = next;
         self.health = health;
         self.peers = fleet::peer_views(&self.loaded, std::mem::take(&mut self.peers));
+        self.keep_rollouts();
         // A drained region that the new config no longer has is forgotten.
         let regions: HashSet<&str> = self
             .loaded
@@ -1276,6 +1315,7 @@ impl Publisher {
                 dynamic,
                 metrics: &self.metrics,
                 overlay,
+                rollouts: &self.phases(),
             },
             None,
         )
@@ -1353,6 +1393,8 @@ impl Publisher {
         let now = Instant::now();
         self.note_fleet(now);
         let overlay = self.overlay(now);
+        self.promote_due(now);
+        let phases = self.phases();
         #[cfg(test)]
         let unshared = dynamic.clone();
         let previous = self.snapshot.load_full();
@@ -1366,6 +1408,7 @@ impl Publisher {
                 dynamic,
                 metrics: &self.metrics,
                 overlay: &overlay,
+                rollouts: &phases,
             },
             self.built.as_ref().map(|b| (b, &*previous)),
         );
@@ -1414,6 +1457,7 @@ impl Publisher {
             }
         }
         self.note_last_known_good(&next, &out.compiled, out.incremental);
+        let rolled_back = self.note_rollouts(&next, &out.compiled, now);
         self.note_decisions(&previous, &next, &out.compiled, out.incremental);
         self.snapshot.store(Arc::new(next));
         if std::mem::take(&mut self.first_round_due) {
@@ -1427,6 +1471,12 @@ impl Publisher {
         self.metrics
             .snapshot_build_seconds
             .observe(self.build_cost.as_secs_f64());
+        if rolled_back {
+            // The canary's share went with the build that found it failing;
+            // this one shows the rollout rolled back.
+            self.built = None;
+            self.publish_now();
+        }
     }
 
     /// Sets the decision gauges of the services compiled for `next`, and

@@ -61,6 +61,8 @@ pub fn router(state: AdminState, body_timeout: Duration) -> Router {
         .route("/v1/regions/{id}/drain", post(drain))
         .route("/v1/regions/{id}/undrain", post(undrain))
         .route("/v1/regions/{id}/capacity", post(push_capacity))
+        .route("/v1/services/{id}/promote", post(promote))
+        .route("/v1/services/{id}/rollback", post(rollback))
         .route("/v1/reload", post(reload))
         .route("/v1/log-level", post(log_level))
         .route_layer(middleware::from_fn_with_state(
@@ -225,6 +227,36 @@ async fn set_drain(state: AdminState, region: String, drained: bool) -> Response
         Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
     }
+}
+
+/// Promotes or rolls back a service's canary (kept across reloads).
+async fn set_rollout(state: AdminState, service: String, promote: bool) -> Response {
+    let (done, result) = oneshot::channel();
+    let msg = Msg::Rollout {
+        service: service.clone(),
+        promote,
+        done,
+    };
+    if state.control.publisher.send(msg).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let phase = if promote { "promoted" } else { "rolled-back" };
+    match result.await {
+        Ok(Ok(generation)) => {
+            Json(json!({ "service": service, "phase": phase, "generation": generation }))
+                .into_response()
+        }
+        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+async fn promote(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    set_rollout(state, id, true).await
+}
+
+async fn rollback(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    set_rollout(state, id, false).await
 }
 
 async fn drain(State(state): State<AdminState>, Path(id): Path<String>) -> Response {

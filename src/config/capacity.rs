@@ -218,6 +218,86 @@ impl Checker {
 }
 
 impl Checker {
+    /// A service's `rollout`.
+    pub(super) fn rollout(
+        &mut self,
+        src: &Source<'_>,
+        s: &ServiceSection,
+        r: &toml::Spanned<super::file::RolloutSection>,
+    ) -> Option<super::Rollout> {
+        let section = r.get_ref();
+        if let Some(model) = &s.model {
+            self.err(
+                src,
+                model.span(),
+                "model and rollout: choose one (a rollout's versions are what endpoints must list)",
+            );
+        }
+        let stable = section.stable.get_ref().trim().to_string();
+        if stable.is_empty() {
+            self.err(src, section.stable.span(), "rollout.stable cannot be empty");
+        }
+        let canary = section
+            .canary
+            .as_ref()
+            .map(|c| c.get_ref().trim().to_string());
+        if let (Some(c), Some(span)) = (&canary, &section.canary)
+            && (c.is_empty() || *c == stable)
+        {
+            self.err(
+                src,
+                span.span(),
+                "rollout.canary must be another version than rollout.stable",
+            );
+        }
+        let canary_share = match &section.canary_share {
+            None => 0.05,
+            Some(text) => match text
+                .get_ref()
+                .trim()
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<f64>().ok())
+            {
+                Some(p) if p > 0.0 && p <= 100.0 => p / 100.0,
+                _ => {
+                    self.err(
+                        src,
+                        text.span(),
+                        format!(
+                            "rollout.canary-share {:?} is not a share such as \"5%\" (above 0, at most 100%)",
+                            text.get_ref()
+                        ),
+                    );
+                    0.05
+                }
+            },
+        };
+        let min_stable_regions = self.bounded(
+            src,
+            section.min_stable_regions.as_ref(),
+            "rollout.min-stable-regions",
+            0,
+            1000,
+            2,
+        ) as usize;
+        let promote_after = section.promote_after.as_ref().and_then(|d| {
+            self.duration(
+                src,
+                d,
+                "rollout.promote-after",
+                Duration::from_secs(1),
+                Duration::from_secs(30 * 86_400),
+            )
+        });
+        Some(super::Rollout {
+            stable,
+            canary,
+            canary_share,
+            min_stable_regions,
+            promote_after,
+        })
+    }
+
     /// The service's criticality, and the watermarks and shed rule it
     /// makes: sheddable names sit [`SHEDDABLE_OFFSET`] lower and shed at
     /// their reduce watermark; critical names are never shed for load. A

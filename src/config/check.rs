@@ -974,6 +974,7 @@ impl Checker {
         };
         let (shed, shed_set) = self.shed(src, s, strategy);
         let (criticality, watermarks, shed) = self.criticality(src, s, watermarks, shed, shed_set);
+        let rollout = s.rollout.as_ref().and_then(|r| self.rollout(src, s, r));
         Some(Service {
             id: id.to_string(),
             name,
@@ -992,6 +993,7 @@ impl Checker {
             shed,
             shed_set,
             criticality,
+            rollout,
             ttl_min,
         })
     }

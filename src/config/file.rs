@@ -486,10 +486,31 @@ pub struct ServiceSection {
     /// region first (sheddable: watermarks 0.15 lower, shed at reduce, no
     /// full region ever), who keeps its share (critical).
     pub criticality: Option<Spanned<String>>,
+    /// A model-version rollout: `{ stable = "chat-v1", canary = "chat-v2",
+    /// canary-share = "5%" }`.
+    pub rollout: Option<Spanned<RolloutSection>>,
     /// Cost strategy: the least headroom a region needs to be chosen. Default 0.2.
     pub min_headroom: Option<Spanned<f64>>,
     /// Adaptive TTL: the TTL while weights move or a region is near a watermark.
     pub ttl_min: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RolloutSection {
+    /// The version every client gets unless it is in the canary share: a
+    /// model id as the model list shows it, or `id@tag` (vLLM root,
+    /// Ollama digest, a prefix of it).
+    pub stable: Spanned<String>,
+    /// The version being rolled out; none: only `stable` is answered.
+    pub canary: Option<Spanned<String>>,
+    /// Share of client subnets answered with the canary. Default "5%".
+    pub canary_share: Option<Spanned<String>>,
+    /// Regions that must stay fit on the stable version until promotion
+    /// (said loudly when fewer are). Default 2.
+    pub min_stable_regions: Option<Spanned<u32>>,
+    /// Promote the canary once its checks have been clean this long.
+    pub promote_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -95,7 +95,7 @@ impl Checker {
     }
 
     /// A number in `min..=max`, or an error at its position and `default`.
-    fn bounded<T>(
+    pub(super) fn bounded<T>(
         &mut self,
         src: &Source<'_>,
         v: Option<&Spanned<T>>,

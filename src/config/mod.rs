@@ -83,6 +83,17 @@ impl Default for Fleet {
     }
 }
 
+/// A service's model-version rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    pub stable: String,
+    pub canary: Option<String>,
+    /// 0 < share <= 1.
+    pub canary_share: f64,
+    pub min_stable_regions: usize,
+    pub promote_after: Option<Duration>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
@@ -402,6 +413,9 @@ pub struct Service {
     /// `shed` was written in the config (else it is the strategy's default).
     pub shed_set: bool,
     pub criticality: crate::capacity::Criticality,
+    /// A model-version rollout (then `model` is unset: the versions are
+    /// what endpoints must list).
+    pub rollout: Option<Rollout>,
     /// Adaptive TTL floor; equal to `ttl` when off.
     pub ttl_min: u32,
 }

@@ -509,7 +509,7 @@ fn service_records<'a>(
     client: &Client,
     out: &mut Answer<'a>,
 ) -> Option<LowerName> {
-    let service = &snap.services[i];
+    let service = version_of(&snap.services[i], snap, client, out);
     let located = service.located.then(|| locate(snap, client));
     if let Some(l) = &located {
         // Along a CNAME chain the longest scope of its decisions holds (RFC 7871 7.2.1).
@@ -635,6 +635,29 @@ fn fleet_key(
 fn widen_to_subnet(client: &Client, out: &mut Answer<'_>) {
     if let Some(width) = sticky_scope(client) {
         out.scope = Some(out.scope.map_or(width, |s| s.max(width)));
+    }
+}
+
+/// Salt of a rollout's canary draw (apart from every other choice).
+const CANARY_SALT: u64 = 0x0043_414e_4152_5931;
+
+/// The answer of the version the client's subnet is on: the canary's for
+/// its share of subnets (the same subnets on every query and every edge),
+/// else the stable one's. The answer then depends on the subnet.
+pub(super) fn version_of<'a>(
+    service: &'a ServiceAnswer,
+    snap: &Snapshot,
+    client: &Client,
+    out: &mut Answer<'_>,
+) -> &'a ServiceAnswer {
+    let Some((share, canary)) = &service.canary else {
+        return service;
+    };
+    widen_to_subnet(client, out);
+    if crate::fleet::unit(choice_key(snap, client), CANARY_SALT) < *share {
+        canary
+    } else {
+        service
     }
 }
 

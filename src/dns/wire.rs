@@ -399,6 +399,10 @@ impl<'a> Asked<'a, '_> {
             _ => return None,
         };
         let service = snap.services.get(index)?;
+        if service.canary.is_some() {
+            // A rollout's canary: the general path picks the version.
+            return None;
+        }
         let wire = snap.wire.services.get(index)?;
         let located_net = self.subnet.and_then(|s| located_subnet(s, snap));
         let client = Client {

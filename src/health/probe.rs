@@ -725,22 +725,34 @@ impl Probe for ModelsProbe {
 }
 
 /// Model ids from an OpenAI-style list (`data[].id`) or Ollama's `/api/tags`
-/// (`models[].name` / `models[].model`); llama.cpp sends both.
+/// (`models[].name` / `models[].model`); llama.cpp sends both. The versions
+/// a server tells come along as `id@tag`: vLLM's `root` (the weights it
+/// loaded) when it differs from the id, Ollama's `digest`.
 pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ProbeError> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ProbeError::Malformed(format!("model list is not JSON: {e}")))?;
     let mut ids = Vec::new();
     if let Some(data) = v.get("data").and_then(|d| d.as_array()) {
-        ids.extend(
-            data.iter()
-                .filter_map(|m| m.get("id")?.as_str().map(str::to_string)),
-        );
+        for m in data {
+            let Some(id) = m.get("id").and_then(|x| x.as_str()) else {
+                continue;
+            };
+            ids.push(id.to_string());
+            if let Some(root) = m.get("root").and_then(|x| x.as_str())
+                && root != id
+            {
+                ids.push(format!("{id}@{root}"));
+            }
+        }
     }
     if let Some(models) = v.get("models").and_then(|d| d.as_array()) {
         for m in models {
             for key in ["name", "model"] {
                 if let Some(id) = m.get(key).and_then(|x| x.as_str()) {
                     ids.push(id.to_string());
+                    if let Some(digest) = m.get("digest").and_then(|x| x.as_str()) {
+                        ids.push(format!("{id}@{digest}"));
+                    }
                 }
             }
         }
@@ -1282,6 +1294,18 @@ mod tests {
         // llama.cpp sends both shapes.
         let llamacpp = br#"{"models":[{"name":"smollm2-135m","model":"smollm2-135m"}],"object":"list","data":[{"id":"smollm2-135m","owned_by":"llamacpp"}]}"#;
         assert_eq!(parse_models(llamacpp).unwrap(), ["smollm2-135m"]);
+        // Versions: vLLM's root (when it is not the id), Ollama's digest.
+        let vllm = br#"{"object":"list","data":[{"id":"chat","object":"model","root":"/models/llama-3.1-8b-v2"},{"id":"same","root":"same"}]}"#;
+        assert_eq!(
+            parse_models(vllm).unwrap(),
+            ["chat", "chat@/models/llama-3.1-8b-v2", "same"]
+        );
+        let ollama = br#"{"models":[{"name":"llama3:8b","model":"llama3:8b","digest":"a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"}]}"#;
+        let listed = parse_models(ollama).unwrap();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(crate::model::lists(&listed, "llama3:8b@a80c4f17"));
+        assert!(!crate::model::lists(&listed, "llama3:8b@b00"));
+        assert!(!crate::model::lists(&listed, "llama3"));
         assert_eq!(
             parse_models(br#"{"data":[]}"#).unwrap(),
             Vec::<String>::new()

@@ -18,14 +18,15 @@ use crate::geo::GeoDb;
 use crate::health::Status;
 use crate::metrics::QueryTable;
 
+pub mod rollout;
 mod service;
 mod strategy;
 pub mod wire;
 
 pub use service::{
     Candidate, ClassAnswer, ClassView, Counters, Decision, Drawn, EndpointInput, RegionInputs,
-    RegionLoad, RegionShare, ResidencyIndex, ServiceAnswer, ServiceView, address_key,
-    service_answer,
+    RegionLoad, RegionShare, ResidencyIndex, ServiceAnswer, ServiceView, address_key, lists,
+    service_answer, service_answer_for,
 };
 
 /// What exists at one name of the zone.

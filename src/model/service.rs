@@ -73,7 +73,7 @@ impl EndpointInput<'_> {
     /// it was probed), and its last model list has the model.
     pub(super) fn last_fit(&self, model: Option<&str>) -> Option<Duration> {
         if let (Some(model), Some(models)) = (model, self.last_models)
-            && !models.iter().any(|m| m == model)
+            && !lists(models, model)
         {
             return None;
         }
@@ -97,7 +97,7 @@ impl EndpointInput<'_> {
             return Some(format!("rate limited, cooling down ({left:.0} s left)"));
         }
         if let (Some(model), Some(models)) = (model, self.models)
-            && !models.iter().any(|m| m == model)
+            && !lists(models, model)
         {
             return Some(format!("model {model} not listed"));
         }
@@ -120,6 +120,15 @@ impl EndpointInput<'_> {
         };
         self.slow_start * degraded
     }
+}
+
+/// `models` (a model list as read) has `want`: an id, or a version written
+/// `id@tag` (Ollama's digest, vLLM's `root`), whose tag may be given cut
+/// short (`llama3:8b@a80c4f17`).
+pub fn lists(models: &[String], want: &str) -> bool {
+    models
+        .iter()
+        .any(|m| m == want || (want.contains('@') && m.starts_with(want)))
 }
 
 /// What the publisher knows about a region's capacity.
@@ -381,6 +390,9 @@ pub struct ServiceAnswer {
     pub tolerance_ms: Option<f64>,
     /// `inferdns_residency_refusals_total{service}`.
     pub refusals: Option<prometheus::IntCounter>,
+    /// A rollout's canary: the share of client subnets it answers and its
+    /// answer (the rest get this one, the stable version's).
+    pub canary: Option<(f64, std::sync::Arc<ServiceAnswer>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -414,6 +426,9 @@ pub struct ServiceView {
     /// Per residency class, when the service has residency rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub residency: Option<Vec<ClassView>>,
+    /// The model-version rollout, when the service has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutView>,
 }
 
 /// Metric handles a service answer carries; none in tests and benchmarks.
@@ -437,6 +452,21 @@ pub fn service_answer(
     config: &Config,
     index: &EndpointIndex,
     service: usize,
+    inputs: &[EndpointInput<'_>],
+    regions: &RegionInputs<'_>,
+    counters: &dyn Counters,
+) -> (ServiceAnswer, ServiceView) {
+    let model = config.services[service].model.as_deref();
+    service_answer_for(config, index, service, model, inputs, regions, counters)
+}
+
+/// [`service_answer`] for the endpoints that list `model` (a rollout's
+/// version) instead of the service's own.
+pub fn service_answer_for(
+    config: &Config,
+    index: &EndpointIndex,
+    service: usize,
+    model: Option<&str>,
     inputs: &[EndpointInput<'_>],
     regions: &RegionInputs<'_>,
     counters: &dyn Counters,
@@ -466,6 +496,7 @@ pub fn service_answer(
             counters,
             label,
             allowed,
+            model,
         });
         answers.push(answer);
         views.push(view);
@@ -487,6 +518,7 @@ pub fn service_answer(
         classes: answers,
         tolerance_ms: proximity,
         refusals: s.residency.as_ref().and(refusals),
+        canary: None,
     };
     let view = ServiceView {
         id: s.id.clone(),
@@ -497,6 +529,7 @@ pub fn service_answer(
         answer: shown.answer.clone(),
         regions: shown.regions.clone(),
         residency: s.residency.as_ref().map(|_| views),
+        rollout: None,
     };
     (answer, view)
 }

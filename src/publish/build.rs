@@ -102,6 +102,9 @@ pub(super) struct BuildInputs<'a> {
     pub metrics: &'a Metrics,
     /// The fleet's combined state per endpoint; empty: this edge's own.
     pub overlay: &'a [Option<Overlay>],
+    /// The phase of each service's rollout, by service id (a service
+    /// with a rollout and no entry is in its canary phase).
+    pub rollouts: &'a std::collections::HashMap<String, model::rollout::Phase>,
 }
 
 /// A new snapshot, what it was built from, and the indexes of the
@@ -127,6 +130,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         dynamic,
         metrics,
         overlay,
+        rollouts,
     } = cx;
     let over = |g: usize| overlay.get(g).and_then(Option::as_ref);
     let config = &loaded.config;
@@ -254,8 +258,21 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
             ttl: built.ttls[i],
             criticality: config.services[i].criticality,
         };
-        let (answer, view) =
-            model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics);
+        let s = &config.services[i];
+        let (answer, view) = match &s.rollout {
+            Some(_) => model::rollout::rollout_answer(
+                config,
+                &loaded.index,
+                i,
+                &inputs,
+                &regions,
+                metrics,
+                rollouts
+                    .get(&s.id)
+                    .unwrap_or(&model::rollout::Phase::Canary),
+            ),
+            None => model::service_answer(config, &loaded.index, i, &inputs, &regions, metrics),
+        };
         wires.push(Arc::new(crate::dns::wire::compile_service(&answer)));
         services.push(Arc::new(answer));
         service_views.push(Arc::new(view));

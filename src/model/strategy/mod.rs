@@ -45,6 +45,8 @@ pub(super) struct Cx<'a> {
     pub label: &'a str,
     /// Where these clients may be sent.
     pub allowed: &'a Allowed,
+    /// The model (or, in a rollout, the version) an endpoint must list.
+    pub model: Option<&'a str>,
 }
 
 /// (region index, target) of endpoints, in tier and config order.
@@ -234,7 +236,7 @@ fn first_fit_tier<'a>(cx: &Cx<'a>) -> Option<Choice<'a>> {
 
 impl<'a> Cx<'a> {
     pub fn model(&self) -> Option<&'a str> {
-        self.service.model.as_deref()
+        self.model
     }
 
     /// The service's `max-latency` in ms: above it an endpoint is degraded.
