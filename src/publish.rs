@@ -3812,4 +3812,113 @@ tiers = [["c"]]
         keep_local_alive.abort();
         cancel.cancel();
     }
+
+    /// Two regions on v1, one on v2 (the canary), promoted after 10 s of
+    /// clean checks.
+    const ROLLOUT: &str = r#"
+[server]
+dns-listen = ["127.0.0.1:0"]
+[zone]
+apex = "inference.example.com"
+soa = { primary = "ns1.example.net", contact = "hostmaster.example.net" }
+ns = [{ name = "ns1.example.net" }]
+[regions.a]
+endpoints = [{ address = "192.0.2.1" }]
+probe = { models-path = "/v1/models" }
+[regions.b]
+endpoints = [{ address = "192.0.2.2" }]
+probe = { models-path = "/v1/models" }
+[regions.c]
+endpoints = [{ address = "192.0.2.3" }]
+probe = { models-path = "/v1/models" }
+[services.chat]
+tiers = [["a", "b", "c"]]
+rollout = { stable = "v1", canary = "v2", promote-after = "10s" }
+"#;
+
+    fn rollout_phase(snapshot: &ArcSwap<Snapshot>) -> (String, f64) {
+        let view = snapshot.load().service_views[0].clone();
+        let r = view.rollout.clone().expect("a rollout view");
+        (r.phase.name().to_string(), r.canary_share)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_canary_clean_for_promote_after_is_promoted_and_a_failure_restarts_the_clock() {
+        let (publisher, snapshot, _) =
+            Publisher::new(load(ROLLOUT), vec![0, 1, 2], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let models = |id: u64, version: &str| {
+            report_on(
+                id,
+                Layer::Models,
+                Ok(Payload::Models(vec![version.to_string()])),
+            )
+        };
+        // Every endpoint reports every 500 ms (no probe layer falls silent).
+        let reports = |canary: &'static str| {
+            vec![
+                report(0, true),
+                report(1, true),
+                report(2, true),
+                models(0, "v1"),
+                models(1, "v1"),
+                models(2, canary),
+            ]
+        };
+        let feed = |canary: &'static str, seconds: u64| {
+            let tx = tx.clone();
+            async move {
+                for _ in 0..seconds * 2 {
+                    for msg in reports(canary) {
+                        tx.send(msg).await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        feed("v2", 6).await;
+        assert_eq!(rollout_phase(&snapshot), ("canary".to_string(), 0.05));
+        // The canary's model list fails once (a 500): rolled back at its
+        // first failed check, and no clock promotes a rolled-back canary.
+        tx.send(report_on(
+            2,
+            Layer::Models,
+            Err(ProbeError::ServerError(500)),
+        ))
+        .await
+        .unwrap();
+        feed("v2", 1).await;
+        assert_eq!(rollout_phase(&snapshot).0, "rolled-back");
+        feed("v2", 20).await;
+        assert_eq!(rollout_phase(&snapshot), ("rolled-back".to_string(), 0.0));
+        cancel.cancel();
+
+        // A clean canary: promoted 10 s after its first clean build.
+        let (publisher, snapshot, _) =
+            Publisher::new(load(ROLLOUT), vec![0, 1, 2], None, Metrics::new());
+        let (tx2, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        let started = Instant::now();
+        let mut promoted_at = None;
+        for _ in 0..30 {
+            for msg in reports("v2") {
+                tx2.send(msg).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if promoted_at.is_none() && rollout_phase(&snapshot).0 == "promoted" {
+                promoted_at = Some(started.elapsed());
+            }
+        }
+        let at = promoted_at.expect("promoted");
+        assert!(
+            at >= Duration::from_secs(10) && at <= Duration::from_millis(10_600),
+            "promoted after {at:?}"
+        );
+        assert_eq!(rollout_phase(&snapshot), ("promoted".to_string(), 1.0));
+        assert_eq!(answer(&snapshot), ["192.0.2.3"], "everyone on v2");
+        cancel.cancel();
+    }
 }

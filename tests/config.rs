@@ -857,3 +857,58 @@ shed = "at-remove"
     );
     assert_eq!(config.services[1].shed, inferdns::capacity::Shed::Never);
 }
+
+#[test]
+fn rollout_mistakes_are_refused_where_they_are_written() {
+    let main = base_config(
+        r#"[regions.east]
+endpoints = [{ address = "192.0.2.1" }]
+[services.chat]
+tiers = [["east"]]
+model = "chat"
+rollout = { stable = "chat-v1", canary = "chat-v1", canary-share = "five", min-stable-regions = 2000, promote-after = "soon" }
+"#,
+    );
+    let (_files, errors) = load_errors(&main, ZONE, &[]);
+    let at = |needle: &str| pos(&main, needle);
+    let (l, c) = at("\"chat\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "model and rollout: choose one",
+    );
+    let (l, c) = at("canary = \"chat-v1\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c + 9,
+        "rollout.canary must be another version",
+    );
+    let (l, c) = at("\"five\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "rollout.canary-share \"five\" is not a share",
+    );
+    let (l, c) = at("2000");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "rollout.min-stable-regions 2000 is out of range",
+    );
+    let (l, c) = at("\"soon\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "rollout.promote-after: expected a duration",
+    );
+}

@@ -153,11 +153,14 @@ fn listed(regions: &[String]) -> String {
     }
 }
 
-/// Why the canary fails its checks, if it does: an endpoint that served
-/// the canary version (its last model list had it), alive and not drained,
-/// no longer lists it, fails its completion probe, or answers slower than
-/// the service's `max-latency`. A region that dies is not the version's
-/// fault: health moves its clients, as for any service.
+/// Why the canary fails its checks, if it does: an endpoint that serves
+/// the canary version (its last model list read has it), alive and not
+/// drained, fails its model-list check, fails its completion probe, or
+/// answers slower than the service's `max-latency`. A region that dies is
+/// not the version's fault (health moves its clients, as for any service),
+/// and one whose list, read fine, no longer has the canary was moved off
+/// it: its clients go to the stable version while no region serves the
+/// canary, without a rollback.
 fn canary_failing(
     config: &Config,
     index: &EndpointIndex,
@@ -178,7 +181,7 @@ fn canary_failing(
             }
             let at = format!("endpoint {} of {}", endpoint.target, region.id);
             if input.models.is_some_and(|m| !lists(m, canary)) {
-                return Some(format!("{at} no longer lists {canary}"));
+                return Some(format!("{at} fails its model-list check"));
             }
             // Its completion probe tries the version it serves.
             if !input.completion_ok {
