@@ -246,6 +246,10 @@ fn demo_json_reports_measured_failover_times() {
             "capacity",
             "capacity",
             "capacity",
+            "rollout",
+            "fault",
+            "rollback",
+            "promoted",
             "summary"
         ]
     );
@@ -269,7 +273,24 @@ fn demo_json_reports_measured_failover_times() {
     assert!(shares[0] > 0.3 && shares[0] < 0.7, "{shares:?}");
     assert!(shares[2] < shares[0] && shares[3] < shares[2], "{shares:?}");
     assert_eq!(shares[4], 0.0, "{shares:?}");
+    // The sheddable name leaves us-east (at 85 %) while the critical one
+    // still has its share at 70 %.
+    let class = |key: &str| -> Vec<f64> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "capacity")
+            .map(|e| e[key].as_f64().unwrap())
+            .collect()
+    };
+    let (vip, bulk) = (class("critical_share"), class("sheddable_share"));
+    assert!(vip[1] > 0.3 && bulk[1] < vip[1], "{vip:?} {bulk:?}");
+    assert_eq!(bulk[2], 0.0, "{bulk:?}");
     let summary = events.last().unwrap();
+    // The canary took about its 5 % (2,000 subnets), was rolled back, promoted.
+    let share = summary["canary_share"].as_f64().unwrap();
+    assert!(share > 0.02 && share < 0.08, "{share}");
+    assert!(summary["canary_rollback_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(summary["promoted_share"].as_f64(), Some(1.0));
     for key in [
         "failover_s",
         "failback_s",
@@ -292,7 +313,8 @@ fn demo_json_reports_measured_failover_times() {
         (Some("127.0.0.11"), Some(24))
     );
     for e in &events[1..events.len() - 1] {
-        if e["event"] != "fault" && e["event"] != "geo" && e["event"] != "capacity" {
+        if matches!(e["event"].as_str(), Some(k) if k.ends_with("failover") || k.ends_with("failback") || k == "initial answer")
+        {
             assert_eq!(e["empty_or_failed"], 0, "{e}");
         }
     }

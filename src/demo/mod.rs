@@ -9,6 +9,7 @@
 //! measures each time from the fault to the first changed answer by
 //! querying the server over UDP.
 
+mod acts;
 pub mod client;
 pub mod region;
 
@@ -35,6 +36,10 @@ pub const SERVICE: &str = "chat.inference.example.com.";
 const PRIMARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 const SECONDARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 12);
 const EU_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 13);
+/// us-central, where the demo's rollout puts its canary version.
+const CANARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 14);
+/// The version us-central serves.
+pub const CANARY_MODEL: &str = "llama-3.1-8b-instruct-v2";
 /// The demo's location-aware service.
 pub const GEO_SERVICE: &str = "geo.inference.example.com.";
 /// Longest wait for an answer to change before the demo gives up.
@@ -58,8 +63,8 @@ pub struct DemoOptions {
 }
 
 /// The built-in main config, with the simulated regions' probe ports.
-pub fn demo_config(dns_listen: SocketAddr, ports: [u16; 3]) -> String {
-    let [primary, secondary, eu] = ports;
+pub fn demo_config(dns_listen: SocketAddr, ports: [u16; 4]) -> String {
+    let [primary, secondary, eu, canary] = ports;
     format!(
         r#"# Written by `inferdns demo`.
 policy-dir = "policies"
@@ -67,6 +72,7 @@ policy-dir = "policies"
 [server]
 dns-listen = ["{dns_listen}"]
 admin-listen = "127.0.0.1:0"
+admin-token-file = "admin-token"
 
 [zone]
 apex = "inference.example.com"
@@ -95,13 +101,43 @@ jurisdictions = ["us"]
 endpoints = [{{ address = "{EU_IP}", port = {eu} }}]
 location = {{ country = "IE", lat = 53.35, lon = -6.26 }}
 jurisdictions = ["eu"]
+
+# The first region on the next model version (with a one-token completion
+# probe: a canary's first failed check takes its share away).
+[regions.us-central]
+endpoints = [{{ address = "{CANARY_IP}", port = {canary} }}]
+probe = {{ models-path = "/v1/models", models-interval = "500ms", completion = {{ model = "{CANARY_MODEL}", interval = "1s", timeout = "2s" }} }}
+location = {{ country = "US", lat = 41.88, lon = -87.63 }}
+jurisdictions = ["us"]
+
+# Interactive, paying traffic: keeps a region's share while it has room.
+[services.vip]
+tiers = [["us-east", "us-west"]]
+strategy = "capacity"
+criticality = "critical"
+
+# Batch traffic: leaves a busy region first (watermarks 65/75/80 %).
+[services.bulk]
+tiers = [["us-east", "us-west"]]
+strategy = "capacity"
+criticality = "sheddable"
+
+# The next model version on 5 % of client subnets.
+[services.rollout]
+tiers = [["us-east", "us-west", "us-central"]]
+rollout = {{ stable = "{MODEL}", canary = "{CANARY_MODEL}", canary-share = "5%" }}
 "#
     )
 }
 
-/// Writes the demo's config, policy and zone file into `dir`.
-pub fn write_demo_files(dir: &std::path::Path, main: &str) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir.join("policies"))?;
+/// Writes the demo's config, policy and zone file and its admin token
+/// into `dir`.
+pub fn write_demo_files(
+    dir: &std::path::Path,
+    main: &str,
+    token: &str,
+) -> std::io::Result<PathBuf> {
+    std::fs::write(dir.join("admin-token"), format!("{token}\n"))?;
     std::fs::write(dir.join("policies/chat.toml"), CHAT_POLICY)?;
     std::fs::write(dir.join("policies/geo.toml"), GEO_POLICY)?;
     std::fs::write(dir.join("policies/fleet.toml"), FLEET_POLICY)?;
@@ -137,13 +173,17 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     let primary = SimRegion::start(SocketAddr::new(IpAddr::V4(PRIMARY_IP), 0), MODEL).await?;
     let secondary = SimRegion::start(SocketAddr::new(IpAddr::V4(SECONDARY_IP), 0), MODEL).await?;
     let eu = SimRegion::start(SocketAddr::new(IpAddr::V4(EU_IP), 0), MODEL).await?;
+    let canary = SimRegion::start(SocketAddr::new(IpAddr::V4(CANARY_IP), 0), CANARY_MODEL).await?;
     let dir = std::env::temp_dir().join(format!("inferdns-demo-{}", std::process::id()));
     let ports = [
         primary.addr().port(),
         secondary.addr().port(),
         eu.addr().port(),
+        canary.addr().port(),
     ];
-    let path = write_demo_files(&dir, &demo_config(opts.dns_listen, ports))?;
+    let token = format!("demo-{:016x}", rand::rng().random::<u64>());
+    std::fs::create_dir_all(dir.join("policies"))?;
+    let path = write_demo_files(&dir, &demo_config(opts.dns_listen, ports), &token)?;
     let loaded = config::load(&path);
     let started = match loaded {
         Ok(config) => app::start(config, StartOptions::default()).await,
@@ -229,7 +269,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
 
     // Location: an EU and a US client subnet ask the location-aware service.
     for (who, subnet) in [("EU", "192.0.2.0/24"), ("US", "198.51.100.0/24")] {
-        let (answer, scope) = ask_subnet(dns, subnet).await?;
+        let (answer, scope) = ask_subnet(dns, GEO_SERVICE, subnet).await?;
         p.event(
             json!({"event": "geo", "client": who, "subnet": subnet, "answer": answer, "scope": scope}),
             format!("{GEO_SERVICE} A +subnet={subnet} ({who} client) -> {}   (ECS scope /{scope})", answer.join(" ")),
@@ -249,7 +289,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
             kv_cache: kv,
         });
         wait_utilization(running.admin, "us-east", kv).await?;
-        let share = fleet_share(dns, 400).await?;
+        let share = acts::share_of_east(dns, FLEET_SERVICE, 400).await?;
+        let vip = acts::share_of_east(dns, acts::VIP_SERVICE, 400).await?;
+        let bulk = acts::share_of_east(dns, acts::BULK_SERVICE, 400).await?;
         let watermarks = crate::capacity::Watermarks::default();
         let level = watermarks.level(kv, crate::capacity::Level::Normal);
         let east = crate::capacity::weight(
@@ -261,15 +303,19 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         );
         let expected = east / (east + 0.7);
         p.event(
-            json!({"event": "capacity", "us_east_kv_cache": kv, "us_east_share": round3(share), "expected_share": round3(expected)}),
+            json!({"event": "capacity", "us_east_kv_cache": kv, "us_east_share": round3(share), "expected_share": round3(expected),
+                   "critical_share": round3(vip), "sheddable_share": round3(bulk)}),
             format!(
-                "{FLEET_SERVICE} us-east KV cache {:>3.0}% (us-west 30%) -> us-east gets {:>5.1}% of 400 answers (weights say {:.1}%)",
+                "{FLEET_SERVICE} us-east KV cache {:>3.0}% (us-west 30%) -> us-east gets {:>5.1}% of 400 answers (weights say {:.1}%); critical vip {:>5.1}%, sheddable bulk {:>5.1}%",
                 kv * 100.0,
                 share * 100.0,
-                expected * 100.0
+                expected * 100.0,
+                vip * 100.0,
+                bulk * 100.0
             ),
         );
     }
+    let rollout = acts::rollout(&p, dns, running.admin, &canary, &token).await?;
     let within = failover <= bound.as_secs_f64() && hung <= bound.as_secs_f64();
     let port = dns.port();
     let host = dns.ip();
@@ -303,6 +349,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
                 "hung_failback_s": round3(hung_back),
                 "model_failover_s": round3(model_over),
                 "model_failback_s": round3(model_back),
+                "canary_share": round3(rollout.share),
+                "canary_rollback_s": round3(rollout.rollback_s),
+                "promoted_share": round3(rollout.promoted_share),
                 "bound_s": round3(bound.as_secs_f64()),
                 "within_bound": within,
                 "dns": dns.to_string(),
@@ -317,6 +366,18 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
         println!("failback (hang cleared):     {hung_back:.2} s");
         println!("failover (model missing):    {model_over:.2} s");
         println!("failback (model back):       {model_back:.2} s");
+        println!(
+            "canary share:                {:.1}% of 2,000 subnets (5% asked)",
+            rollout.share * 100.0
+        );
+        println!(
+            "canary rolled back:          {:.2} s after its completions failed",
+            rollout.rollback_s
+        );
+        println!(
+            "after promotion:             {:.1}% on the canary version",
+            rollout.promoted_share * 100.0
+        );
         println!(
             "bound interval x fall + timeout + 1 s = {:.2} s: {}",
             bound.as_secs_f64(),
@@ -347,12 +408,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), AppError> {
     running.wait().await
 }
 
-/// Asks the location-aware service with an ECS subnet; returns the answer
-/// and the echoed scope.
-async fn ask_subnet(dns: SocketAddr, subnet: &str) -> Result<(Vec<String>, u8), AppError> {
+/// Asks `name` with an ECS subnet; returns the answer and the echoed scope.
+async fn ask_subnet(
+    dns: SocketAddr,
+    name: &str,
+    subnet: &str,
+) -> Result<(Vec<String>, u8), AppError> {
     use hickory_proto::op::Edns;
     use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
-    let mut m = client::Ask::new(GEO_SERVICE, RecordType::A).message();
+    let mut m = client::Ask::new(name, RecordType::A).message();
     let mut edns = Edns::new();
     edns.set_max_payload(1232);
     let subnet = subnet
@@ -412,17 +476,6 @@ async fn wait_utilization(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Share of `n` answers of the capacity service that went to us-east.
-async fn fleet_share(dns: SocketAddr, n: u32) -> Result<f64, AppError> {
-    let ask = client::Ask::new(FLEET_SERVICE, RecordType::A);
-    let mut east = 0;
-    for _ in 0..n {
-        let m = client::query_udp(dns, &ask).await?;
-        east += u32::from(client::answer_strings(&m) == [PRIMARY_IP.to_string()]);
-    }
-    Ok(f64::from(east) / f64::from(n))
 }
 
 /// Applies `fault` at a random moment within one probe interval and

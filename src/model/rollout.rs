@@ -131,12 +131,17 @@ pub fn rollout_answer(
         let at = class.explain.len().saturating_sub(1);
         class.explain.insert(at, line.clone());
     }
+    // Said once every endpoint of the service has been probed (not at start).
+    let unprobed = s.tiers.iter().flatten().any(|&region| {
+        (0..config.regions[region].endpoints.len())
+            .any(|e| inputs[index.global(region, e)].unprobed())
+    });
     view.rollout = Some(RolloutView {
         stable: r.stable.clone(),
         canary: r.canary.clone(),
         phase: phase.clone(),
         canary_share: share,
-        guard_breached: !promoted && stable_regions.len() < r.min_stable_regions,
+        guard_breached: !promoted && !unprobed && stable_regions.len() < r.min_stable_regions,
         stable_regions,
         canary_regions,
         min_stable_regions: r.min_stable_regions,
