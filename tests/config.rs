@@ -867,6 +867,9 @@ endpoints = [{ address = "192.0.2.1" }]
 tiers = [["east"]]
 model = "chat"
 rollout = { stable = "chat-v1", canary = "chat-v1", canary-share = "five", min-stable-regions = 2000, promote-after = "soon" }
+[regions.west]
+endpoints = [{ address = "192.0.2.2" }]
+probe = { models-version-field = "revision" }
 "#,
     );
     let (_files, errors) = load_errors(&main, ZONE, &[]);
@@ -910,5 +913,13 @@ rollout = { stable = "chat-v1", canary = "chat-v1", canary-share = "five", min-s
         l,
         c,
         "rollout.promote-after: expected a duration",
+    );
+    let (l, c) = at("\"revision\"");
+    has(
+        &errors,
+        "inferdns.toml",
+        l,
+        c,
+        "models-version-field needs models-path",
     );
 }

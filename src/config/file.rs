@@ -413,6 +413,9 @@ pub struct ProbeSection {
     pub models_path: Option<Spanned<String>>,
     /// How often the model list is read. Default 2s.
     pub models_interval: Option<Spanned<String>>,
+    /// A field of each model-list entry that holds its version (read as
+    /// `id@value`). Default: vLLM's `root` and Ollama's `digest`.
+    pub models_version_field: Option<Spanned<String>>,
     /// A synthetic one-token completion (costs GPU time: keep it slow).
     pub completion: Option<CompletionSection>,
     /// PEM file of a private CA to trust for https probes.

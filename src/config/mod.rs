@@ -354,6 +354,8 @@ pub enum ProbeKind {
 pub struct ModelsSpec {
     pub path: String,
     pub interval: Duration,
+    /// The entry field that holds the version; `None`: `root`, `digest`.
+    pub version_field: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

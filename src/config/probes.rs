@@ -61,11 +61,15 @@ impl Checker {
                 Some(ModelsSpec {
                     path: path.get_ref().clone(),
                     interval,
+                    version_field: p.models_version_field.as_ref().map(|f| f.get_ref().clone()),
                 })
             }
             None => {
                 if let Some(i) = &p.models_interval {
                     self.err(src, i.span(), "models-interval needs models-path");
+                }
+                if let Some(f) = &p.models_version_field {
+                    self.err(src, f.span(), "models-version-field needs models-path");
                 }
                 None
             }

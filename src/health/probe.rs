@@ -711,6 +711,8 @@ impl Probe for TcpProbe {
 pub struct ModelsProbe {
     pub http: Http,
     pub path: String,
+    /// The entry field holding the version (`None`: `root`, `digest`).
+    pub version_field: Option<String>,
 }
 
 impl Probe for ModelsProbe {
@@ -720,7 +722,7 @@ impl Probe for ModelsProbe {
 
     async fn check(&self) -> Result<Payload, ProbeError> {
         let body = self.http.get_body(&self.path).await?;
-        parse_models(&body).map(Payload::Models)
+        parse_models_versions(&body, self.version_field.as_deref()).map(Payload::Models)
     }
 }
 
@@ -729,6 +731,22 @@ impl Probe for ModelsProbe {
 /// a server tells come along as `id@tag`: vLLM's `root` (the weights it
 /// loaded) when it differs from the id, Ollama's `digest`.
 pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ProbeError> {
+    parse_models_versions(body, None)
+}
+
+/// [`parse_models`], the version tag read from `version_field` of each
+/// entry when given (any entry field: `root`, `digest`, `revision`...).
+pub fn parse_models_versions(
+    body: &[u8],
+    version_field: Option<&str>,
+) -> Result<Vec<String>, ProbeError> {
+    let tag = |m: &serde_json::Value, default: &str| -> Option<String> {
+        let value = m.get(version_field.unwrap_or(default))?;
+        value
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| value.is_number().then(|| value.to_string()))
+    };
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ProbeError::Malformed(format!("model list is not JSON: {e}")))?;
     let mut ids = Vec::new();
@@ -738,10 +756,10 @@ pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ProbeError> {
                 continue;
             };
             ids.push(id.to_string());
-            if let Some(root) = m.get("root").and_then(|x| x.as_str())
-                && root != id
+            if let Some(version) = tag(m, "root")
+                && version != id
             {
-                ids.push(format!("{id}@{root}"));
+                ids.push(format!("{id}@{version}"));
             }
         }
     }
@@ -750,8 +768,8 @@ pub fn parse_models(body: &[u8]) -> Result<Vec<String>, ProbeError> {
             for key in ["name", "model"] {
                 if let Some(id) = m.get(key).and_then(|x| x.as_str()) {
                     ids.push(id.to_string());
-                    if let Some(digest) = m.get("digest").and_then(|x| x.as_str()) {
-                        ids.push(format!("{id}@{digest}"));
+                    if let Some(version) = tag(m, "digest") {
+                        ids.push(format!("{id}@{version}"));
                     }
                 }
             }
@@ -924,6 +942,7 @@ pub fn probes_for(spec: &ProbeSpec) -> Result<Vec<(AnyProbe, Duration, Duration)
             AnyProbe::Models(ModelsProbe {
                 http: Http::new(spec, spec.timeout, models.interval)?,
                 path: models.path.clone(),
+                version_field: models.version_field.clone(),
             }),
             models.interval,
             spec.timeout,
@@ -1306,6 +1325,12 @@ mod tests {
         assert!(crate::model::lists(&listed, "llama3:8b@a80c4f17"));
         assert!(!crate::model::lists(&listed, "llama3:8b@b00"));
         assert!(!crate::model::lists(&listed, "llama3"));
+        // A field named in the config.
+        let custom = br#"{"data":[{"id":"chat","revision":7,"root":"/m"}]}"#;
+        assert_eq!(
+            parse_models_versions(custom, Some("revision")).unwrap(),
+            ["chat", "chat@7"]
+        );
         assert_eq!(
             parse_models(br#"{"data":[]}"#).unwrap(),
             Vec::<String>::new()
