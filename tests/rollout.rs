@@ -127,6 +127,12 @@ impl Rollout {
     async fn metrics(&self) -> String {
         http("GET", &self.url("/metrics"), None, None).await.1
     }
+
+    /// POSTs `path` with the admin token; panics unless it succeeds.
+    async fn post(&self, path: &str) {
+        let (code, body) = http("POST", &self.url(path), Some(TOKEN), None).await;
+        assert_eq!(code, 200, "POST {path}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,21 +285,13 @@ async fn promote_and_rollback_persist_across_a_reload() {
     .await;
     assert_eq!(code, 404, "{body}");
 
-    let (code, body) = http(
-        "POST",
-        &r.url("/v1/services/chat/promote"),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
+    r.post("/v1/services/chat/promote").await;
     assert_eq!(
         r.on_canary(&some).await,
         some.len(),
         "promoted: everyone on chat-v2"
     );
-    let (code, body) = http("POST", &r.url("/v1/reload"), Some(TOKEN), None).await;
-    assert_eq!(code, 200, "{body}");
+    r.post("/v1/reload").await;
     let v = r.rollout_view().await;
     assert_eq!(v["phase"], "promoted", "{v}");
     assert_eq!(
@@ -302,21 +300,13 @@ async fn promote_and_rollback_persist_across_a_reload() {
         "still promoted after the reload"
     );
 
-    let (code, body) = http(
-        "POST",
-        &r.url("/v1/services/chat/rollback"),
-        Some(TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
+    r.post("/v1/services/chat/rollback").await;
     assert_eq!(
         r.on_canary(&some).await,
         0,
         "rolled back: everyone on chat-v1"
     );
-    let (code, body) = http("POST", &r.url("/v1/reload"), Some(TOKEN), None).await;
-    assert_eq!(code, 200, "{body}");
+    r.post("/v1/reload").await;
     let v = r.rollout_view().await;
     assert_eq!(v["phase"], "rolled-back", "{v}");
     assert_eq!(v["automatic"], false, "{v}");

@@ -61,51 +61,28 @@ async fn on_canary(dns: SocketAddr, subnets: &[String]) -> Result<Vec<String>, A
     Ok(out)
 }
 
-fn http() -> Result<reqwest::Client, AppError> {
-    crate::health::probe::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| AppError::Demo(e.to_string()))
-}
-
 /// Waits until status shows the rollout's canary region fit again.
 async fn wait_canary_fit(admin: SocketAddr) -> Result<(), AppError> {
-    let http = http()?;
-    let deadline = Instant::now() + STEP_DEADLINE;
-    loop {
-        let status: Option<serde_json::Value> =
-            match http.get(format!("http://{admin}/v1/status")).send().await {
-                Ok(r) => r
-                    .text()
-                    .await
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok()),
-                Err(_) => None,
-            };
-        let fit = status.as_ref().is_some_and(|s| {
-            s["services"].as_array().is_some_and(|services| {
-                services.iter().any(|v| {
-                    v["id"] == "rollout"
-                        && v["rollout"]["canary_regions"]
-                            .as_array()
-                            .is_some_and(|r| !r.is_empty())
-                })
+    let fit = |s: &serde_json::Value| {
+        s["services"].as_array().is_some_and(|services| {
+            services.iter().any(|v| {
+                v["id"] == "rollout"
+                    && v["rollout"]["canary_regions"]
+                        .as_array()
+                        .is_some_and(|r| !r.is_empty())
             })
-        });
-        if fit {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(AppError::Demo("the canary never came back".into()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        })
+    };
+    super::wait_status(admin, fit, "the canary fit again").await
 }
 
 async fn admin_post(admin: SocketAddr, path: &str, token: &str) -> Result<(), AppError> {
-    let http = http()?;
+    crate::health::probe::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| AppError::Demo(e.to_string()))?;
     let response = http
         .post(format!("http://{admin}{path}"))
         .bearer_auth(token)

@@ -435,12 +435,12 @@ async fn ask_subnet(
     Ok((client::answer_strings(&reply), scope))
 }
 
-/// Waits until the server's status shows `region` at `utilization` (its
-/// metrics were scraped and a snapshot built with them).
-async fn wait_utilization(
+/// Polls `GET /v1/status` until `done` holds for it; `what` names what was
+/// awaited when it never does.
+async fn wait_status(
     admin: SocketAddr,
-    region: &str,
-    utilization: f64,
+    done: impl Fn(&Value) -> bool,
+    what: &str,
 ) -> Result<(), AppError> {
     crate::health::probe::install_crypto_provider();
     let http = reqwest::Client::builder()
@@ -450,32 +450,40 @@ async fn wait_utilization(
         .map_err(|e| AppError::Demo(e.to_string()))?;
     let deadline = Instant::now() + STEP_DEADLINE;
     loop {
-        let status: Option<serde_json::Value> =
-            match http.get(format!("http://{admin}/v1/status")).send().await {
-                Ok(r) => r
-                    .text()
-                    .await
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok()),
-                Err(_) => None,
-            };
-        let now = status.as_ref().and_then(|s| {
-            s["regions"]
-                .as_array()?
-                .iter()
-                .find(|r| r["id"] == region)?["utilization"]
-                .as_f64()
-        });
-        if now.is_some_and(|u| (u - utilization).abs() < 1e-6) {
+        let status: Option<Value> = match http.get(format!("http://{admin}/v1/status")).send().await
+        {
+            Ok(r) => r
+                .text()
+                .await
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok()),
+            Err(_) => None,
+        };
+        if status.as_ref().is_some_and(&done) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(AppError::Demo(format!(
-                "{region} never reported utilisation {utilization}"
-            )));
+            return Err(AppError::Demo(format!("{what} never happened")));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the server's status shows `region` at `utilization` (its
+/// metrics were scraped and a snapshot built with them).
+async fn wait_utilization(
+    admin: SocketAddr,
+    region: &str,
+    utilization: f64,
+) -> Result<(), AppError> {
+    let at = |s: &Value| {
+        s["regions"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == region))
+            .and_then(|r| r["utilization"].as_f64())
+            .is_some_and(|u| (u - utilization).abs() < 1e-6)
+    };
+    wait_status(admin, at, &format!("{region} at utilisation {utilization}")).await
 }
 
 /// Applies `fault` at a random moment within one probe interval and
