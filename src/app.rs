@@ -533,7 +533,7 @@ async fn load_geo(config: &Config, metrics: &Metrics) -> Result<Option<Arc<GeoDb
     let label = if loaded.is_ok() { "success" } else { "failure" };
     metrics.geoip_loads.with_label_values(&[label]).inc();
     let db = loaded?;
-    tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), "GeoIP database loaded.");
+    tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), memory_bytes = db.memory(), "GeoIP database loaded.");
     Ok(Some(Arc::new(db)))
 }
 
@@ -553,7 +553,7 @@ async fn reload_geo_file(
     match &loaded {
         Ok(Reloaded::New(db)) => {
             metrics.geoip_loads.with_label_values(&["success"]).inc();
-            tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), "GeoIP database loaded.");
+            tracing::info!(path = %db.path.display(), database_type = %db.database_type, build_epoch = db.build_epoch, places = db.places(), memory_bytes = db.memory(), "GeoIP database loaded.");
         }
         Ok(Reloaded::Same(_)) => {
             tracing::info!(path = %in_use.path.display(), "GeoIP database file replaced by the same bytes; the database in use stays, not checked again.");

@@ -7,7 +7,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -78,9 +77,12 @@ pub enum GeoError {
 /// never used before it is checked; a lookup that ends on a record the
 /// walk did not see (impossible for a checked tree) is an unknown location.
 pub struct GeoDb {
-    reader: maxminddb::Reader<Bytes>,
-    /// The same bytes as the reader's (which keeps its own private).
-    bytes: Bytes,
+    /// The search tree alone: the data section is decoded into `places`
+    /// at load and not kept (a GeoLite2-City's is most of its 60-odd MB).
+    tree: tree::Tree,
+    /// The file's length and a digest of its bytes, to tell a file with
+    /// the same bytes from a changed one without keeping them.
+    digest: (usize, u64),
     places: Places,
     pub path: PathBuf,
     /// The file it was read from (device, inode, size, times), to tell a
@@ -88,17 +90,6 @@ pub struct GeoDb {
     pub file: Option<FileKey>,
     pub database_type: String,
     pub build_epoch: u64,
-}
-
-/// The bytes of a database, shared so that a reload can compare a new
-/// file with the one in use without copying either.
-#[derive(Clone)]
-struct Bytes(Arc<Vec<u8>>);
-
-impl AsRef<[u8]> for Bytes {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
 }
 
 impl std::fmt::Debug for GeoDb {
@@ -169,16 +160,11 @@ impl GeoDb {
         let (bytes, file) = read(path)?;
         if let (Some(current), Some(file)) = (current, file)
             && current.path == path
-            && current.reader_bytes() == bytes.as_slice()
+            && current.digest == digest(&bytes)
         {
             return Ok(Reloaded::Same(file));
         }
         Self::from_bytes(bytes, path, file).map(|db| Reloaded::New(Box::new(db)))
-    }
-
-    fn reader_bytes(&self) -> &[u8] {
-        // The reader's source is the `Bytes` it was made from.
-        self.bytes.0.as_slice()
     }
 
     pub fn from_bytes(
@@ -191,8 +177,7 @@ impl GeoDb {
             source,
         };
         let refuse = |why: String| invalid(maxminddb::MaxMindDbError::invalid_database(why));
-        let bytes = Bytes(Arc::new(bytes));
-        let reader = maxminddb::Reader::from_source(bytes.clone()).map_err(invalid)?;
+        let reader = maxminddb::Reader::from_source(bytes.as_slice()).map_err(invalid)?;
         let metadata = reader.metadata();
         if metadata.database_type.is_empty() || metadata.description.is_empty() {
             return Err(refuse(
@@ -208,11 +193,17 @@ impl GeoDb {
         )
         .map_err(refuse)?;
         let places = Places::decode(&reader, &leaves).map_err(invalid)?;
+        let tree = tree::Tree::of(
+            &bytes,
+            metadata.node_count as usize,
+            metadata.record_size,
+            metadata.ip_version,
+        );
         Ok(GeoDb {
             database_type: metadata.database_type.clone(),
             build_epoch: metadata.build_epoch,
-            bytes,
-            reader,
+            tree,
+            digest: digest(&bytes),
             places,
             path: path.to_path_buf(),
             file,
@@ -227,10 +218,8 @@ impl GeoDb {
     /// Looks `ip` up. `None` when the database cannot say anything (an IPv6
     /// address in an IPv4-only database, a lookup error).
     pub fn lookup(&self, ip: IpAddr) -> Option<GeoRecord> {
-        let ip = ip.to_canonical();
-        let result = self.reader.lookup(ip).ok()?;
-        let prefix = result.network().ok()?.prefix();
-        let place = match result.offset() {
+        let (offset, prefix) = self.tree.lookup(ip.to_canonical())?;
+        let place = match offset {
             None => GeoRecord::default(),
             // Every record a lookup can end on is in the table (checked at
             // load); one that is not is an unknown location, never a guess.
@@ -239,16 +228,39 @@ impl GeoDb {
         Some(GeoRecord { prefix, ..place })
     }
 
-    /// Looks `ip` up by decoding its record, never from the table (tests).
-    #[cfg(test)]
-    fn lookup_decoding(&self, ip: IpAddr) -> Option<GeoRecord> {
-        let result = self.reader.lookup(ip.to_canonical()).ok()?;
-        let prefix = result.network().ok()?.prefix();
-        Some(GeoRecord {
-            prefix,
-            ..decode(&result)
-        })
+    /// Bytes the database holds in memory: its tree and table of places.
+    pub fn memory(&self) -> usize {
+        self.tree.size() + self.places.memory()
     }
+}
+
+/// Looks `ip` up in `reader` by decoding its record (what the table and
+/// the tree must agree with; tests).
+#[cfg(test)]
+fn lookup_decoding<S: AsRef<[u8]>>(reader: &maxminddb::Reader<S>, ip: IpAddr) -> Option<GeoRecord> {
+    let result = reader.lookup(ip.to_canonical()).ok()?;
+    let prefix = result.network().ok()?.prefix();
+    Some(GeoRecord {
+        prefix,
+        ..decode(&result)
+    })
+}
+
+/// The length and a 64-bit digest of `bytes`: a reload's "same file"
+/// check (a word at a time, some 60 MB in a few milliseconds). Not
+/// cryptographic: whoever can write the database file decides locations
+/// anyway.
+fn digest(bytes: &[u8]) -> (usize, u64) {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(29);
+    }
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    }
+    (bytes.len(), crate::fleet::mix(h, bytes.len() as u64))
 }
 
 /// The place a lookup's record gives (prefix 0: the caller's to set);
@@ -362,6 +374,12 @@ impl Places {
             table.slots[at] = i as u32 + 1;
         }
         Ok(table)
+    }
+
+    fn memory(&self) -> usize {
+        self.slots.len() * 4
+            + self.offsets.len() * std::mem::size_of::<usize>()
+            + self.places.len() * std::mem::size_of::<GeoRecord>()
     }
 
     fn slot(&self, offset: usize) -> usize {
@@ -492,14 +510,18 @@ mod tests {
     fn the_table_of_places_gives_what_decoding_gives_for_every_network() {
         let db = db();
         assert!(db.places() > 5);
-        let networks = db.reader.networks(Default::default()).unwrap();
+        let bytes =
+            std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("geoip/test-city.mmdb"))
+                .unwrap();
+        let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
+        let networks = reader.networks(Default::default()).unwrap();
         let mut checked = 0;
         for result in networks {
             let net = result.unwrap().network().unwrap();
             // The first and the last address of each network, and its aliases
             // (IPv4 through the mapped and 6to4 prefixes are the same records).
             for ip in [net.network(), net.broadcast()] {
-                assert_eq!(db.lookup(ip), db.lookup_decoding(ip), "{ip} in {net}");
+                assert_eq!(db.lookup(ip), lookup_decoding(&reader, ip), "{ip} in {net}");
                 checked += 1;
             }
         }
@@ -511,7 +533,7 @@ mod tests {
             "2001:db8:ff::1",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(db.lookup(ip), db.lookup_decoding(ip), "{ip}");
+            assert_eq!(db.lookup(ip), lookup_decoding(&reader, ip), "{ip}");
         }
         assert!(checked > 20, "{checked}");
     }
@@ -663,8 +685,25 @@ mod tests {
         for size in [RecordSize::Bits24, RecordSize::Bits28, RecordSize::Bits32] {
             for version in [IpVersion::V4, IpVersion::V6] {
                 let what = format!("{size:?} {version:?}");
-                let db = GeoDb::from_bytes(written(size, version, fr()), Path::new("t.mmdb"), None)
+                let bytes = written(size, version, fr());
+                let db = GeoDb::from_bytes(bytes.clone(), Path::new("t.mmdb"), None)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
+                // The tree alone finds what the reader over the whole file finds.
+                let reader = maxminddb::Reader::from_source(bytes.as_slice()).unwrap();
+                for ip in [
+                    "192.0.2.9",
+                    "198.51.100.1",
+                    "203.0.113.1",
+                    "0.0.0.0",
+                    "255.255.255.255",
+                    "2001:db8:1::5",
+                    "2001:db8:2::5",
+                    "::ffff:192.0.2.9",
+                    "::",
+                ] {
+                    let ip: IpAddr = ip.parse().unwrap();
+                    assert_eq!(db.lookup(ip), lookup_decoding(&reader, ip), "{what} {ip}");
+                }
                 assert_eq!(db.places(), 2, "{what}");
                 let de = db.lookup("192.0.2.9".parse().unwrap()).unwrap();
                 assert_eq!(

@@ -68,30 +68,7 @@ pub(super) fn walk(
     }
     let data_len = metadata_at - data_start;
     let tree = &bytes[..tree_end];
-    let read = |node: usize, side: usize| -> usize {
-        let at = node * node_bytes;
-        match record_size {
-            24 => {
-                let b = &tree[at + side * 3..at + side * 3 + 3];
-                usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2])
-            }
-            28 => {
-                let middle = usize::from(tree[at + 3]);
-                let high = if side == 0 {
-                    middle >> 4
-                } else {
-                    middle & 0x0f
-                };
-                // [left low 24][left high 4 | right high 4][right low 24]
-                let b = &tree[at + side * 4..at + side * 4 + 3];
-                high << 24 | usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2])
-            }
-            _ => {
-                let b = &tree[at + side * 4..at + side * 4 + 4];
-                u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
-            }
-        }
-    };
+    let read = |node: usize, side: usize| record(tree, record_size, node, side);
     let mut visited = vec![0u64; node_count.div_ceil(64)];
     let mut seen = vec![0u64; data_len.div_ceil(64)];
     let mut leaves = Vec::new();
@@ -135,6 +112,114 @@ pub(super) fn walk(
         }
     }
     Ok(leaves)
+}
+
+/// Record `side` (0 left, 1 right) of `node` in `tree`.
+fn record(tree: &[u8], record_size: u16, node: usize, side: usize) -> usize {
+    match record_size {
+        24 => {
+            let at = node * 6 + side * 3;
+            let b = &tree[at..at + 3];
+            usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2])
+        }
+        28 => {
+            let at = node * 7;
+            let middle = usize::from(tree[at + 3]);
+            let high = if side == 0 {
+                middle >> 4
+            } else {
+                middle & 0x0f
+            };
+            // [left low 24][left high 4 | right high 4][right low 24]
+            let b = &tree[at + side * 4..at + side * 4 + 3];
+            high << 24 | usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2])
+        }
+        _ => {
+            let at = node * 8 + side * 4;
+            let b = &tree[at..at + 4];
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+        }
+    }
+}
+
+/// The search tree of a checked database, kept without the data section
+/// (whose records are decoded once, into the table of places): lookups
+/// walk it as maxminddb's reader does and end on a data offset.
+pub(super) struct Tree {
+    nodes: Box<[u8]>,
+    node_count: usize,
+    record_size: u16,
+    ip_version: u16,
+    /// Where IPv4 addresses start in an IPv6 tree (96 zero bits down, or
+    /// the leaf met before), and how deep that is.
+    ipv4_start: usize,
+    ipv4_depth: u8,
+}
+
+impl Tree {
+    /// The tree of a database that [`walk`] checked.
+    pub(super) fn of(bytes: &[u8], node_count: usize, record_size: u16, ip_version: u16) -> Tree {
+        let node_bytes = usize::from(record_size) / 4;
+        let mut tree = Tree {
+            nodes: bytes[..node_count * node_bytes].into(),
+            node_count,
+            record_size,
+            ip_version,
+            ipv4_start: 0,
+            ipv4_depth: 0,
+        };
+        if ip_version == 6 {
+            let mut node = 0;
+            let mut depth = 0;
+            while depth < 96 && node < node_count {
+                node = tree.read(node, 0);
+                depth += 1;
+            }
+            (tree.ipv4_start, tree.ipv4_depth) = (node, depth);
+        }
+        tree
+    }
+
+    fn read(&self, node: usize, side: usize) -> usize {
+        record(&self.nodes, self.record_size, node, side)
+    }
+
+    /// Bytes held.
+    pub(super) fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Looks `ip` up: the data offset of its record (`None`: no record)
+    /// and the prefix length of its network, as maxminddb's
+    /// `Reader::lookup` and `LookupResult::network` give them (an IPv4
+    /// address in an IPv6 tree counts from the IPv4 subtree). `None` for
+    /// an IPv6 address in an IPv4 database.
+    pub(super) fn lookup(&self, ip: IpAddr) -> Option<(Option<usize>, u8)> {
+        let (start, bits, len) = match ip {
+            IpAddr::V4(v4) => (self.ipv4_start, u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(_) if self.ip_version == 4 => return None,
+            IpAddr::V6(v6) => (0, u128::from(v6), 128),
+        };
+        let mut node = start;
+        let mut depth: u8 = len;
+        for i in 0..len {
+            if node >= self.node_count {
+                depth = i;
+                break;
+            }
+            node = self.read(node, ((bits >> (127 - u32::from(i))) & 1) as usize);
+        }
+        // An IPv6 tree without an IPv4 subtree (a leaf above it): the
+        // network is the IPv6 one met on the way down.
+        let prefix = match ip {
+            IpAddr::V4(_) if self.ip_version == 6 && self.ipv4_start >= self.node_count => {
+                self.ipv4_depth + depth
+            }
+            _ => depth,
+        };
+        let offset = (node > self.node_count).then(|| node - self.node_count - SEPARATOR);
+        Some((offset, prefix))
+    }
 }
 
 /// Where the metadata marker starts (the last one, within the format's
