@@ -23,7 +23,7 @@ DB=${DB:-${TMPDIR:-/tmp}/inferdns-large-city.mmdb}
 PORT=${PORT:-18600}
 DNS=${DNS:-15356}
 ADMIN=${ADMIN:-18697}
-BIN=target/release/inferdns
+BIN=${BIN:-target/release/inferdns}
 SCALE=target/release/examples/scale
 cargo build --release --bin inferdns --example scale --example geoip-table 2>/dev/null
 [ -f "$DB" ] || cargo run --release --example geoip-table >/dev/null

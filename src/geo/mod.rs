@@ -193,17 +193,19 @@ impl GeoDb {
         )
         .map_err(refuse)?;
         let places = Places::decode(&reader, &leaves).map_err(invalid)?;
-        let tree = tree::Tree::of(
-            &bytes,
+        let (database_type, build_epoch) = (metadata.database_type.clone(), metadata.build_epoch);
+        let (nodes, record_size, ip_version) = (
             metadata.node_count as usize,
             metadata.record_size,
             metadata.ip_version,
         );
+        drop(reader);
+        let digest = digest(&bytes);
         Ok(GeoDb {
-            database_type: metadata.database_type.clone(),
-            build_epoch: metadata.build_epoch,
-            tree,
-            digest: digest(&bytes),
+            database_type,
+            build_epoch,
+            tree: tree::Tree::of(bytes, nodes, record_size, ip_version),
+            digest,
             places,
             path: path.to_path_buf(),
             file,

@@ -158,10 +158,18 @@ pub(super) struct Tree {
 
 impl Tree {
     /// The tree of a database that [`walk`] checked.
-    pub(super) fn of(bytes: &[u8], node_count: usize, record_size: u16, ip_version: u16) -> Tree {
+    /// The file's bytes are cut down to the tree in place (no copy of it
+    /// next to the whole file).
+    pub(super) fn of(
+        mut bytes: Vec<u8>,
+        node_count: usize,
+        record_size: u16,
+        ip_version: u16,
+    ) -> Tree {
         let node_bytes = usize::from(record_size) / 4;
+        bytes.truncate(node_count * node_bytes);
         let mut tree = Tree {
-            nodes: bytes[..node_count * node_bytes].into(),
+            nodes: bytes.into_boxed_slice(),
             node_count,
             record_size,
             ip_version,
