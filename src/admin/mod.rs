@@ -121,20 +121,39 @@ fn age_s(snap: &Snapshot) -> f64 {
         .as_secs_f64()
 }
 
+/// Sends the publisher the message `make` builds around a reply channel
+/// and waits for the reply; a 503 when the server is shutting down.
+async fn ask<T>(
+    state: &AdminState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+) -> Result<T, Response> {
+    let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    let (done, result) = oneshot::channel();
+    if state.control.publisher.send(make(done)).await.is_err() {
+        return Err(gone());
+    }
+    result.await.map_err(|_| gone())
+}
+
+/// A publisher's reply to a change: the generation that serves it as JSON
+/// (`fields` besides it), or a 404 with the reason it was refused.
+fn changed(reply: Result<Result<u64, String>, Response>, fields: serde_json::Value) -> Response {
+    match reply {
+        Ok(Ok(generation)) => {
+            let mut body = fields;
+            body["generation"] = json!(generation);
+            Json(body).into_response()
+        }
+        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
+        Err(response) => response,
+    }
+}
+
 /// This edge's own observations, for its fleet peers.
 async fn observations(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
-    let (done, result) = oneshot::channel();
-    if state
-        .control
-        .publisher
-        .send(Msg::Observe(done))
-        .await
-        .is_err()
-    {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
-    let Ok(obs) = result.await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    let obs = match ask(&state, Msg::Observe).await {
+        Ok(obs) => obs,
+        Err(response) => return response,
     };
     let json = match serde_json::to_vec(&obs) {
         Ok(json) => json,
@@ -155,9 +174,7 @@ async fn observations(State(state): State<AdminState>, headers: axum::http::Head
 
 /// The fleet as the publisher sees it now (`None` without peers).
 async fn fleet_view(state: &AdminState) -> Option<crate::fleet::FleetView> {
-    let (done, result) = oneshot::channel();
-    state.control.publisher.send(Msg::Fleet(done)).await.ok()?;
-    result.await.ok().flatten()
+    ask(state, Msg::Fleet).await.ok().flatten()
 }
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
@@ -210,45 +227,25 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn set_drain(state: AdminState, region: String, drained: bool) -> Response {
-    let (done, result) = oneshot::channel();
-    let msg = Msg::Drain {
+    let reply = ask(&state, |done| Msg::Drain {
         region: region.clone(),
         drained,
         done,
-    };
-    if state.control.publisher.send(msg).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
-    match result.await {
-        Ok(Ok(generation)) => {
-            Json(json!({ "region": region, "drained": drained, "generation": generation }))
-                .into_response()
-        }
-        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-    }
+    })
+    .await;
+    changed(reply, json!({ "region": region, "drained": drained }))
 }
 
 /// Promotes or rolls back a service's canary (kept across reloads).
 async fn set_rollout(state: AdminState, service: String, promote: bool) -> Response {
-    let (done, result) = oneshot::channel();
-    let msg = Msg::Rollout {
+    let reply = ask(&state, |done| Msg::Rollout {
         service: service.clone(),
         promote,
         done,
-    };
-    if state.control.publisher.send(msg).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
+    })
+    .await;
     let phase = if promote { "promoted" } else { "rolled-back" };
-    match result.await {
-        Ok(Ok(generation)) => {
-            Json(json!({ "service": service, "phase": phase, "generation": generation }))
-                .into_response()
-        }
-        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-    }
+    changed(reply, json!({ "service": service, "phase": phase }))
 }
 
 async fn promote(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
@@ -291,23 +288,13 @@ async fn push_capacity(
         )
             .into_response();
     }
-    let (done, result) = oneshot::channel();
-    let msg = Msg::Capacity {
+    let reply = ask(&state, |done| Msg::Capacity {
         region: id.clone(),
         report,
         done,
-    };
-    if state.control.publisher.send(msg).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
-    match result.await {
-        Ok(Ok(generation)) => {
-            Json(json!({ "region": id, "accepted": true, "generation": generation }))
-                .into_response()
-        }
-        Ok(Err(reason)) => error(StatusCode::NOT_FOUND, reason),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-    }
+    })
+    .await;
+    changed(reply, json!({ "region": id, "accepted": true }))
 }
 
 async fn reload(State(state): State<AdminState>) -> Response {
