@@ -98,7 +98,7 @@ echo "(snapshot generation $G2 -> $G3)"
 C3=$(cpu_ticks "$DAEMON")
 # Latency moves republish about once a second in steady state: the
 # death's own snapshots are what the 10 s took beyond that rate.
-BASE=$(echo "scale=1; 10 * ($G1 - G0) / ($T1 - $T0)" | bc)
+BASE=$(echo "scale=1; 10 * ($G1 - $G0) / ($T1 - $T0)" | bc)
 echo "$((REGIONS / 10)) regions died together: $((G3 - G2)) snapshots in the next 10 s," \
   "where steady state publishes $BASE in 10 s" \
   "(daemon CPU $(echo "scale=2; ($C3 - $C2) / $TICK" | bc) s in those 10 s)"

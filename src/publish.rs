@@ -1117,16 +1117,11 @@ impl Publisher {
                 // The gauges move only when their value does (10,000
                 // services would otherwise cost a label lookup each, per build).
                 if old != Some(w) {
-                    self.metrics
-                        .region_weight
-                        .with_label_values(&[s.id.as_str(), region.id.as_str()])
-                        .set(w);
+                    self.metrics.set_region_weight(&s.id, &region.id, w);
                 }
                 if old.is_none() || level != before {
                     self.metrics
-                        .region_shed_level
-                        .with_label_values(&[s.id.as_str(), region.id.as_str()])
-                        .set(level as i64);
+                        .set_region_shed_level(&s.id, &region.id, level as i64);
                 }
                 let old = old.unwrap_or(w);
                 moving |= (w - old).abs() > 0.25 * old.max(1e-9) || level >= Level::Prepare;

@@ -16,6 +16,7 @@ use hickory_proto::rr::Record;
 use inferdns::capacity::Level;
 use inferdns::config::{self, Config};
 use inferdns::health::Status;
+use inferdns::metrics::Counter;
 use inferdns::model::{
     ClassAnswer, Counters, EndpointIndex, EndpointInput, RegionInputs, RegionLoad, service_answer,
 };
@@ -457,38 +458,43 @@ fn seeded(config: &Config, seed: u64) -> Scenario {
     s
 }
 
-/// Counters that say which series an answer would count in.
+/// Counters that say which series an answer would count in: each counter
+/// handed out is remembered with its series' name.
+static NAMED: std::sync::Mutex<Vec<(String, Counter)>> = std::sync::Mutex::new(Vec::new());
+
 struct Named;
 
+impl Named {
+    fn named(name: String) -> Option<Counter> {
+        let counter = Counter::default();
+        NAMED.lock().unwrap().push((name, counter.clone()));
+        Some(counter)
+    }
+}
+
 impl Counters for Named {
-    fn answer(&self, service: &str, region: &str) -> Option<prometheus::IntCounter> {
-        let opts = prometheus::Opts::new("answers", "test")
-            .const_label("service", service)
-            .const_label("region", region);
-        Some(prometheus::IntCounter::with_opts(opts).expect("a counter"))
+    fn answer(&self, service: &str, region: &str) -> Option<Counter> {
+        Named::named(format!("answers{{region={region},service={service}}}"))
     }
-    fn refusal(&self, service: &str) -> Option<prometheus::IntCounter> {
-        let opts = prometheus::Opts::new("refusals", "test").const_label("service", service);
-        Some(prometheus::IntCounter::with_opts(opts).expect("a counter"))
+    fn refusal(&self, service: &str) -> Option<Counter> {
+        Named::named(format!("refusals{{service={service}}}"))
     }
 }
 
-fn counter(c: &prometheus::IntCounter) -> String {
-    use prometheus::core::Collector as _;
-    let desc = c.desc()[0];
-    let labels: Vec<String> = desc
-        .const_label_pairs
+fn counter(c: &Counter) -> String {
+    let named = NAMED.lock().unwrap();
+    let (name, _) = named
         .iter()
-        .map(|l| format!("{}={}", l.name(), l.value()))
-        .collect();
-    format!("{}{{{}}}", desc.fq_name, labels.join(","))
+        .find(|(_, known)| known.same(c))
+        .expect("every counter was handed out by Named");
+    name.clone()
 }
 
-fn counters(cs: &[prometheus::IntCounter]) -> String {
+fn counters(cs: &[Counter]) -> String {
     cs.iter().map(counter).collect::<Vec<_>>().join(" ")
 }
 
-fn opt_counters(cs: &[Option<prometheus::IntCounter>]) -> String {
+fn opt_counters(cs: &[Option<Counter>]) -> String {
     cs.iter()
         .map(|c| c.as_ref().map_or("-".to_string(), counter))
         .collect::<Vec<_>>()

@@ -41,9 +41,9 @@ pub struct Answer<'a> {
     /// location-dependent answer; `None` when the answer does not depend on it.
     pub scope: Option<u8>,
     /// Answer counters of the regions in the answer.
-    pub answered: Vec<&'a prometheus::IntCounter>,
+    pub answered: Vec<&'a crate::metrics::Counter>,
     /// Residency left this client nothing (for the refusal counter).
-    pub refused: Option<&'a prometheus::IntCounter>,
+    pub refused: Option<&'a crate::metrics::Counter>,
 }
 
 impl<'a> Answer<'a> {
@@ -711,7 +711,7 @@ pub(super) fn subnet_key(client: &Client) -> u64 {
 fn draw<'a>(
     out: &mut Answer<'a>,
     entries: &'a [(Record, f64, u64)],
-    counters: &'a [Option<prometheus::IntCounter>],
+    counters: &'a [Option<crate::metrics::Counter>],
     k: usize,
     key: u64,
 ) {

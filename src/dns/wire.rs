@@ -368,12 +368,12 @@ struct Pick<'a> {
 enum Counted<'a> {
     None,
     /// The class's `answered`.
-    Class(&'a [prometheus::IntCounter]),
+    Class(&'a [crate::metrics::Counter]),
     /// The chosen candidates' (bit j: candidate j).
     Candidates(&'a [Candidate], u64),
     /// The drawn entries' (indexes, how many).
     Drawn(
-        &'a [Option<prometheus::IntCounter>],
+        &'a [Option<crate::metrics::Counter>],
         [usize; MAX_DRAWN],
         usize,
     ),
@@ -566,7 +566,7 @@ impl<'a> Asked<'a, '_> {
             .count(service, self.qtype, ResponseCode::from_low(body.rcode));
         match counters {
             Counted::None => {}
-            Counted::Class(list) => list.iter().for_each(prometheus::IntCounter::inc),
+            Counted::Class(list) => list.iter().for_each(crate::metrics::Counter::inc),
             Counted::Candidates(candidates, mask) => {
                 for (j, c) in candidates.iter().enumerate() {
                     if mask & (1 << j) != 0

@@ -183,8 +183,8 @@ pub struct Drawn {
     pub records: usize,
     pub sticky: bool,
     /// `inferdns_dns_answers_total` of the region of each entry, by family.
-    pub a_counters: Vec<Option<prometheus::IntCounter>>,
-    pub aaaa_counters: Vec<Option<prometheus::IntCounter>>,
+    pub a_counters: Vec<Option<crate::metrics::Counter>>,
+    pub aaaa_counters: Vec<Option<crate::metrics::Counter>>,
 }
 
 /// A stable key of an address for rendezvous hashing.
@@ -291,7 +291,7 @@ pub struct Candidate {
     /// Shares of `a` / `aaaa` (slow start, degraded); empty when all are full.
     pub a_weights: Vec<f64>,
     pub aaaa_weights: Vec<f64>,
-    pub answered: Option<prometheus::IntCounter>,
+    pub answered: Option<crate::metrics::Counter>,
 }
 
 /// The answer for one residency class (or the only one).
@@ -309,7 +309,7 @@ pub struct ClassAnswer {
     /// Residency left nothing to answer.
     pub refused: bool,
     /// `inferdns_dns_answers_total{service, region}` of the regions answered.
-    pub answered: Vec<prometheus::IntCounter>,
+    pub answered: Vec<crate::metrics::Counter>,
     /// Proximity: the fit regions of the winning tier (two or more).
     pub candidates: Vec<Candidate>,
     /// Capacity: endpoints drawn per query by weight.
@@ -319,7 +319,7 @@ pub struct ClassAnswer {
     pub spill: f64,
     pub spill_a: Vec<Record>,
     pub spill_aaaa: Vec<Record>,
-    pub spill_answered: Vec<prometheus::IntCounter>,
+    pub spill_answered: Vec<crate::metrics::Counter>,
     /// Lines of the `_explain` TXT answer (without the client lines).
     pub explain: Vec<String>,
 }
@@ -389,7 +389,7 @@ pub struct ServiceAnswer {
     /// Proximity band in ms, when the strategy is proximity.
     pub tolerance_ms: Option<f64>,
     /// `inferdns_residency_refusals_total{service}`.
-    pub refusals: Option<prometheus::IntCounter>,
+    pub refusals: Option<crate::metrics::Counter>,
     /// A rollout's canary: the share of client subnets it answers and its
     /// answer (the rest get this one, the stable version's).
     pub canary: Option<(f64, std::sync::Arc<ServiceAnswer>)>,
@@ -433,15 +433,15 @@ pub struct ServiceView {
 
 /// Metric handles a service answer carries; none in tests and benchmarks.
 pub trait Counters {
-    fn answer(&self, service: &str, region: &str) -> Option<prometheus::IntCounter>;
-    fn refusal(&self, service: &str) -> Option<prometheus::IntCounter>;
+    fn answer(&self, service: &str, region: &str) -> Option<crate::metrics::Counter>;
+    fn refusal(&self, service: &str) -> Option<crate::metrics::Counter>;
 }
 
 impl Counters for () {
-    fn answer(&self, _: &str, _: &str) -> Option<prometheus::IntCounter> {
+    fn answer(&self, _: &str, _: &str) -> Option<crate::metrics::Counter> {
         None
     }
-    fn refusal(&self, _: &str) -> Option<prometheus::IntCounter> {
+    fn refusal(&self, _: &str) -> Option<crate::metrics::Counter> {
         None
     }
 }

@@ -156,10 +156,7 @@ impl Publisher {
                             "Service no longer answers from last known good."
                         );
                     }
-                    self.metrics
-                        .last_known_good
-                        .with_label_values(&[view.id.as_str()])
-                        .set(0);
+                    self.metrics.set_last_known_good(&view.id, false);
                 }
                 continue;
             };
@@ -174,14 +171,8 @@ impl Publisher {
                     service = %view.id, answer = %view.answer.join(" "), hold_left_ms, then,
                     "Nothing fit: every endpoint that was fit went unfit together; answering the last known good ones for the hold."
                 );
-                self.metrics
-                    .last_known_good
-                    .with_label_values(&[view.id.as_str()])
-                    .set(1);
-                self.metrics
-                    .last_known_good_holds
-                    .with_label_values(&[view.id.as_str()])
-                    .inc();
+                self.metrics.set_last_known_good(&view.id, true);
+                self.metrics.count_last_known_good_hold(&view.id);
             }
         }
         if incremental {
@@ -197,10 +188,7 @@ impl Publisher {
             .collect();
         for id in gone {
             self.holding.remove(&id);
-            let _ = self
-                .metrics
-                .last_known_good
-                .remove_label_values(&[id.as_str()]);
+            self.metrics.forget_last_known_good(&id);
         }
     }
 }

@@ -306,7 +306,7 @@ impl<'a> Cx<'a> {
     }
 
     /// `inferdns_dns_answers_total` of this service in region `r`.
-    pub fn answered(&self, r: usize) -> Option<prometheus::IntCounter> {
+    pub fn answered(&self, r: usize) -> Option<crate::metrics::Counter> {
         self.counters
             .answer(&self.service.id, &self.config.regions[r].id)
     }

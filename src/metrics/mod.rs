@@ -6,9 +6,8 @@
 //! increments counters whose handles were resolved when the snapshot was
 //! built, so it takes no lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
@@ -16,6 +15,11 @@ use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+mod services;
+
+pub use services::Counter;
+use services::ServiceSeries;
 
 use crate::health::Layer;
 use crate::model::Decision;
@@ -45,19 +49,13 @@ const RCODE_LABELS: usize = RCODES.len() + 1;
 const QUERY_CELLS: usize = QTYPE_LABELS * RCODE_LABELS;
 
 /// One service's query counts, a cell per (qtype, rcode). The query path
-/// adds to a cell (one relaxed atomic add); a scrape moves what the cells
-/// gained into `inferdns_dns_queries_total`, creating a series with its
-/// first query. (Creating all 48 series of every service up front cost
-/// 480,000 series, ~400 MB and a 40 MB scrape, at 10,000 services.)
+/// adds to a cell (one relaxed atomic add); a scrape writes a series for
+/// each cell that counted a query. (Creating all 48 series of every
+/// service up front cost 480,000 series, ~400 MB and a 40 MB scrape, at
+/// 10,000 services.)
 #[derive(Debug)]
-struct QueryRow {
+pub struct QueryRow {
     cells: [AtomicU64; QUERY_CELLS],
-}
-
-/// A row and how much of each cell the exported counters already hold.
-struct ExportedRow {
-    row: Arc<QueryRow>,
-    exported: [u64; QUERY_CELLS],
 }
 
 /// The `qtype` and `rcode` labels of cell `i` of a row.
@@ -126,14 +124,13 @@ pub fn layer_label(layer: Layer) -> &'static str {
 
 pub struct Metrics {
     registry: Registry,
-    queries: IntCounterVec,
-    /// Query count rows by service id (kept across reloads, as the series are).
-    query_rows: Mutex<HashMap<String, ExportedRow>>,
+    /// The per-service families (queries, answers, decisions, ...), written
+    /// out at scrape.
+    services: ServiceSeries,
     malformed: IntCounterVec,
     ignored: IntCounter,
     rate_limited: IntCounterVec,
     tcp_refused: IntCounter,
-    answers: IntCounterVec,
     pub endpoint_up: IntGaugeVec,
     pub probes: IntCounterVec,
     pub probe_seconds: HistogramVec,
@@ -142,13 +139,8 @@ pub struct Metrics {
     pub snapshot_age_seconds: prometheus::Gauge,
     pub reloads: IntCounterVec,
     pub region_drained: IntGaugeVec,
-    residency_refusals: IntCounterVec,
     pub geoip_loads: IntCounterVec,
     pub region_utilization: prometheus::GaugeVec,
-    pub region_weight: prometheus::GaugeVec,
-    /// How hard load sheds a region for a service: 0 normal, 1 prepare,
-    /// 2 reduce, 3 removed.
-    pub region_shed_level: IntGaugeVec,
     pub capacity_reports: IntCounterVec,
     /// Long-lived tasks that died (error or panic), by task.
     pub task_failures: IntCounterVec,
@@ -174,13 +166,6 @@ pub struct Metrics {
     /// Fleet: 1 while too few vantage points are fresh for the quorum and
     /// this edge decides from its own view.
     pub fleet_local_fallback: IntGauge,
-    /// 1 while a service answers its last known good endpoints, by service.
-    pub last_known_good: IntGaugeVec,
-    /// Times a service began answering its last known good endpoints.
-    pub last_known_good_holds: IntCounterVec,
-    /// `inferdns_service_decision` and `inferdns_service_tier`; set when a
-    /// snapshot is built.
-    decisions: Arc<DecisionGauges>,
     /// When the config in force was loaded (start or reload).
     pub config_loaded: Gauge,
 }
@@ -205,17 +190,6 @@ pub const TASKS: [&str; 6] = [
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new();
-        let queries = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "inferdns_dns_queries_total",
-                    "DNS queries answered, by service, query type and response code.",
-                ),
-                &["service", "qtype", "rcode"],
-            )
-            .expect("valid metric"),
-        );
         let malformed = register(
             &r,
             IntCounterVec::new(
@@ -257,17 +231,6 @@ impl Metrics {
             IntCounter::new(
                 "inferdns_dns_tcp_refused_total",
                 "DNS-over-TCP connections closed at once: over the cap in all or per address.",
-            )
-            .expect("valid metric"),
-        );
-        let answers = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "inferdns_dns_answers_total",
-                    "Service answers that carried a region's endpoints.",
-                ),
-                &["service", "region"],
             )
             .expect("valid metric"),
         );
@@ -353,17 +316,6 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let residency_refusals = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "inferdns_residency_refusals_total",
-                    "Queries answered NODATA because nothing the client may be sent to was fit.",
-                ),
-                &["service"],
-            )
-            .expect("valid metric"),
-        );
         let geoip_loads = register(
             &r,
             IntCounterVec::new(
@@ -386,28 +338,6 @@ impl Metrics {
                     "Region utilisation 0..1 (worst of KV cache, queue, GPU); absent while unknown.",
                 ),
                 &["region"],
-            )
-            .expect("valid metric"),
-        );
-        let region_weight = register(
-            &r,
-            prometheus::GaugeVec::new(
-                Opts::new(
-                    "inferdns_region_weight",
-                    "Capacity weight of a region for a service (headroom x size x base).",
-                ),
-                &["service", "region"],
-            )
-            .expect("valid metric"),
-        );
-        let region_shed_level = register(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "inferdns_region_shed_level",
-                    "How hard load sheds a region for a service: 0 normal, 1 prepare (short TTL), 2 reduce (weight cut), 3 removed from answers.",
-                ),
-                &["service", "region"],
             )
             .expect("valid metric"),
         );
@@ -538,31 +468,6 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let last_known_good = register(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "inferdns_last_known_good",
-                    "1 while a service, with nothing fit, answers the endpoints that were fit last (for its hold).",
-                ),
-                &["service"],
-            )
-            .expect("valid metric"),
-        );
-        let last_known_good_holds = register(
-            &r,
-            IntCounterVec::new(
-                Opts::new(
-                    "inferdns_last_known_good_holds_total",
-                    "Times a service began answering its last known good endpoints.",
-                ),
-                &["service"],
-            )
-            .expect("valid metric"),
-        );
-        let decisions = Arc::new(DecisionGauges::new());
-        r.register(Box::new(DecisionGauges::collector(&decisions)))
-            .expect("metric names are unique and valid");
         let config_loaded = register(
             &r,
             Gauge::new(
@@ -594,13 +499,11 @@ impl Metrics {
         }
         Arc::new(Metrics {
             registry: r,
-            queries,
-            query_rows: Mutex::new(HashMap::new()),
+            services: ServiceSeries::default(),
             malformed,
             ignored,
             rate_limited,
             tcp_refused,
-            answers,
             endpoint_up,
             probes,
             probe_seconds,
@@ -609,11 +512,8 @@ impl Metrics {
             snapshot_age_seconds,
             reloads,
             region_drained,
-            residency_refusals,
             geoip_loads,
             region_utilization,
-            region_weight,
-            region_shed_level,
             capacity_reports,
             task_failures,
             probe_layers_silent,
@@ -626,9 +526,6 @@ impl Metrics {
             fleet_pull_bytes,
             fleet_vantage_points,
             fleet_local_fallback,
-            last_known_good,
-            last_known_good_holds,
-            decisions,
             config_loaded,
         })
     }
@@ -637,23 +534,9 @@ impl Metrics {
     /// order. A service's `A`/`NOERROR` series exists from the start (at 0);
     /// the others appear with their first query.
     pub fn query_table(&self, services: &[String]) -> QueryTable {
-        let mut rows = self.query_rows.lock().expect("query rows lock poisoned");
         let cells = std::iter::once(NO_SERVICE)
             .chain(services.iter().map(String::as_str))
-            .map(|service| {
-                let exported = rows.entry(service.to_string()).or_insert_with(|| {
-                    self.queries
-                        .with_label_values(&[service, "A", "NOERROR"])
-                        .inc_by(0);
-                    ExportedRow {
-                        row: Arc::new(QueryRow {
-                            cells: std::array::from_fn(|_| AtomicU64::new(0)),
-                        }),
-                        exported: [0; QUERY_CELLS],
-                    }
-                });
-                exported.row.clone()
-            })
+            .map(|service| self.services.queries(service))
             .collect();
         QueryTable {
             cells,
@@ -671,31 +554,55 @@ impl Metrics {
     }
 
     /// The counter of answers for `service` that carried `region`.
-    pub fn answer_counter(&self, service: &str, region: &str) -> IntCounter {
-        self.answers.with_label_values(&[service, region])
+    pub fn answer_counter(&self, service: &str, region: &str) -> Counter {
+        self.services.answers(service, region)
     }
 
     /// Sets the decision gauges of `service` (called by the publisher for
     /// each snapshot it builds).
     pub fn set_decision(&self, service: &str, decision: &Decision) {
-        // The series exists at 0 before the first hold.
-        self.last_known_good_holds
-            .with_label_values(&[service])
-            .inc_by(0);
         let tier = match decision {
             Decision::Tier { tier } | Decision::LastKnownGood { tier, .. } => {
                 Some(i64::try_from(*tier).unwrap_or(i64::MAX))
             }
             _ => None,
         };
-        self.decisions.set(service, decision_label(decision), tier);
+        let label = decision_label(decision);
+        let index = DECISIONS
+            .iter()
+            .position(|d| *d == label)
+            .expect("every decision label is in DECISIONS");
+        self.services.set_decision(service, index, tier);
     }
 
-    /// Drops the decision gauges of a service a reload removed.
+    /// `inferdns_last_known_good{service}`: 1 while it holds, else 0.
+    pub fn set_last_known_good(&self, service: &str, holding: bool) {
+        self.services.set_last_known_good(service, holding);
+    }
+
+    /// Counts one hold in `inferdns_last_known_good_holds_total{service}`.
+    pub fn count_last_known_good_hold(&self, service: &str) {
+        self.services.count_hold(service);
+    }
+
+    /// Drops `inferdns_last_known_good{service}`.
+    pub fn forget_last_known_good(&self, service: &str) {
+        self.services.forget_last_known_good(service);
+    }
+
+    /// `inferdns_region_weight{service,region}`.
+    pub fn set_region_weight(&self, service: &str, region: &str, weight: f64) {
+        self.services.set_region_weight(service, region, weight);
+    }
+
+    /// `inferdns_region_shed_level{service,region}`.
+    pub fn set_region_shed_level(&self, service: &str, region: &str, level: i64) {
+        self.services.set_region_shed_level(service, region, level);
+    }
+
+    /// Drops every series of a service a reload removed.
     pub fn forget_service(&self, service: &str) {
-        self.decisions.forget(service);
-        let _ = self.last_known_good.remove_label_values(&[service]);
-        let _ = self.last_known_good_holds.remove_label_values(&[service]);
+        self.services.forget(service);
     }
 
     /// Notes that a configuration was loaded and put in force now.
@@ -706,160 +613,26 @@ impl Metrics {
         self.config_loaded.set(now.as_secs_f64());
     }
 
-    /// Moves what the query count cells gained since the last scrape into
-    /// `inferdns_dns_queries_total`.
-    fn export_queries(&self) {
-        let mut rows = self.query_rows.lock().expect("query rows lock poisoned");
-        for (service, exported) in rows.iter_mut() {
-            for (i, cell) in exported.row.cells.iter().enumerate() {
-                let now = cell.load(Ordering::Relaxed);
-                if now > exported.exported[i] {
-                    let (qtype, rcode) = cell_labels(i);
-                    self.queries
-                        .with_label_values(&[service.as_str(), &qtype, rcode])
-                        .inc_by(now - exported.exported[i]);
-                    exported.exported[i] = now;
-                }
-            }
-        }
-    }
-
-    /// Everything in the Prometheus text format.
+    /// Everything in the Prometheus text format: the registry's families,
+    /// then the per-service ones written straight from their rows.
     pub fn encode(&self) -> String {
-        self.export_queries();
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
-        String::from_utf8(buf).expect("the text format is UTF-8")
+        let mut text = String::from_utf8(buf).expect("the text format is UTF-8");
+        self.services.encode(&mut text);
+        text
     }
 }
 
 impl crate::model::Counters for Metrics {
-    fn answer(&self, service: &str, region: &str) -> Option<IntCounter> {
+    fn answer(&self, service: &str, region: &str) -> Option<Counter> {
         Some(self.answer_counter(service, region))
     }
 
-    fn refusal(&self, service: &str) -> Option<IntCounter> {
-        Some(self.residency_refusals.with_label_values(&[service]))
-    }
-}
-
-/// `inferdns_service_decision` (every [`DECISIONS`] label per service, 1
-/// for the current one) and `inferdns_service_tier`, written out at scrape
-/// from one small row per service. As gauge vectors they were nine series
-/// objects per service, kept for good: about 50 MB at 10,000 services.
-struct DecisionGauges {
-    descs: [prometheus::core::Desc; 2],
-    /// By service: the index of its decision in [`DECISIONS`] and its tier.
-    rows: Mutex<BTreeMap<String, (usize, Option<i64>)>>,
-}
-
-/// The registered side of a shared [`DecisionGauges`].
-struct DecisionCollector(Arc<DecisionGauges>);
-
-impl DecisionGauges {
-    fn new() -> Self {
-        let desc = |name: &str, help: &str, labels: &[&str]| {
-            prometheus::core::Desc::new(
-                name.to_string(),
-                help.to_string(),
-                labels.iter().map(|l| l.to_string()).collect(),
-                HashMap::new(),
-            )
-            .expect("valid metric")
-        };
-        DecisionGauges {
-            descs: [
-                desc(
-                    "inferdns_service_decision",
-                    "1 for the decision the service's answer follows (tier, last_known_good, fail_open, nodata, servfail, unprobed, residency_nodata, fallback), 0 for the others.",
-                    &["service", "decision"],
-                ),
-                desc(
-                    "inferdns_service_tier",
-                    "The tier (0 = best) a service answers; absent while it answers no tier.",
-                    &["service"],
-                ),
-            ],
-            rows: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn collector(this: &Arc<Self>) -> DecisionCollector {
-        DecisionCollector(this.clone())
-    }
-
-    fn set(&self, service: &str, decision: &str, tier: Option<i64>) {
-        let index = DECISIONS
-            .iter()
-            .position(|d| *d == decision)
-            .expect("every decision label is in DECISIONS");
-        let mut rows = self.rows.lock().expect("decision rows lock poisoned");
-        match rows.get_mut(service) {
-            Some(row) => *row = (index, tier),
-            None => {
-                rows.insert(service.to_string(), (index, tier));
-            }
-        }
-    }
-
-    fn forget(&self, service: &str) {
-        self.rows
-            .lock()
-            .expect("decision rows lock poisoned")
-            .remove(service);
-    }
-}
-
-impl prometheus::core::Collector for DecisionCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.0.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
-        let label = |name: &str, value: &str| {
-            let mut pair = LabelPair::default();
-            pair.set_name(name.to_string());
-            pair.set_value(value.to_string());
-            pair
-        };
-        let gauge = |labels: Vec<LabelPair>, value: i64| {
-            let mut g = prometheus::proto::Gauge::default();
-            g.set_value(value as f64);
-            let mut m = Metric::from_label(labels);
-            m.set_gauge(g);
-            m
-        };
-        let rows = self.0.rows.lock().expect("decision rows lock poisoned");
-        let mut decision = Vec::with_capacity(rows.len() * DECISIONS.len());
-        let mut tier = Vec::new();
-        for (service, (current, t)) in rows.iter() {
-            for (i, d) in DECISIONS.iter().enumerate() {
-                let labels = vec![label("decision", d), label("service", service)];
-                decision.push(gauge(labels, i64::from(i == *current)));
-            }
-            if let Some(t) = t {
-                tier.push(gauge(vec![label("service", service)], *t));
-            }
-        }
-        drop(rows);
-        let family = |desc: &prometheus::core::Desc, metrics: Vec<Metric>| {
-            let mut f = MetricFamily::default();
-            f.set_name(desc.fq_name.clone());
-            f.set_help(desc.help.clone());
-            f.set_field_type(MetricType::GAUGE);
-            f.set_metric(metrics);
-            f
-        };
-        let mut out = Vec::new();
-        for (desc, metrics) in self.0.descs.iter().zip([decision, tier]) {
-            if !metrics.is_empty() {
-                out.push(family(desc, metrics));
-            }
-        }
-        out
+    fn refusal(&self, service: &str) -> Option<Counter> {
+        Some(self.services.refusals(service))
     }
 }
 
