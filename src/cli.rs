@@ -212,6 +212,7 @@ fn block_on(future: impl std::future::Future<Output = Result<(), AppError>>) -> 
     // thread (which runs the root future) works in the background too.
     crate::sched::remember();
     crate::sched::background();
+    crate::memory::tune();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(crate::sched::background)

@@ -37,6 +37,7 @@ pub mod fleet;
 pub mod geo;
 pub mod health;
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -342,8 +342,10 @@ async fn serve_request(
         Fault::Hung => return std::future::pending().await,
         Fault::Slow(delay) => tokio::time::sleep(delay).await,
         Fault::SlowDrip => {
+            // A length under the probes' body bound: a larger one is
+            // refused as soon as the head is read, and never drips.
             stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n")
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n")
                 .await?;
             loop {
                 stream.write_all(b" ").await?;

@@ -5,6 +5,7 @@
 //! result to the publisher. Must not build snapshots or touch DNS; the
 //! publisher owns the state machines and decides what answers change.
 
+mod http1;
 pub mod probe;
 pub mod state;
 

@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::http1;
 use crate::config::{ProbeKind, ProbeSpec, Scheme, Secret};
 
 /// User-Agent of every probe, so backends can tell probes from users.
@@ -246,43 +247,22 @@ enum Kept {
 }
 
 /// GETs of a plain-HTTP endpoint over one kept HTTP/1.1 connection that
-/// the probing task drives itself (hyper's connection API): no connection
-/// pool, no second task per connection, no request layers. Through
-/// reqwest, a probe was two tasks (the probe and the connection's) and two
-/// thread wake-ups, with pool checkout, redirect and retry wrappers on the
-/// way. Measured at 2,000 probes per second: 33 % of a core through
-/// reqwest, 26 % this way (README, "At scale"). HTTPS and the completion
-/// probe (a POST, always fresh) still go through reqwest.
+/// the probing task drives itself ([`super::http1`]): no connection pool,
+/// no second task per connection, no request layers, and nothing but the
+/// socket kept between probes. Through reqwest, a probe was two tasks (the
+/// probe and the connection's) and two thread wake-ups, with pool checkout,
+/// redirect and retry wrappers on the way; through hyper's connection API,
+/// an idle connection kept about 24 KiB of buffers. HTTPS and the
+/// completion probe (a POST, always fresh) still go through reqwest.
 struct Plain {
     addr: std::net::SocketAddr,
     /// The `Host` header: the configured host, else the address.
-    host: http::HeaderValue,
-    user_agent: http::HeaderValue,
-    authorization: Option<http::HeaderValue>,
+    host: String,
+    /// `Bearer <key>`.
+    authorization: Option<String>,
     /// The connection the last probe left open, taken while in use; a
     /// probe cancelled by its timeout drops it.
-    kept: Mutex<Option<Conn>>,
-}
-
-type Driver = hyper::client::conn::http1::Connection<
-    hyper_util::rt::TokioIo<tokio::net::TcpStream>,
-    http_body_util::Empty<bytes::Bytes>,
->;
-
-/// One HTTP/1.1 connection: what sends requests, and the future that
-/// reads and writes the socket (polled only while a probe runs).
-struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
-    driver: std::pin::Pin<Box<Driver>>,
-}
-
-/// How one exchange ended, and whether a fresh connection may try again.
-struct Failed {
-    error: ProbeError,
-    /// Nothing came back (the request could not be sent or the connection
-    /// closed before a response head): the kept connection's race, not an
-    /// answer.
-    retry: bool,
+    kept: Mutex<Option<tokio::net::TcpStream>>,
 }
 
 impl Plain {
@@ -293,52 +273,27 @@ impl Plain {
             None if port == 80 => bracket(spec.addr.ip()),
             None => format!("{}:{port}", bracket(spec.addr.ip())),
         };
-        Some(Self {
+        let plain = Self {
             addr: spec.addr,
-            host: http::HeaderValue::from_str(&host).ok()?,
-            user_agent: http::HeaderValue::from_static(USER_AGENT),
-            authorization: match &spec.api_key {
-                Some(key) => {
-                    let mut value =
-                        http::HeaderValue::from_str(&format!("Bearer {}", key.0)).ok()?;
-                    value.set_sensitive(true);
-                    Some(value)
-                }
-                None => None,
-            },
+            host,
+            authorization: spec.api_key.as_ref().map(|key| format!("Bearer {}", key.0)),
             kept: Mutex::new(None),
-        })
+        };
+        // A Host or key that cannot be a header value: reqwest says why.
+        plain.request("/").ok().map(|_| plain)
     }
 
-    fn request(
-        &self,
-        path: &str,
-    ) -> Result<http::Request<http_body_util::Empty<bytes::Bytes>>, ProbeError> {
-        let mut request = http::Request::get(path)
-            .body(http_body_util::Empty::new())
-            .map_err(|e| ProbeError::Transport(format!("bad request path {path:?}: {e}")))?;
-        let headers = request.headers_mut();
-        headers.insert(http::header::HOST, self.host.clone());
-        headers.insert(http::header::USER_AGENT, self.user_agent.clone());
-        if let Some(auth) = &self.authorization {
-            headers.insert(http::header::AUTHORIZATION, auth.clone());
-        }
-        Ok(request)
+    fn request(&self, path: &str) -> Result<http1::Get, ProbeError> {
+        http1::Get::new(path, &self.host, USER_AGENT, self.authorization.as_deref())
+            .map_err(ProbeError::Transport)
     }
 
-    async fn connect(&self) -> Result<Conn, ProbeError> {
+    async fn connect(&self) -> Result<tokio::net::TcpStream, ProbeError> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| classify_io(&e).unwrap_or_else(|| ProbeError::Transport(e.to_string())))?;
         let _ = stream.set_nodelay(true);
-        let (sender, driver) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| hyper_error(&e))?;
-        Ok(Conn {
-            sender,
-            driver: Box::pin(driver),
-        })
+        Ok(stream)
     }
 
     /// GETs `path`: on the kept connection (a failure before any answer is
@@ -349,6 +304,7 @@ impl Plain {
         fresh: bool,
         wanted: &(dyn Fn(u16) -> bool + Sync),
     ) -> Result<Vec<u8>, ProbeError> {
+        let request = self.request(path)?;
         let kept = match fresh {
             true => None,
             false => self
@@ -358,110 +314,33 @@ impl Plain {
                 .take(),
         };
         if let Some(conn) = kept {
-            match conn.exchange(self.request(path)?, wanted).await {
+            match http1::exchange(conn, &request, wanted).await {
                 (Ok(body), open) => {
                     self.keep(open);
                     return Ok(body);
                 }
-                (Err(Failed { retry: true, .. }), _) => {}
-                (Err(Failed { error, .. }), _) => return Err(error),
+                (Err(http1::Failed { retry: true, .. }), _) => {}
+                (Err(http1::Failed { error, .. }), _) => return Err(error),
             }
         }
         let conn = self.connect().await?;
-        match conn.exchange(self.request(path)?, wanted).await {
+        match http1::exchange(conn, &request, wanted).await {
             (Ok(body), open) => {
                 self.keep(open);
                 Ok(body)
             }
-            (Err(Failed { error, .. }), _) => Err(error),
+            (Err(http1::Failed { error, .. }), _) => Err(error),
         }
     }
 
-    fn keep(&self, conn: Option<Conn>) {
-        if let Some(conn) = conn.filter(|c| !c.sender.is_closed()) {
+    fn keep(&self, conn: Option<tokio::net::TcpStream>) {
+        if let Some(conn) = conn {
             *self
                 .kept
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
         }
     }
-}
-
-impl Conn {
-    /// One request and its whole answer (bounded), driving the connection
-    /// meanwhile. The body is read only for a status `wanted` accepts.
-    /// Gives the connection back when it can carry the next request.
-    async fn exchange(
-        self,
-        request: http::Request<http_body_util::Empty<bytes::Bytes>>,
-        wanted: &(dyn Fn(u16) -> bool + Sync),
-    ) -> (Result<Vec<u8>, Failed>, Option<Conn>) {
-        use http_body_util::BodyExt as _;
-        let Conn { mut sender, driver } = self;
-        let mut driver = Some(driver);
-        let done = {
-            let work = async {
-                let sent = async {
-                    sender.ready().await?;
-                    sender.send_request(request).await
-                };
-                let response = sent.await.map_err(|e| Failed {
-                    error: hyper_error(&e),
-                    retry: true,
-                })?;
-                let answered = |error| Failed {
-                    error,
-                    retry: false,
-                };
-                let status = response.status().as_u16();
-                if !wanted(status) {
-                    return Err(answered(status_error(status, response.headers())));
-                }
-                let mut body = response.into_body();
-                let mut out = Vec::new();
-                while let Some(frame) = body.frame().await {
-                    let frame = frame.map_err(|e| answered(hyper_error(&e)))?;
-                    if let Some(data) = frame.data_ref() {
-                        append_bounded(&mut out, data).map_err(answered)?;
-                    }
-                }
-                Ok(out)
-            };
-            tokio::pin!(work);
-            let first = tokio::select! {
-                biased;
-                done = &mut work => Ok(done),
-                ended = driver.as_mut().expect("the driver is set").as_mut() => Err(ended),
-            };
-            match first {
-                Ok(done) => done,
-                // The connection ended first: the server closed it (after
-                // its answer with `Connection: close`, or under the
-                // request) or it failed. Dropping it ends what waits on
-                // it; what the server sent before closing is still read.
-                Err(ended) => {
-                    driver = None;
-                    match (work.await, ended) {
-                        (Ok(body), _) => Ok(body),
-                        (Err(failed), Ok(())) => Err(failed),
-                        (Err(failed), Err(e)) => Err(Failed {
-                            error: hyper_error(&e),
-                            retry: failed.retry,
-                        }),
-                    }
-                }
-            }
-        };
-        let conn = match (&done, driver) {
-            (Ok(_), Some(driver)) => Some(Conn { sender, driver }),
-            _ => None,
-        };
-        (done, conn)
-    }
-}
-
-fn hyper_error(e: &hyper::Error) -> ProbeError {
-    classify_chain(e).unwrap_or_else(|| ProbeError::Transport(root_cause(e)))
 }
 
 /// Appends a piece of a body, refusing a body over [`MAX_BODY`].
@@ -638,7 +517,7 @@ fn bracket(ip: std::net::IpAddr) -> String {
 }
 
 /// Maps an unexpected status to its failure type.
-fn status_error(status: u16, headers: &http::HeaderMap) -> ProbeError {
+pub(super) fn status_error(status: u16, headers: &http::HeaderMap) -> ProbeError {
     match status {
         429 => ProbeError::RateLimited {
             retry_after_s: headers
@@ -1016,7 +895,7 @@ fn classify(e: reqwest::Error) -> ProbeError {
 /// ENFILE, ENOBUFS, ENOMEM, EADDRINUSE, EADDRNOTAVAIL.
 const LOCAL_RESOURCE_ERRNOS: [i32; 6] = [24, 23, 105, 12, 98, 99];
 
-fn classify_io(io: &std::io::Error) -> Option<ProbeError> {
+pub(super) fn classify_io(io: &std::io::Error) -> Option<ProbeError> {
     use std::io::ErrorKind::*;
     if io
         .raw_os_error()
