@@ -1455,7 +1455,8 @@ impl Publisher {
         let rolled_back = self.note_rollouts(&next, &out.compiled, now);
         self.note_decisions(&previous, &next, &out.compiled, out.incremental);
         self.snapshot.store(Arc::new(next));
-        if std::mem::take(&mut self.first_round_due) {
+        let first_round = std::mem::take(&mut self.first_round_due);
+        if first_round {
             self.first_round.send_replace(true);
         }
         self.metrics.snapshot_generation.set(self.generation as i64);
@@ -1466,6 +1467,14 @@ impl Publisher {
         self.metrics
             .snapshot_build_seconds
             .observe(self.build_cost.as_secs_f64());
+        if !out.incremental || first_round {
+            // A whole snapshot was built (or the start's work is done: the
+            // first probe round is in) and the one before it is gone
+            // (unless a query thread still reads it): give the pages that
+            // freed back to the system.
+            drop(previous);
+            crate::memory::release();
+        }
         if rolled_back {
             // The canary's share went with the build that found it failing;
             // this one shows the rollout rolled back.
@@ -2105,7 +2114,10 @@ tiers = [["primary"], ["secondary"]]
             view(&snapshot),
             (Decision::FailOpen, vec!["192.0.2.1".to_string()], false)
         );
-        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        let explain = snapshot.load().services[0].classes[0]
+            .explain
+            .text()
+            .to_string();
         assert!(explain.contains("fail-open"), "{explain}");
     }
 
@@ -2162,7 +2174,10 @@ tiers = [["primary"], ["secondary"]]
                 then: "fail-open"
             }
         );
-        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        let explain = snapshot.load().services[0].classes[0]
+            .explain
+            .text()
+            .to_string();
         assert!(
             explain.contains("endpoint 192.0.2.2: down (timed out) -> kept as last known good: fit 0.0 s ago, down since"),
             "{explain}"
@@ -2302,7 +2317,10 @@ last-known-good = "10s"
         publisher.publish();
         assert_eq!(decision(&snapshot), Decision::NoData, "then when-all-down");
         assert!(answer(&snapshot).is_empty());
-        let explain = snapshot.load().services[0].classes[0].explain.join("\n");
+        let explain = snapshot.load().services[0].classes[0]
+            .explain
+            .text()
+            .to_string();
         assert!(
             explain.ends_with("decision: nothing fit -> NODATA"),
             "{explain}"
@@ -2772,7 +2790,7 @@ strategy = "proximity"
             primary.silent.as_deref(),
             Some("no alive probe result for over 2.3 s")
         );
-        let explain = snap.services[0].classes[0].explain.join("\n");
+        let explain = snap.services[0].classes[0].explain.text().to_string();
         assert!(
             explain.contains(
                 "endpoint 192.0.2.1: up -> removed at eligible: no alive probe result for over 2.3 s"

@@ -585,7 +585,7 @@ fn class_text(out: &mut String, c: &ClassAnswer) {
             ),
         );
     }
-    for line in &c.explain {
+    for line in c.explain.iter() {
         w(out, format!("explain: {line}"));
     }
 }

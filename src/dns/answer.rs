@@ -133,7 +133,7 @@ pub fn explain_lines(snap: &Snapshot, service: usize, client: &Client) -> Vec<St
     }
     let class_index = class_of(s, s.located.then_some(&located));
     let class = &s.classes[class_index];
-    lines.extend(class.explain.iter().cloned());
+    lines.extend(class.explain.iter().map(str::to_string));
     if let (Some(tolerance), Some(point)) = (s.tolerance_ms, located.point)
         && !class.candidates.is_empty()
     {

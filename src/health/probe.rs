@@ -226,8 +226,10 @@ pub struct Http {
     /// How GETs go out, keeping one idle connection for the next probe.
     kept: Kept,
     /// A new connection for every request (fresh GETs over HTTPS, and
-    /// completions).
-    fresh: reqwest::Client,
+    /// completions): built when first needed, so plain-HTTP alive and
+    /// model-list probes never build one (a client is ~1.7 KB).
+    fresh: OnceLock<reqwest::Client>,
+    recipe: Recipe,
     /// `scheme://authority:port`
     base: String,
     host: Option<String>,
@@ -235,6 +237,42 @@ pub struct Http {
     /// Probes sent since the last fresh connection, and how many may be.
     reused: AtomicU32,
     fresh_every: u32,
+}
+
+/// What a reqwest client of an [`Http`] is built from.
+struct Recipe {
+    tls: Option<rustls::ClientConfig>,
+    ca_pem: Option<Vec<u8>>,
+    /// A TLS name pinned to the endpoint's address (no DNS lookup).
+    pin: Option<String>,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+}
+
+impl Recipe {
+    /// A client keeping up to `idle` connections for the next request.
+    fn build(&self, idle: usize) -> Result<reqwest::Client, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .no_proxy()
+            .pool_max_idle_per_host(idle)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        match &self.tls {
+            Some(tls) => builder = builder.tls_backend_preconfigured(tls.clone()),
+            // Whatever failed, reqwest fails the same way and says why.
+            None => {
+                if let Some(pem) = &self.ca_pem {
+                    builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
+                }
+            }
+        }
+        if let Some(name) = &self.pin {
+            builder = builder.resolve(name, self.addr);
+        }
+        builder.build()
+    }
 }
 
 /// The GET transport of an [`Http`].
@@ -377,28 +415,12 @@ impl Http {
                 None => ("https", bracket(spec.addr.ip())),
             },
         };
-        let build = |idle: usize| -> Result<reqwest::Client, reqwest::Error> {
-            let mut builder = reqwest::Client::builder()
-                .user_agent(USER_AGENT)
-                .no_proxy()
-                .pool_max_idle_per_host(idle)
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(timeout)
-                .timeout(timeout);
-            match &tls {
-                Some(tls) => builder = builder.tls_backend_preconfigured(tls.clone()),
-                // Whatever failed, reqwest fails the same way and says why.
-                None => {
-                    if let Some(pem) = &spec.ca_pem {
-                        builder =
-                            builder.add_root_certificate(reqwest::Certificate::from_pem(pem)?);
-                    }
-                }
-            }
-            if let Some(name) = &pin {
-                builder = builder.resolve(name, spec.addr);
-            }
-            builder.build()
+        let recipe = Recipe {
+            tls,
+            ca_pem: spec.ca_pem.clone(),
+            pin,
+            addr: spec.addr,
+            timeout,
         };
         let fresh_every = (FRESH_CONNECT_EVERY.as_secs_f64() / interval.as_secs_f64().max(1e-3))
             .floor()
@@ -409,17 +431,35 @@ impl Http {
         };
         let kept = match kept {
             Some(kept) => kept,
-            None => Kept::Reqwest(build(1)?),
+            None => Kept::Reqwest(recipe.build(1)?),
         };
+        let fresh = OnceLock::new();
+        if spec.scheme == Scheme::Https {
+            // Whatever is wrong with the TLS settings is said at start.
+            let _ = fresh.set(recipe.build(0)?);
+        }
         Ok(Self {
             kept,
-            fresh: build(0)?,
+            fresh,
+            recipe,
             base: format!("{scheme}://{authority}:{port}"),
             host: spec.host.clone(),
             api_key: spec.api_key.clone(),
             reused: AtomicU32::new(0),
             fresh_every,
         })
+    }
+
+    /// The client that connects afresh for every request.
+    fn fresh(&self) -> Result<&reqwest::Client, ProbeError> {
+        if let Some(client) = self.fresh.get() {
+            return Ok(client);
+        }
+        let client = self
+            .recipe
+            .build(0)
+            .map_err(|e| ProbeError::Transport(root_cause(&e)))?;
+        Ok(self.fresh.get_or_init(|| client))
     }
 
     fn request(
@@ -492,7 +532,7 @@ impl Http {
     }
 
     async fn get_fresh(&self, path: &str) -> Result<reqwest::Response, ProbeError> {
-        self.request(&self.fresh, reqwest::Method::GET, path)
+        self.request(self.fresh()?, reqwest::Method::GET, path)
             .send()
             .await
             .map_err(classify)
@@ -688,7 +728,7 @@ impl Probe for CompletionProbe {
         // sent twice.
         let response = self
             .http
-            .request(&self.http.fresh, reqwest::Method::POST, &self.path)
+            .request(self.http.fresh()?, reqwest::Method::POST, &self.path)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_string())
             .send()

@@ -11,7 +11,7 @@
 //! scrape built a second copy of all of them before writing the text (the
 //! daemon's resident memory grew by 140 MB over three scrapes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,15 +43,41 @@ impl Counter {
 struct Row {
     /// Query counts by (qtype, rcode); shared with the query path.
     queries: Option<Arc<QueryRow>>,
-    /// Answers that carried a region's endpoints, by region id.
-    answers: BTreeMap<String, Counter>,
+    /// Answers that carried a region's endpoints, by region id (sorted).
+    answers: Vec<(Arc<str>, Counter)>,
     refusals: Option<Counter>,
     /// The index of the current decision in [`DECISIONS`] and the tier.
     decision: Option<(usize, Option<i64>)>,
     last_known_good: Option<bool>,
     holds: Option<u64>,
-    /// Capacity weight and shed level, by region id.
-    regions: BTreeMap<String, RegionCells>,
+    /// Capacity weight and shed level, by region id (sorted).
+    regions: Vec<(Arc<str>, RegionCells)>,
+}
+
+/// The entry of `key` in a vector sorted by key, added (with the
+/// interned key) when missing. Sorted vectors rather than maps: a map's
+/// nodes and a `String` per key were most of these rows' memory.
+fn entry<'v, T: Default>(
+    list: &'v mut Vec<(Arc<str>, T)>,
+    key: &str,
+    names: &mut HashSet<Arc<str>>,
+) -> &'v mut T {
+    let at = match list.binary_search_by(|(k, _)| (**k).cmp(key)) {
+        Ok(at) => at,
+        Err(at) => {
+            let name = match names.get(key) {
+                Some(name) => name.clone(),
+                None => {
+                    let name: Arc<str> = Arc::from(key);
+                    names.insert(name.clone());
+                    name
+                }
+            };
+            list.insert(at, (name, T::default()));
+            at
+        }
+    };
+    &mut list[at].1
 }
 
 #[derive(Debug, Default)]
@@ -64,22 +90,37 @@ struct RegionCells {
 /// stable).
 #[derive(Debug, Default)]
 pub struct ServiceSeries {
-    rows: Mutex<BTreeMap<String, Row>>,
+    rows: Mutex<Rows>,
+}
+
+#[derive(Debug, Default)]
+struct Rows {
+    by_service: BTreeMap<String, Row>,
+    /// Region ids, one copy each for every row that names them.
+    regions: HashSet<Arc<str>>,
 }
 
 impl ServiceSeries {
-    fn with_row<T>(&self, service: &str, f: impl FnOnce(&mut Row) -> T) -> T {
+    fn with_row<T>(
+        &self,
+        service: &str,
+        f: impl FnOnce(&mut Row, &mut HashSet<Arc<str>>) -> T,
+    ) -> T {
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        match rows.get_mut(service) {
-            Some(row) => f(row),
-            None => f(rows.entry(service.to_string()).or_default()),
+        let Rows {
+            by_service,
+            regions,
+        } = &mut *rows;
+        match by_service.get_mut(service) {
+            Some(row) => f(row, regions),
+            None => f(by_service.entry(service.to_string()).or_default(), regions),
         }
     }
 
     /// The query count row of `service`, created (with its `A`/`NOERROR`
     /// series at 0) on first use and kept while the service exists.
     pub fn queries(&self, service: &str) -> Arc<QueryRow> {
-        self.with_row(service, |row| {
+        self.with_row(service, |row, _| {
             row.queries
                 .get_or_insert_with(|| {
                     Arc::new(QueryRow {
@@ -91,36 +132,37 @@ impl ServiceSeries {
     }
 
     pub fn answers(&self, service: &str, region: &str) -> Counter {
-        self.with_row(service, |row| match row.answers.get(region) {
-            Some(counter) => counter.clone(),
-            None => row.answers.entry(region.to_string()).or_default().clone(),
+        self.with_row(service, |row, names| {
+            entry(&mut row.answers, region, names).clone()
         })
     }
 
     pub fn refusals(&self, service: &str) -> Counter {
-        self.with_row(service, |row| row.refusals.get_or_insert_default().clone())
+        self.with_row(service, |row, _| {
+            row.refusals.get_or_insert_default().clone()
+        })
     }
 
     /// Sets the current decision (an index in [`DECISIONS`]) and tier; the
     /// holds counter exists at 0 from then on.
     pub fn set_decision(&self, service: &str, decision: usize, tier: Option<i64>) {
-        self.with_row(service, |row| {
+        self.with_row(service, |row, _| {
             row.decision = Some((decision, tier));
             row.holds.get_or_insert(0);
         });
     }
 
     pub fn set_last_known_good(&self, service: &str, holding: bool) {
-        self.with_row(service, |row| row.last_known_good = Some(holding));
+        self.with_row(service, |row, _| row.last_known_good = Some(holding));
     }
 
     pub fn count_hold(&self, service: &str) {
-        self.with_row(service, |row| *row.holds.get_or_insert(0) += 1);
+        self.with_row(service, |row, _| *row.holds.get_or_insert(0) += 1);
     }
 
     pub fn forget_last_known_good(&self, service: &str) {
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(row) = rows.get_mut(service) {
+        if let Some(row) = rows.by_service.get_mut(service) {
             row.last_known_good = None;
         }
     }
@@ -134,18 +176,18 @@ impl ServiceSeries {
     }
 
     fn with_region(&self, service: &str, region: &str, f: impl FnOnce(&mut RegionCells)) {
-        self.with_row(service, |row| match row.regions.get_mut(region) {
-            Some(cells) => f(cells),
-            None => f(row.regions.entry(region.to_string()).or_default()),
+        self.with_row(service, |row, names| {
+            f(entry(&mut row.regions, region, names))
         });
     }
 
     /// Drops every series of a service a reload removed.
     pub fn forget(&self, service: &str) {
-        self.rows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(service);
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.by_service.remove(service);
+        // Region ids no row names any more go too (the set holds one
+        // reference of each).
+        rows.regions.retain(|name| Arc::strong_count(name) > 1);
     }
 
     /// Writes every family in the text format. The lock is taken once per
@@ -154,7 +196,7 @@ impl ServiceSeries {
         for family in FAMILIES {
             family.header(out);
             let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            for (service, row) in rows.iter() {
+            for (service, row) in rows.by_service.iter() {
                 family.samples(service, row, out);
             }
         }
@@ -271,7 +313,7 @@ impl Family {
             }
             Family::Answers => {
                 for (region, counter) in &row.answers {
-                    let labels = [("region", region.as_str()), ("service", service)];
+                    let labels = [("region", &**region), ("service", service)];
                     sample(out, name, &labels, counter.get());
                 }
             }
@@ -305,7 +347,7 @@ impl Family {
             }
             Family::Weight | Family::ShedLevel => {
                 for (region, cells) in &row.regions {
-                    let labels = [("region", region.as_str()), ("service", service)];
+                    let labels = [("region", &**region), ("service", service)];
                     match self {
                         Family::Weight => {
                             if let Some(w) = cells.weight {
@@ -395,7 +437,17 @@ mod tests {
         );
         assert!(text.contains("inferdns_region_weight{region=\"eu\",service=\"chat\"} 1.5\n"));
         assert!(text.contains("inferdns_last_known_good_holds_total{service=\"chat\"} 0\n"));
+        // Two services name the region: one copy of its id.
+        series.set_region_shed_level("other", "eu", 1);
+        assert_eq!(series.rows.lock().unwrap().regions.len(), 1);
+        series.forget("other");
+        assert_eq!(
+            series.rows.lock().unwrap().regions.len(),
+            1,
+            "chat names it"
+        );
         series.forget("chat");
+        assert!(series.rows.lock().unwrap().regions.is_empty());
         answers.inc();
         let mut text = String::new();
         series.encode(&mut text);

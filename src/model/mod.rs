@@ -24,9 +24,9 @@ mod strategy;
 pub mod wire;
 
 pub use service::{
-    Candidate, ClassAnswer, ClassView, Counters, Decision, Drawn, EndpointInput, RegionInputs,
-    RegionLoad, RegionShare, ResidencyIndex, ServiceAnswer, ServiceView, address_key, lists,
-    service_answer, service_answer_for,
+    Candidate, ClassAnswer, ClassView, Counters, Decision, Drawn, EndpointInput, Lines,
+    RegionInputs, RegionLoad, RegionShare, ResidencyIndex, ServiceAnswer, ServiceView, address_key,
+    lists, service_answer, service_answer_for,
 };
 
 /// What exists at one name of the zone.

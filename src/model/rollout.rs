@@ -129,7 +129,7 @@ pub fn rollout_answer(
     );
     for class in &mut answer.classes {
         let at = class.explain.len().saturating_sub(1);
-        class.explain.insert(at, line.clone());
+        class.explain.insert(at, &line);
     }
     // Said once every endpoint of the service has been probed (not at start).
     let unprobed = s.tiers.iter().flatten().any(|&region| {

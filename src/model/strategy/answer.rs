@@ -20,11 +20,11 @@ pub(super) fn assemble(cx: &Cx<'_>, d: &Decided<'_>) -> (ClassAnswer, Vec<usize>
         ..ClassAnswer::default()
     };
     if let (Decision::Fallback { .. }, Some(f)) = (&d.decision, cx.fallback()) {
-        answer.cname = Some(Record::from_rdata(
+        answer.cname = Some(Box::new(Record::from_rdata(
             s.name.clone(),
             ttl,
             RData::CNAME(CNAME(f.name.clone())),
-        ));
+        )));
     }
     // Answered as if fit: every one in full.
     let full = matches!(
@@ -51,8 +51,13 @@ pub(super) fn assemble(cx: &Cx<'_>, d: &Decided<'_>) -> (ClassAnswer, Vec<usize>
             Target::Address(_) => None,
         });
         answered = first_cname.iter().map(|(r, _)| *r).collect();
-        answer.cname = first_cname
-            .map(|(_, name)| Record::from_rdata(s.name.clone(), ttl, RData::CNAME(CNAME(name))));
+        answer.cname = first_cname.map(|(_, name)| {
+            Box::new(Record::from_rdata(
+                s.name.clone(),
+                ttl,
+                RData::CNAME(CNAME(name)),
+            ))
+        });
     }
     answered.sort_unstable();
     answered.dedup();

@@ -19,7 +19,7 @@ impl Strategy for Capacity {
     /// too.
     fn complete(&self, cx: &Cx<'_>, d: &Decided<'_>, _: &[usize], answer: &mut ClassAnswer) {
         if !d.chosen.is_empty() {
-            answer.drawn = Some(drawn(cx, d));
+            answer.drawn = Some(Box::new(drawn(cx, d)));
         }
     }
 }

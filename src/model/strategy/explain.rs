@@ -8,7 +8,7 @@ use crate::capacity::{Criticality, Level, Shed};
 use crate::config::{self, Allowed};
 use crate::health::Status;
 use crate::model::display_name;
-use crate::model::service::{ClassAnswer, ClassView, Decision, RegionShare};
+use crate::model::service::{ClassAnswer, ClassView, Decision, Lines, RegionShare};
 
 /// Writes the explain lines into `answer` and returns the status view.
 pub(super) fn explain(
@@ -46,7 +46,7 @@ pub(super) fn explain(
     endpoint_lines(cx, &d, &mut lines);
     capacity_lines(cx, &d, &mut lines);
     lines.push(decision_line(cx, &d, &shown));
-    answer.explain = lines;
+    answer.explain = Lines::new(&lines);
 
     let endpoints = d.chosen.len().max(1) as f64;
     let regions = answered
