@@ -724,6 +724,20 @@ fn socket_for(addr: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Resu
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = socket_for(addr, Type::DGRAM, Protocol::UDP)?;
     socket.set_reuse_port(true)?;
+    // Replies ignore path-MTU information (as Knot, gdnsd and yadifa set
+    // it): a forged ICMP "fragmentation needed" cannot make the kernel
+    // fragment our answers (the fragment-based cache-poisoning attacks);
+    // answers over the interface's MTU are still fragmented, and the
+    // client's EDNS size already keeps them under 1232 bytes by default.
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::net::sockopt;
+        if addr.is_ipv6() {
+            sockopt::set_ipv6_mtu_discover(&socket, sockopt::Ipv6PathMtuDiscovery::OMIT)?;
+        } else {
+            sockopt::set_ip_mtu_discover(&socket, sockopt::Ipv4PathMtuDiscovery::OMIT)?;
+        }
+    }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -845,6 +859,22 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn udp_answers_ignore_path_mtu_updates() {
+        use rustix::net::sockopt;
+        let v4 = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(
+            sockopt::ip_mtu_discover(&v4).unwrap(),
+            sockopt::Ipv4PathMtuDiscovery::OMIT
+        );
+        let v6 = bind_udp("[::1]:0".parse().unwrap()).unwrap();
+        assert_eq!(
+            sockopt::ipv6_mtu_discover(&v6).unwrap(),
+            sockopt::Ipv6PathMtuDiscovery::OMIT
+        );
+    }
 
     /// One region on a TEST-NET address (never answers), one service.
     const CONFIG: &str = r#"
