@@ -923,3 +923,52 @@ probe = { models-version-field = "revision" }
         "models-version-field needs models-path",
     );
 }
+
+#[test]
+fn a_large_policy_directory_read_on_every_cpu_keeps_its_files_order_and_every_error() {
+    // Over 256 files: read and parsed on several threads, checked in order.
+    let mut policies: Vec<(String, String)> = (0..600)
+        .map(|i| {
+            (
+                format!("s{i:03}.toml"),
+                "tiers = [[\"us-east\"]]\nttl = 30\n".to_string(),
+            )
+        })
+        .collect();
+    policies[7].1 = "tiers = [[\"us-east\"]\nttl = 30\n".into();
+    policies[450].1 = "tiers = [[\"nowhere\"]]\nttl = 30\n".into();
+    policies[599].1 = "tiers = [[\"us-east\"]]\nttl = \"soon\"\n".into();
+    let refs: Vec<(&str, &str)> = policies
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let main = format!(
+        "policy-dir = \"policies\"\n{}",
+        base_config("[regions.us-east]\nendpoints = [{ address = \"192.0.2.1\" }]\n")
+    );
+    let (_files, errors) = load_errors(&main, ZONE, &refs);
+    let files: Vec<String> = errors
+        .iter()
+        .map(|e| e.file.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        ["s007.toml", "s450.toml", "s599.toml"],
+        "{errors:#?}"
+    );
+    has(&errors, "s450.toml", 1, 11, "nowhere");
+
+    // The same directory without the mistakes loads all 600 services.
+    policies[7].1 = policies[0].1.clone();
+    policies[450].1 = policies[0].1.clone();
+    policies[599].1 = policies[0].1.clone();
+    let files = Files::new();
+    files.write("zone.db", ZONE);
+    for (name, text) in &policies {
+        files.write(&format!("policies/{name}"), text);
+    }
+    let config = config::load(&files.write("inferdns.toml", &main)).unwrap();
+    let ids: Vec<&str> = config.services.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), 600);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in file order");
+}
