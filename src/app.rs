@@ -724,7 +724,7 @@ fn socket_for(addr: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Resu
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = socket_for(addr, Type::DGRAM, Protocol::UDP)?;
     socket.set_reuse_port(true)?;
-    // Replies ignore path-MTU information (as Knot, gdnsd and yadifa set
+    // Replies ignore path-MTU information (as gdnsd and yadifa set
     // it): a forged ICMP "fragmentation needed" cannot make the kernel
     // fragment our answers (the fragment-based cache-poisoning attacks);
     // answers over the interface's MTU are still fragmented, and the
