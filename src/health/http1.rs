@@ -199,7 +199,7 @@ impl Reader<'_> {
                     MAX_HEAD / 1024
                 ))));
             }
-            let nothing_yet = self.buf.len() == self.at && self.at == 0;
+            let nothing_yet = self.buf.is_empty();
             match self.fill().await {
                 Ok(true) => {}
                 // Closed (or reset) before any byte of an answer: the kept
