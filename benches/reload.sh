@@ -7,7 +7,8 @@
 #   benches/reload.sh [SERVICES] [REGIONS] [RELOADS] [DB]
 #
 # Prints the time of each reload with the GeoIP file unchanged, then with
-# the file replaced by a copy of itself (new inode, same bytes: read and
+# one policy file changed (one service compiled again), then with the
+# GeoIP file replaced by a copy of itself (new inode, same bytes: read and
 # compared, not checked), then with a changed file (loaded and checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,13 @@ reload() {
 }
 echo "GeoIP unchanged:"
 for _ in $(seq "$RELOADS"); do reload; done
+echo "One policy file changed (its TTL), GeoIP unchanged:"
+POLICY=$(find "$DIR/policies" -name '*.toml' -print -quit)
+for i in $(seq 3); do
+  grep -v '^ttl = ' "$POLICY" >"$POLICY.new" && echo "ttl = $((20 + i))" >>"$POLICY.new"
+  mv "$POLICY.new" "$POLICY"
+  reload
+done
 echo "GeoIP file replaced by the same bytes (new inode):"
 for _ in $(seq 3); do
   cp "$DIR/city.mmdb" "$DIR/city.mmdb.new" && mv "$DIR/city.mmdb.new" "$DIR/city.mmdb"

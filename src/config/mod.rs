@@ -33,7 +33,7 @@ pub use check::{
 };
 
 /// The checked runtime configuration: everything the daemon needs, no spans.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub zone: ZoneConfig,
@@ -117,7 +117,7 @@ pub struct RateLimit {
 }
 
 /// GeoIP and EDNS Client Subnet settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GeoConfig {
     pub database: Option<PathBuf>,
     pub check_interval: Duration,
@@ -189,7 +189,7 @@ pub struct Residency {
     pub without_ecs_unknown: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub dns_listen: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
@@ -233,7 +233,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ZoneConfig {
     /// Fully qualified apex.
     pub apex: Name,
@@ -244,7 +244,7 @@ pub struct ZoneConfig {
     pub records: Vec<Record>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Soa {
     pub primary: Name,
     pub contact: Name,
@@ -257,7 +257,7 @@ pub struct Soa {
 }
 
 /// A place that can serve inference.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Region {
     pub id: String,
     pub endpoints: Vec<Endpoint>,
@@ -301,7 +301,7 @@ impl fmt::Display for Target {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub target: Target,
     pub probe: ProbeSpec,
@@ -388,7 +388,7 @@ impl AllDown {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Service {
     pub id: String,
     /// Fully qualified name under the apex.

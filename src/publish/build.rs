@@ -12,7 +12,7 @@
 //! exactly what is compared here. Must not log or touch metrics beyond the
 //! answer counters the model asks for.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::fleet::Overlay;
 use super::{Dynamic, EndpointHealth, Loaded, SKIPPED_FULL, layer_state, silence_reason};
 use crate::capacity::Level;
-use crate::config::Strategy;
+use crate::config::{Config, Service, Strategy};
 use crate::geo::GeoDb;
 use crate::health::{Layer, Status};
 use crate::metrics::Metrics;
@@ -89,6 +89,159 @@ pub(super) struct Built {
     region_latency: Vec<f64>,
     levels: Vec<Level>,
     ttls: Vec<u32>,
+    /// `None`: service `i` is service `i` of the snapshot built from this.
+    /// After a reload ([`Built::carried`]): where service `i` of the new
+    /// config is in that snapshot, `None` for one to compile anew.
+    carried: Option<Vec<Option<usize>>>,
+}
+
+impl Built {
+    /// Where service `i` was in the snapshot built from this.
+    fn source(&self, i: usize) -> Option<usize> {
+        match &self.carried {
+            None => Some(i),
+            Some(carried) => carried.get(i).copied().flatten(),
+        }
+    }
+
+    /// This build as seen from the config of a reload (`next`, from `old`),
+    /// so that the first build after the reload compiles only the services
+    /// that changed; `None` when every service must be compiled.
+    ///
+    /// A service keeps its answer when everything outside the services is
+    /// unchanged (regions, endpoints in the same order with the same probe
+    /// ids, zone, server, GeoIP settings, overrides, rate limit, fleet),
+    /// its own settings are the same (its fallback named by id and name, as
+    /// an index moves when services are added or removed) and it has no
+    /// rollout (whose phase a reload may reset). The build then compares
+    /// its inputs as for any other build.
+    pub(super) fn carried(self, old: &Loaded, next: &Loaded) -> Option<Built> {
+        if old.ids != next.ids || !same_but_services(&old.config, &next.config) {
+            return None;
+        }
+        let before: HashMap<&str, usize> = old
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (s.id.as_str(), j))
+            .collect();
+        let carried: Vec<Option<usize>> = next
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let j = *before.get(s.id.as_str())?;
+                (self.source(j).is_some()
+                    && s.rollout.is_none()
+                    && same_service(&old.config, j, &next.config, i))
+                .then_some(j)
+            })
+            .collect();
+        if carried.iter().all(Option::is_none) {
+            return None;
+        }
+        // Per-service state in the new config's layout (the spans of a
+        // carried service have the same length: its tiers are the same).
+        let mut levels = Vec::with_capacity(next.service_regions.len());
+        let mut ttls = Vec::with_capacity(carried.len());
+        for (i, from) in carried.iter().enumerate() {
+            let span = next.service_span[i].clone();
+            match from {
+                Some(j) => {
+                    levels.extend_from_slice(&self.levels[old.service_span[*j].clone()]);
+                    ttls.push(self.ttls[*j]);
+                }
+                None => {
+                    levels.extend(span.map(|_| Level::Normal));
+                    ttls.push(0);
+                }
+            }
+        }
+        // Sources in the snapshot, which is in `old`'s layout.
+        let carried = carried
+            .into_iter()
+            .map(|j| j.and_then(|j| self.source(j)))
+            .collect();
+        Some(Built {
+            levels,
+            ttls,
+            carried: Some(carried),
+            ..self
+        })
+    }
+}
+
+/// The two configs are the same but for their services.
+fn same_but_services(a: &Config, b: &Config) -> bool {
+    let Config {
+        server,
+        zone,
+        regions,
+        services: _,
+        geo,
+        overrides,
+        rrl,
+        fleet,
+    } = a;
+    *server == b.server
+        && *zone == b.zone
+        && *regions == b.regions
+        && *geo == b.geo
+        && *overrides == b.overrides
+        && *rrl == b.rrl
+        && *fleet == b.fleet
+}
+
+/// Service `i` of `a` and service `j` of `b` have the same settings; their
+/// fallbacks (indexes into each config's services) are compared by id and
+/// name, what an answer takes from them.
+fn same_service(a: &Config, i: usize, b: &Config, j: usize) -> bool {
+    fn fallback(c: &Config, f: Option<usize>) -> Option<(&str, &hickory_proto::rr::Name)> {
+        f.map(|f| (c.services[f].id.as_str(), &c.services[f].name))
+    }
+    let Service {
+        id,
+        name,
+        tiers,
+        ttl,
+        when_all_down,
+        last_known_good,
+        strategy,
+        residency,
+        model,
+        fallback: f,
+        max_latency,
+        records,
+        sticky,
+        watermarks,
+        shed,
+        shed_set,
+        criticality,
+        rollout,
+        ttl_min,
+    } = &a.services[i];
+    let t = &b.services[j];
+    *id == t.id
+        && *name == t.name
+        && *tiers == t.tiers
+        && *ttl == t.ttl
+        && *when_all_down == t.when_all_down
+        && *last_known_good == t.last_known_good
+        && *strategy == t.strategy
+        && *residency == t.residency
+        && *model == t.model
+        && fallback(a, *f) == fallback(b, t.fallback)
+        && *max_latency == t.max_latency
+        && *records == t.records
+        && *sticky == t.sticky
+        && *watermarks == t.watermarks
+        && *shed == t.shed
+        && *shed_set == t.shed_set
+        && *criticality == t.criticality
+        && *rollout == t.rollout
+        && *ttl_min == t.ttl_min
 }
 
 /// Everything a build reads.
@@ -113,7 +266,9 @@ pub(super) struct BuildOutput {
     pub snapshot: Snapshot,
     pub built: Built,
     pub compiled: Vec<usize>,
-    /// Built from `previous`: service `i` is the same service in both.
+    /// Built from `previous` of the same config: service `i` is the same
+    /// service in both (after a reload services are matched by id, even
+    /// when most were carried over).
     pub incremental: bool,
 }
 
@@ -220,6 +375,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         region_latency: dynamic.latency_ms,
         levels: dynamic.levels,
         ttls: dynamic.ttls,
+        carried: None,
     };
     let geo = GeoView::new(
         geo,
@@ -228,12 +384,17 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         previous.map(|(_, snapshot)| &snapshot.geo),
     );
     let previous = previous.filter(|(before, snapshot)| {
+        let n = snapshot.services.len();
         before.endpoints.len() == built.endpoints.len()
             && before.loads.len() == built.loads.len()
             && before.levels.len() == built.levels.len()
-            && snapshot.services.len() == config.services.len()
-            && snapshot.service_views.len() == config.services.len()
-            && snapshot.wire.services.len() == config.services.len()
+            && before.ttls.len() == config.services.len()
+            && snapshot.service_views.len() == n
+            && snapshot.wire.services.len() == n
+            && match &before.carried {
+                None => n == config.services.len(),
+                Some(carried) => carried.iter().flatten().all(|&j| j < n),
+            }
     });
     let changes = previous.map(|(before, _)| Changes::between(before, &built, loaded));
     let mut services = Vec::with_capacity(config.services.len());
@@ -241,12 +402,13 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
     let mut compiled = Vec::new();
     let mut wires = Vec::with_capacity(config.services.len());
     for i in 0..config.services.len() {
-        if let (Some((_, snapshot)), Some(changes)) = (previous, &changes)
+        if let (Some((before, snapshot)), Some(changes)) = (previous, &changes)
+            && let Some(j) = before.source(i)
             && !changes.touch(i, loaded, &built)
         {
-            services.push(snapshot.services[i].clone());
-            service_views.push(snapshot.service_views[i].clone());
-            wires.push(snapshot.wire.services[i].clone());
+            services.push(snapshot.services[j].clone());
+            service_views.push(snapshot.service_views[j].clone());
+            wires.push(snapshot.wire.services[j].clone());
             continue;
         }
         let span = loaded.service_span[i].clone();
@@ -339,7 +501,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
         snapshot,
         built,
         compiled,
-        incremental: changes.is_some(),
+        incremental: previous.is_some_and(|(before, _)| before.carried.is_none()),
     }
 }
 
