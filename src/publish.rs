@@ -1194,13 +1194,23 @@ impl Publisher {
             services = new_services,
             "Configuration reloaded."
         );
-        (self.levels, self.weights) = self.carried_levels(&next);
+        // The services before, by id.
+        let before: HashMap<&str, usize> = self
+            .loaded
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (s.id.as_str(), j))
+            .collect();
+        (self.levels, self.weights) = self.carried_levels(&next, &before);
         // Indexes mean other services now: the next build compiles those
         // that changed, or all when more than the services changed.
         self.built = self
             .built
             .take()
-            .and_then(|built| built.carried(&self.loaded, &next));
+            .and_then(|built| built.carried(&self.loaded, &next, &before));
+        drop(before);
         self.region_gauges.clear();
         drop_aside(std::mem::replace(&mut self.loaded, next), false);
         self.health = health;
@@ -1243,27 +1253,25 @@ impl Publisher {
 
     /// The shedding levels and weights of `next`'s (service, region) pairs:
     /// those of the same pairs before, else normal and none.
-    fn carried_levels(&self, next: &Loaded) -> (Vec<Level>, Vec<Option<f64>>) {
+    /// `before`: the index of each service of the running config by id.
+    fn carried_levels(
+        &self,
+        next: &Loaded,
+        before: &HashMap<&str, usize>,
+    ) -> (Vec<Level>, Vec<Option<f64>>) {
         let old = &self.loaded;
-        let before: HashMap<(&str, &str), usize> = old
-            .config
-            .services
-            .iter()
-            .zip(&old.service_span)
-            .flat_map(|(s, span)| {
-                span.clone().map(move |at| {
-                    let region = old.config.regions[old.service_regions[at]].id.as_str();
-                    ((s.id.as_str(), region), at)
-                })
-            })
-            .collect();
         let mut levels = Vec::with_capacity(next.service_regions.len());
         let mut weights = Vec::with_capacity(next.service_regions.len());
         for (s, span) in next.config.services.iter().zip(&next.service_span) {
+            // The old service's pairs: a few regions, searched in turn.
+            let old_span = before
+                .get(s.id.as_str())
+                .map(|&j| old.service_span[j].clone());
             for &r in &next.service_regions[span.clone()] {
-                let at = before
-                    .get(&(s.id.as_str(), next.config.regions[r].id.as_str()))
-                    .copied();
+                let region = next.config.regions[r].id.as_str();
+                let at = old_span.clone().and_then(|mut span| {
+                    span.find(|&at| old.config.regions[old.service_regions[at]].id == region)
+                });
                 levels.push(at.map_or(Level::Normal, |at| self.levels[at]));
                 weights.push(at.and_then(|at| self.weights[at]));
             }
@@ -1606,11 +1614,17 @@ impl Publisher {
                     None => return,
                 },
             };
+            // An operator waits for a reload: it goes live at once, not
+            // after the coalescing gap (its build still spends a token).
+            let mut reload = matches!(msg, Msg::Reload { .. });
             let mut changed = self.apply(msg);
             while let Ok(msg) = rx.try_recv() {
+                reload |= matches!(msg, Msg::Reload { .. });
                 changed |= self.apply(msg);
             }
-            if changed {
+            if reload {
+                self.publish();
+            } else if changed {
                 self.publish_coalesced();
             } else if self.latency_moved && self.pending.is_none() {
                 self.pending = Some(self.last_publish + LATENCY_REPUBLISH);
@@ -1810,6 +1824,54 @@ tiers = [["primary"], ["secondary"]]
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// A reload is published at once, even after a storm of health changes
+    /// spent the coalescing bucket (whose changes go out with it).
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_goes_live_at_once_after_a_storm_of_changes() {
+        let (publisher, snapshot, _) = Publisher::new(load(MAIN), vec![0, 1], None, Metrics::new());
+        let (tx, rx) = mpsc::channel::<Msg>(64);
+        let cancel = CancellationToken::new();
+        tokio::spawn(publisher.run(rx, cancel.clone()));
+        for endpoint in [0, 1] {
+            for _ in 0..2 {
+                tx.send(report(endpoint, true)).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(answer(&snapshot), ["192.0.2.1"]);
+        // The primary flaps (down at one refusal, up at two successes),
+        // each change 1 ms apart: more than the bucket's builds.
+        let before = snapshot.load().generation;
+        for _ in 0..6 {
+            tx.send(report(0, false)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            tx.send(report(0, true)).await.unwrap();
+            tx.send(report(0, true)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(snapshot.load().generation - before < 12, "coalesced");
+        assert_eq!(
+            answer(&snapshot),
+            ["192.0.2.2"],
+            "the last change (up again) waits for the coalescing gap"
+        );
+        let asked = Instant::now();
+        let (done, applied) = oneshot::channel();
+        tx.send(Msg::Reload {
+            config: load(MAIN),
+            ids: vec![0, 1],
+            geo: None,
+            done,
+        })
+        .await
+        .unwrap();
+        let generation = applied.await.unwrap();
+        assert_eq!(asked.elapsed(), Duration::ZERO, "published at once");
+        assert_eq!(snapshot.load().generation, generation);
+        assert_eq!(answer(&snapshot), ["192.0.2.1"], "with the waiting change");
+        cancel.cancel();
     }
 
     /// A reload that adds an endpoint waits for its first probe (here: a

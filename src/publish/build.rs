@@ -115,17 +115,16 @@ impl Built {
     /// an index moves when services are added or removed) and it has no
     /// rollout (whose phase a reload may reset). The build then compares
     /// its inputs as for any other build.
-    pub(super) fn carried(self, old: &Loaded, next: &Loaded) -> Option<Built> {
+    /// `before`: the index of each service of `old` by id.
+    pub(super) fn carried(
+        self,
+        old: &Loaded,
+        next: &Loaded,
+        before: &HashMap<&str, usize>,
+    ) -> Option<Built> {
         if old.ids != next.ids || !same_but_services(&old.config, &next.config) {
             return None;
         }
-        let before: HashMap<&str, usize> = old
-            .config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(j, s)| (s.id.as_str(), j))
-            .collect();
         let carried: Vec<Option<usize>> = next
             .config
             .services
