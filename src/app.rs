@@ -397,10 +397,14 @@ impl Reloader {
             // systemd ≥ 253 holds `systemctl reload` until the READY=1
             // that ends this reload, applied or refused.
             self.notifier.reloading();
+            let started = std::time::Instant::now();
             let result = self.reload().await;
             self.notifier.ready();
             let label = if result.is_ok() { "success" } else { "failure" };
             self.metrics.reloads.with_label_values(&[label]).inc();
+            self.metrics
+                .reload_seconds
+                .observe(started.elapsed().as_secs_f64());
             if result.is_ok() {
                 self.metrics.config_loaded_now();
             }

@@ -642,6 +642,11 @@ async fn fifty_reloads_under_load_drop_nothing_and_answer_the_config_in_force() 
         "{metrics}"
     );
     assert!(metrics.contains("inferdns_reloads_total{result=\"success\"} 25"));
+    // Every one of them timed, applied or refused.
+    assert!(
+        metrics.contains("inferdns_reload_duration_seconds_count 50"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

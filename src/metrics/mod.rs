@@ -138,6 +138,7 @@ pub struct Metrics {
     pub snapshot_build_seconds: Histogram,
     pub snapshot_age_seconds: prometheus::Gauge,
     pub reloads: IntCounterVec,
+    pub reload_seconds: Histogram,
     pub region_drained: IntGaugeVec,
     pub geoip_loads: IntCounterVec,
     pub region_utilization: prometheus::GaugeVec,
@@ -302,6 +303,17 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new("inferdns_reloads_total", "Configuration reloads by result."),
                 &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let reload_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "inferdns_reload_duration_seconds",
+                    "Time from a reload request to its result: the new config published, or refused.",
+                )
+                .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]),
             )
             .expect("valid metric"),
         );
@@ -511,6 +523,7 @@ impl Metrics {
             snapshot_build_seconds,
             snapshot_age_seconds,
             reloads,
+            reload_seconds,
             region_drained,
             geoip_loads,
             region_utilization,
