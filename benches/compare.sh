@@ -27,6 +27,7 @@
 # the daemons and backends started here are stopped by pid on exit.
 #
 # env: SECS REPS LAT_SECS RATE OUTSTANDING CLIENTS QUICK=1 INFERDNS_BIN ANCHORS RUN SERVER_CPU CLIENT_CPU
+#      SERVERS="knot inferdns" KINDS="static dyn": a subset (the table then has only those)
 # out: the table on stdout; every measurement in benches/results/compare-<stamp>.jsonl (first line: run metadata)
 set -u
 
@@ -43,9 +44,14 @@ CONF="$ROOT/benches/compare"  # lib.sh renders the gdnsd config from $CONF; ever
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 OUT=${OUT:-$ROOT/benches/results/compare-$STAMP.jsonl}
 ECS_US=00011800c63364   # EDNS Client Subnet option payload: family 1, /24, 198.51.100.0
-SERVERS="knot gdnsd inferdns"
+SERVERS=${SERVERS:-knot gdnsd inferdns}
 
-records_for() { case "$1" in knot) echo static ;; gdnsd) echo "static dyn geo geo-ecs" ;; inferdns) echo "static dyn geo geo-ecs cap" ;; esac; }
+records_all() { case "$1" in knot) echo static ;; gdnsd) echo "static dyn geo geo-ecs" ;; inferdns) echo "static dyn geo geo-ecs cap" ;; esac; }
+records_for() { # the server's kinds, only those in KINDS when it is set
+  local r; for r in $(records_all "$1"); do
+    [ -z "${KINDS:-}" ] || [[ " $KINDS " == *" $r "* ]] && echo "$r"
+  done
+}
 qname_of() { case "$1" in geo-ecs) echo geo.inference.example.com ;; *) echo "$1.inference.example.com" ;; esac; }
 expect_of() { case "$1" in static) echo 192.0.2.10 ;; dyn|geo) echo "$PRIMARY_IP" ;; geo-ecs) echo "$SECONDARY_IP" ;; cap) echo any ;; esac; }
 check_answer() { # server record -> first address of the answer

@@ -255,20 +255,18 @@ struct Loaded {
 }
 
 /// Drops `value` (a whole snapshot or config: tens of milliseconds of
-/// `free` at 10,000 services) off the publisher's path, on a blocking
-/// thread when there is a runtime, then with `trim` returns the freed
-/// pages to the system.
-fn drop_aside<T: Send + 'static>(value: T, trim: bool) {
+/// `free` at 10,000 services) off the publisher's path, on a thread of its
+/// own, then returns the freed pages to the system. Dropped here when no
+/// thread can be started.
+fn drop_aside<T: Send + 'static>(value: T) {
     let work = move || {
         drop(value);
-        if trim {
-            crate::memory::release();
-        }
+        crate::memory::release();
     };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(work)),
-        Err(_) => work(),
-    }
+    // On an error the closure, and with it `value`, is dropped here.
+    let _ = std::thread::Builder::new()
+        .name("inferdns-free".into())
+        .spawn(work);
 }
 
 impl Loaded {
@@ -461,8 +459,10 @@ pub struct Publisher {
     bucket: (f64, Instant),
     /// The drained flag and utilisation last set in each region's gauges.
     region_gauges: Vec<Option<(bool, Option<f64>)>>,
-    /// What the published snapshot was built from; `None` after a reload
-    /// (the next build compiles every service).
+    /// What the published snapshot was built from; `None` when the next
+    /// build compiles every service (at start, after a reload that changed
+    /// more than services, after a rollback). After another reload it is
+    /// carried over to the new config ([`build::Built::carried`]).
     built: Option<build::Built>,
     /// The fleet's other edges, as last pulled.
     peers: Vec<crate::fleet::PeerView>,
@@ -1212,7 +1212,7 @@ impl Publisher {
             .and_then(|built| built.carried(&self.loaded, &next, &before));
         drop(before);
         self.region_gauges.clear();
-        drop_aside(std::mem::replace(&mut self.loaded, next), false);
+        drop_aside(std::mem::replace(&mut self.loaded, next));
         self.health = health;
         self.peers = fleet::peer_views(&self.loaded, std::mem::take(&mut self.peers));
         self.keep_rollouts();
@@ -1375,8 +1375,12 @@ impl Publisher {
                     r.eu, r.otherwise, r.unknown, r.without_ecs_unknown
                 )
             });
+            let canary = answer
+                .canary
+                .as_ref()
+                .map(|(share, canary)| format!("{share} {}", answer_text(canary)));
             format!(
-                "{} {residency:?} {:?} {:?} {:?}",
+                "{} {residency:?} {:?} {:?} {:?} {canary:?}",
                 answer.located, answer.classes, answer.tolerance_ms, answer.refusals
             )
         }
@@ -1501,7 +1505,7 @@ impl Publisher {
             // first probe round is in) and the one before it is gone
             // (unless a query thread still reads it): give the pages that
             // freed back to the system.
-            drop_aside(previous, true);
+            drop_aside(previous);
         }
         if rolled_back {
             // The canary's share went with the build that found it failing;
@@ -3582,7 +3586,11 @@ tiers = [["c"]]
     /// [`MIXED`] edited: 0 as it is, 1 with a service added before
     /// `fail` (which `cheap` falls back to: its index moves), 2 with one
     /// service's setting changed, 3 with a region's cost changed (more than
-    /// the services), 4 with a service removed.
+    /// the services), 4 with a service removed, 5 with `fail`'s name in
+    /// capitals (a DNS name equal to the one before, written otherwise: the
+    /// answers of `fail` and of `cheap`, whose CNAME names it, change), 6
+    /// with region d's CNAME target in capitals, 7 with a service with a
+    /// rollout added.
     fn mixed_variant(n: usize) -> Arc<Config> {
         let geoip = concat!(env!("CARGO_MANIFEST_DIR"), "/geoip/test-city.mmdb");
         let text = MIXED.replace("GEOIP", geoip);
@@ -3594,7 +3602,12 @@ tiers = [["c"]]
             ),
             2 => text.replace("records = 2", "records = 1"),
             3 => text.replace("cost = 3.0", "cost = 4.0"),
-            _ => text.replace("[services.other]\ntiers = [[\"c\"]]\n", ""),
+            4 => text.replace("[services.other]\ntiers = [[\"c\"]]\n", ""),
+            5 => text.replace("[services.fail]\n", "[services.fail]\nname = \"FAIL\"\n"),
+            6 => text.replace("gw.provider.example.net", "GW.Provider.example.net"),
+            _ => format!(
+                "{text}[services.canary]\ntiers = [[\"a\", \"b\"]]\nrollout = {{ stable = \"m1\", canary = \"m2\", canary-share = \"50%\" }}\n"
+            ),
         };
         load(&text)
     }
@@ -3660,6 +3673,18 @@ tiers = [["c"]]
         assert_eq!(
             reload(&mut publisher, 3),
             ["cap", "cheap", "fail", "near", "other"]
+        );
+        assert_eq!(reload(&mut publisher, 0), Vec::<String>::new());
+        // Names as written, though equal as DNS names.
+        assert_eq!(
+            reload(&mut publisher, 5),
+            ["cap", "near", "other"],
+            "`fail` renamed FAIL: it and `cheap` (its CNAME names it) compiled"
+        );
+        assert_eq!(
+            reload(&mut publisher, 6),
+            Vec::<String>::new(),
+            "a region's CNAME target in capitals: every service compiled"
         );
     }
 
@@ -3728,7 +3753,7 @@ tiers = [["c"]]
                     for _ in 0..rng.random_range(1..3) {
                         let (done, _) = oneshot::channel();
                         publisher.apply(Msg::Reload {
-                            config: mixed_variant(rng.random_range(0..5)),
+                            config: mixed_variant(rng.random_range(0..8)),
                             ids: (0..endpoints).collect(),
                             geo: None,
                             done,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::fleet::Overlay;
 use super::{Dynamic, EndpointHealth, Loaded, SKIPPED_FULL, layer_state, silence_reason};
 use crate::capacity::Level;
-use crate::config::{Config, Service, Strategy};
+use crate::config::{Config, Region, Service, Strategy, Target};
 use crate::geo::GeoDb;
 use crate::health::{Layer, Status};
 use crate::metrics::Metrics;
@@ -172,7 +172,9 @@ impl Built {
     }
 }
 
-/// The two configs are the same but for their services.
+/// The two configs are the same but for their services. Names are
+/// compared with their case too (`==` on a DNS name ignores it, but an
+/// answer carries the name as written).
 fn same_but_services(a: &Config, b: &Config) -> bool {
     let Config {
         server,
@@ -186,20 +188,43 @@ fn same_but_services(a: &Config, b: &Config) -> bool {
     } = a;
     *server == b.server
         && *zone == b.zone
+        && zone.apex.eq_case(&b.zone.apex)
         && *regions == b.regions
+        && same_case_targets(regions, &b.regions)
         && *geo == b.geo
         && *overrides == b.overrides
         && *rrl == b.rrl
         && *fleet == b.fleet
 }
 
+/// The CNAME targets of the endpoints of equal regions have the same case.
+fn same_case_targets(a: &[Region], b: &[Region]) -> bool {
+    a.iter().zip(b).all(|(x, y)| {
+        x.endpoints
+            .iter()
+            .zip(&y.endpoints)
+            .all(|(e, f)| match (&e.target, &f.target) {
+                (Target::Cname(m), Target::Cname(n)) => m.eq_case(n),
+                _ => true,
+            })
+    })
+}
+
 /// Service `i` of `a` and service `j` of `b` have the same settings; their
 /// fallbacks (indexes into each config's services) are compared by id and
-/// name, what an answer takes from them.
+/// name, what an answer takes from them. Names with their case.
 fn same_service(a: &Config, i: usize, b: &Config, j: usize) -> bool {
-    fn fallback(c: &Config, f: Option<usize>) -> Option<(&str, &hickory_proto::rr::Name)> {
-        f.map(|f| (c.services[f].id.as_str(), &c.services[f].name))
+    fn fallback(c: &Config, f: Option<usize>) -> Option<&Service> {
+        f.map(|f| &c.services[f])
     }
+    let same_fallback = match (
+        fallback(a, a.services[i].fallback),
+        fallback(b, b.services[j].fallback),
+    ) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x.id == y.id && x.name.eq_case(&y.name),
+        _ => false,
+    };
     let Service {
         id,
         name,
@@ -210,7 +235,7 @@ fn same_service(a: &Config, i: usize, b: &Config, j: usize) -> bool {
         strategy,
         residency,
         model,
-        fallback: f,
+        fallback: _,
         max_latency,
         records,
         sticky,
@@ -223,7 +248,7 @@ fn same_service(a: &Config, i: usize, b: &Config, j: usize) -> bool {
     } = &a.services[i];
     let t = &b.services[j];
     *id == t.id
-        && *name == t.name
+        && name.eq_case(&t.name)
         && *tiers == t.tiers
         && *ttl == t.ttl
         && *when_all_down == t.when_all_down
@@ -231,7 +256,7 @@ fn same_service(a: &Config, i: usize, b: &Config, j: usize) -> bool {
         && *strategy == t.strategy
         && *residency == t.residency
         && *model == t.model
-        && fallback(a, *f) == fallback(b, t.fallback)
+        && same_fallback
         && *max_latency == t.max_latency
         && *records == t.records
         && *sticky == t.sticky
