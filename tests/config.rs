@@ -556,17 +556,32 @@ fallback = "nowhere"
 [services.e]
 tiers = [["r"]]
 fallback = "e"
+
+[services.f]
+tiers = [["r"]]
+fallback = "g"
+
+[services.g]
+tiers = [["r"]]
+fallback = "h"
+
+[services.h]
+tiers = [["r"]]
+fallback = "g"
 "#;
     let (_f, errors) = load_errors(&base_config(extra), ZONE, &[]);
     let text: Vec<String> = errors.iter().map(|e| e.message.clone()).collect();
     let text = text.join("\n");
     assert!(text.contains("fallback loop: a -> b -> c -> a"), "{text}");
+    // f leads into a loop it is not part of: the loop is reported once,
+    // from its first service.
+    assert!(text.contains("fallback loop: g -> h -> g"), "{text}");
     assert_eq!(
         errors
             .iter()
             .filter(|e| e.message.starts_with("fallback loop"))
             .count(),
-        1,
+        2,
         "{text}"
     );
     let main = base_config(extra);
