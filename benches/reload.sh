@@ -27,6 +27,10 @@ trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$DIR"' EXIT
 cp "$DB" "$DIR/city.mmdb"
 "$SCALE" gen --regions "$REGIONS" --services "$SERVICES" --dir "$DIR" --geoip "$DIR/city.mmdb" >/dev/null
 echo secret-token >"$DIR/token"
+# Policy files written within two seconds of a load are read again at the
+# next one whatever their keys (config::known): let them settle, as files
+# a tool did not just write are.
+sleep 3
 sed -i "s/admin-listen = \"127.0.0.1:0\"/admin-listen = \"$ADMIN\"\nadmin-token-file = \"token\"/" "$DIR/inferdns.toml"
 echo "$SERVICES services, $REGIONS regions, GeoIP $(stat -c %s "$DB") bytes; $(uptime)"
 RUST_LOG=warn "$BIN" run --config "$DIR/inferdns.toml" >/dev/null 2>&1 &

@@ -40,6 +40,10 @@ pub struct StartOptions {
     pub admin_listen: Option<SocketAddr>,
     /// Reloads (SIGHUP, `POST /v1/reload`) read this file; none: reload is refused.
     pub config_path: Option<PathBuf>,
+    /// What loading the config learned of its policy files
+    /// ([`config::load_known`]): a reload reads only those that changed.
+    /// Empty: the first reload reads every file.
+    pub policy_files: config::Learned,
 }
 
 /// The outcome of a reload: the generation that serves the new config, or
@@ -243,8 +247,9 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let (geo_target, geo_target_rx) = watch::channel(GeoTarget::of(&config));
     let (fleet, fleet_rx) = watch::channel(Arc::new(config.fleet.clone()));
     let geo_state = Arc::new(std::sync::Mutex::new(GeoState::of(geo_db.clone())));
+    let config = Arc::new(config);
     let (mut publisher, snapshot, mut first_round) =
-        Publisher::new(Arc::new(config), ids, geo_db.clone(), metrics.clone());
+        Publisher::new(config.clone(), ids, geo_db.clone(), metrics.clone());
     publisher.connect_probes(probe_hints);
     {
         let cancel = cancel.clone();
@@ -256,6 +261,7 @@ pub async fn start(mut config: Config, options: StartOptions) -> Result<Running,
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let reloader = Reloader {
         path: options.config_path.clone(),
+        known: Arc::new(config::PolicyFiles::new(config, options.policy_files)),
         probes,
         publisher: tx.clone(),
         metrics: metrics.clone(),
@@ -364,6 +370,8 @@ fn tcp_connection_cap(configured: u32, endpoints: usize) -> u32 {
 /// and stop probes, hand the new config to the publisher.
 struct Reloader {
     path: Option<PathBuf>,
+    /// The config in force and what its load learned of its policy files.
+    known: Arc<config::PolicyFiles>,
     probes: ProbeSet,
     publisher: mpsc::Sender<Msg>,
     metrics: Arc<Metrics>,
@@ -419,14 +427,15 @@ impl Reloader {
             ]);
         };
         // Reading and checking happen here, off the publisher and the query path.
+        let started = std::time::Instant::now();
         let loaded = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || config::load_for_reload(&path))
+            let (path, known) = (path.clone(), self.known.clone());
+            tokio::task::spawn_blocking(move || config::load_known(&path, &known))
                 .await
                 .map_err(|e| vec![format!("reload task failed: {e}")])?
         };
-        let mut config = match loaded {
-            Ok(config) => config,
+        let (mut config, learned) = match loaded {
+            Ok(loaded) => loaded,
             Err(errors) => {
                 let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
                 for e in &errors {
@@ -435,6 +444,12 @@ impl Reloader {
                 return Err(errors);
             }
         };
+        tracing::info!(
+            policy_files_read = learned.read,
+            policy_files_kept = learned.kept,
+            took_ms = started.elapsed().as_millis() as u64,
+            "Configuration read and checked (policy files unchanged since the last load are taken from the config in force)."
+        );
         if config.server.dns_listen != self.listen.0 || config.server.admin_listen != self.listen.1
         {
             tracing::warn!("Listen addresses change only on restart; keeping the ones in use.");
@@ -466,8 +481,9 @@ impl Reloader {
             changed
         });
         let (done, generation) = oneshot::channel();
+        let config = Arc::new(config);
         let msg = Msg::Reload {
-            config: Arc::new(config),
+            config: config.clone(),
             ids,
             geo: geo_db,
             done,
@@ -475,6 +491,7 @@ impl Reloader {
         if self.publisher.send(msg).await.is_err() {
             return Err(vec!["the server is shutting down".into()]);
         }
+        self.known = Arc::new(config::PolicyFiles::new(config, learned));
         generation
             .await
             .map_err(|_| vec!["the server is shutting down".to_string()])

@@ -135,11 +135,13 @@ pub fn main(cli: Cli) -> ExitCode {
             // The GeoIP database is opened once, by the start itself (which
             // refuses one that does not load, exit 1 as `check`): loading it
             // here too took as long again before the first answer.
-            let loaded = config::load_for_reload(&config)?;
+            let (loaded, policy_files) =
+                config::load_known(&config, &config::PolicyFiles::default())?;
             let options = StartOptions {
                 dns_listen,
                 admin_listen,
                 config_path: Some(config),
+                policy_files,
             };
             app::run(loaded, options).await
         }),

@@ -10,6 +10,7 @@ mod capacity;
 mod check;
 pub mod file;
 pub mod fleet;
+mod known;
 mod limits;
 mod parse;
 mod probes;
@@ -29,8 +30,9 @@ pub use probes::DEFAULT_FALL_REFUSED;
 
 pub use check::{
     DEFAULT_FALL, DEFAULT_INTERVAL, DEFAULT_RISE, DEFAULT_SERVICE_TTL, DEFAULT_TIMEOUT, load,
-    load_for_reload, load_str,
+    load_for_reload, load_known, load_str,
 };
+pub use known::{Learned, PolicyFiles};
 
 /// The checked runtime configuration: everything the daemon needs, no spans.
 #[derive(Debug, Clone, PartialEq)]
