@@ -160,7 +160,7 @@ impl Handler {
             _ => Class::Error,
         };
         let name = query.question.map_or(&[][..], |q| &q.wire[..q.name_len]);
-        let now_ms = self.started.elapsed().as_millis() as u32;
+        let now_ms = || self.started.elapsed().as_millis() as u32;
         match self.rrl.check(limit, src, class, name, now_ms) {
             Verdict::Send => true,
             Verdict::Drop => {
