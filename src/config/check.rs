@@ -95,7 +95,7 @@ pub(super) fn load_text(
         open_geoip,
         broken: Broken::from_paths(&parsed.tainted),
         learned: Learned {
-            main: Some(crate::geo::digest(text.as_bytes())),
+            main: known.is_some().then(|| text.to_string()),
             ..Learned::default()
         },
         settled: known.map(|(_, settled)| settled),
@@ -914,20 +914,20 @@ impl Checker {
                 path: file,
                 text: &text,
             };
-            let (errors, fallbacks) = (self.errors.len(), self.fallbacks.len());
-            let clean = parsed.errors.is_empty();
+            let fallbacks = self.fallbacks.len();
             self.errors.extend(parsed.errors);
             match (&parsed.value, ctx) {
                 (Some(section), Some(ctx)) if parsed.tainted.is_empty() => {
                     if let Some(s) = self.service(&psrc, &id, section, 0..0, ctx) {
                         services.push((s, file_start(file)));
-                        if clean && self.errors.len() == errors {
-                            let fallback = self
-                                .fallbacks
-                                .get(fallbacks)
-                                .map(|(_, target, place)| (target.clone(), place.clone()));
-                            self.remember(file, key, fallback);
-                        }
+                        // Remembered whether or not it had a problem: a
+                        // load with any problem is refused whole, and
+                        // what it learned with it.
+                        let fallback = self
+                            .fallbacks
+                            .get(fallbacks)
+                            .map(|(_, target, place)| (target.clone(), place.clone()));
+                        self.remember(file, key, fallback);
                     }
                 }
                 _ => {
@@ -953,7 +953,9 @@ impl Checker {
             .map_or((0, 0), |d| {
                 (d.as_secs() as i64, i64::from(d.subsec_nanos()))
             });
-        if key.ctime < settled && key.mtime < settled {
+        // The change time moves with every change (the modification time
+        // too, and it can be set to anything, even the future).
+        if key.ctime < settled {
             self.learned
                 .files
                 .insert(file.to_path_buf(), Clean { key, fallback });

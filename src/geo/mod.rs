@@ -251,9 +251,8 @@ fn lookup_decoding<S: AsRef<[u8]>>(reader: &maxminddb::Reader<S>, ip: IpAddr) ->
 /// The length and a 64-bit digest of `bytes`: a reload's "same file"
 /// check (a word at a time, some 60 MB in a few milliseconds). Not
 /// cryptographic: whoever can write the database file decides locations
-/// anyway (and the config files, what is served). Also a reload's "same
-/// main file" check (`config::known`).
-pub(crate) fn digest(bytes: &[u8]) -> (usize, u64) {
+/// anyway.
+fn digest(bytes: &[u8]) -> (usize, u64) {
     let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut words = bytes.chunks_exact(8);
     for w in &mut words {
