@@ -1933,7 +1933,8 @@ tiers = [["primary"], ["secondary"]]
             .expect("no failover within 5 s of a reload waiting for a new endpoint")
             - fault;
         assert!(
-            moved <= Duration::from_millis(550),
+            // One interval, +10 % jitter, the probe grid's tick.
+            moved <= Duration::from_millis(550) + crate::health::PROBE_TICK,
             "failover after {moved:?} during a reload, expected within one interval"
         );
         // The reload went live with it; its new endpoint is not answered.
@@ -1960,7 +1961,8 @@ tiers = [["primary"], ["secondary"]]
         primary.set(Scripted::REFUSE);
         let moved = until(&snapshot, "192.0.2.2").await - fault;
         assert!(
-            moved <= Duration::from_millis(550),
+            // One interval, +10 % jitter, the probe grid's tick.
+            moved <= Duration::from_millis(550) + crate::health::PROBE_TICK,
             "failover after {moved:?}, expected within one interval"
         );
         assert_eq!(
@@ -1977,7 +1979,8 @@ tiers = [["primary"], ["secondary"]]
         primary.set(Scripted::OK);
         let back = until(&snapshot, "192.0.2.1").await - fixed;
         assert!(
-            back > Duration::from_millis(450) && back <= Duration::from_millis(1100),
+            back > Duration::from_millis(450)
+                && back <= Duration::from_millis(1100) + 2 * crate::health::PROBE_TICK,
             "failback after {back:?}"
         );
 
@@ -1990,7 +1993,7 @@ tiers = [["primary"], ["secondary"]]
         let moved = until(&snapshot, "192.0.2.2").await - hung;
         assert!(
             moved >= Duration::from_millis(800 + 800)
-                && moved <= Duration::from_millis(550 + 800 + 800),
+                && moved <= Duration::from_millis(550 + 800 + 800) + 2 * crate::health::PROBE_TICK,
             "hung failover after {moved:?}, expected 2 timeouts and up to one interval"
         );
         assert_eq!(
@@ -2853,7 +2856,7 @@ strategy = "proximity"
             back - cleared
         );
         assert!(
-            back - cleared <= Duration::from_millis(550 + 10),
+            back - cleared <= Duration::from_millis(550) + crate::health::PROBE_TICK,
             "up {:?} after the hang cleared",
             back - cleared
         );
@@ -2986,8 +2989,10 @@ tiers = [["primary"], ["secondary"]]
         assert_eq!(answer(&snapshot), ["192.0.2.2"]);
         tokio::time::sleep(Duration::from_secs(1)).await;
         server.set(Scripted::OK);
-        // rise x alive interval (+10% jitter) + one model-list interval.
-        let bound = Duration::from_millis(2 * 550) + MODELS.interval;
+        // rise x alive interval (+10% jitter) + one model-list interval,
+        // each probe up to one grid tick late.
+        let bound =
+            Duration::from_millis(2 * 550) + MODELS.interval + 3 * crate::health::PROBE_TICK;
         let back = within(&snapshot, "192.0.2.1", Duration::from_secs(90)).await;
         assert!(back <= bound, "failback after {back:?}, bound {bound:?}");
         cancel.cancel();
@@ -3896,7 +3901,7 @@ tiers = [["c"]]
         }
         let first_loss = fault.elapsed();
         assert!(
-            first_loss <= Duration::from_millis(550),
+            first_loss <= Duration::from_millis(550) + crate::health::PROBE_TICK,
             "the first loss is published at once: {first_loss:?}"
         );
         // Once all are down the answer is the last known good one again:
@@ -3912,7 +3917,7 @@ tiers = [["c"]]
         let all = fault.elapsed();
         let builds = snapshot.load().generation - before;
         assert!(
-            all <= Duration::from_millis(550 + 250),
+            all <= Duration::from_millis(550 + 250) + crate::health::PROBE_TICK,
             "every loss published within the interval and a gap: {all:?}"
         );
         assert!(
