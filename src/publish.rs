@@ -1214,7 +1214,6 @@ impl Publisher {
             .built
             .take()
             .and_then(|built| built.carried(&self.loaded, &next, &before));
-        drop(before);
         self.region_gauges.clear();
         // Freed with the snapshot it served, after the next build.
         let replaced = std::mem::replace(&mut self.loaded, next);
