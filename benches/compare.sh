@@ -180,8 +180,9 @@ def cell(r, k, srv):
     l = [x for x in r if x.get("mode") == "lat" and x.get("server") == srv and x.get("record") == k]
     if not q:
         return None
-    return {"qps": med([x["qps"] for x in q]),
-            "us": med([x["server_cpu_pct"] / 100.0 / x["qps"] * 1e6 for x in q if x.get("server_cpu_pct") is not None]),
+    us = [x["server_cpu_pct"] / 100.0 / x["qps"] * 1e6 for x in q if x.get("server_cpu_pct") is not None]
+    return {"qps": med([x["qps"] for x in q]), "us": med(us),
+            "us_range": f"{min(us):.2f}–{max(us):.2f}" if len(us) > 1 else "—",
             "p50": med([x.get("p50_us") for x in l]), "p99": med([x.get("p99_us") for x in l]),
             "rate": med([x.get("rate") for x in l]), "bytes": med([x.get("resp_bytes") for x in q]),
             "lost": sum(x.get("lost", 0) for x in q + l), "reps": len(q),
@@ -192,21 +193,22 @@ print(f"Run `{os.path.relpath(path, root)}`: medians of {meta.get('reps')} inter
       f"(dnsperf -c {meta.get('clients')} -q {meta.get('outstanding')}); latency at {meta.get('rate'):,} q/s for "
       f"{meta.get('lat_secs')} s; server on CPU {meta.get('server_cpu')}, dnsperf on CPU {meta.get('client_cpu')}, "
       f"SCHED_FIFO; load average at start {meta.get('loadavg_at_start')}, at end {end.get('loadavg_at_end', '?')}.\n")
-print("| name kind | server | QPS | server CPU µs/query | CPU/query ÷ Knot static | QPS ÷ Knot static "
+print("| name kind | server | QPS | server CPU µs/query | its reps, min–max | CPU/query ÷ Knot static | QPS ÷ Knot static "
       "| p50 µs | p99 µs | reply bytes | lost |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for k, kname in kinds:
     for srv, sname in servers:
         c = cell(rows, k, srv)
         if c is None:
-            print(f"| {kname} | {sname} | — | — | — | — | — | — | — | — |")
+            print(f"| {kname} | {sname} | — | — | — | — | — | — | — | — | — |")
             continue
         ratio_us = c["us"] / knot["us"] if knot and knot["us"] and c["us"] else None
         ratio_q = c["qps"] / knot["qps"] if knot and knot["qps"] else None
         p = lambda v: f(v) + ("" if c["rate"] in (None, meta.get("rate")) else f" (@{c['rate']:,.0f})")
-        print(f"| {kname} | {sname} | {f(c['qps'])} | {f(c['us'], 2)} | {f(ratio_us, 2)}{'x' if ratio_us else ''} "
+        print(f"| {kname} | {sname} | {f(c['qps'])} | {f(c['us'], 2)} | {c['us_range']} | {f(ratio_us, 2)}{'x' if ratio_us else ''} "
               f"| {f(ratio_q, 2)}{'x' if ratio_q else ''} | {p(c['p50'])} | {p(c['p99'])} | {f(c['bytes'])} | {c['lost']} |")
 print("\nserver CPU µs/query = the server's CPU time (all threads, /proc) / answers; the fair figure where dnsperf's one "
-      "core (~200k q/s) is the ceiling. Reply bytes: dnsperf's average response size (no EDNS; ECS for GeoIP + ECS). "
+      "core (~200k q/s) is the ceiling; its spread over the reps is the run's own noise (on this VM a server's cost moves "
+      "between two levels ~12 % apart from one 8 s rep to the next, whatever the server). Reply bytes: dnsperf's average response size (no EDNS; ECS for GeoIP + ECS). "
       "'—': the server has no such name (Knot: static only; gdnsd: no capacity-weighted answer).")
 PY
