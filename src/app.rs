@@ -942,16 +942,16 @@ mod tests {
         let v4 = |df| bind_udp("127.0.0.1:0".parse().unwrap(), df).unwrap();
         let v6 = |df| bind_udp("[::1]:0".parse().unwrap(), df).unwrap();
         assert_eq!(
-            sockopt::ip_mtu_discover(&v4(true)).unwrap(),
+            sockopt::ip_mtu_discover(v4(true)).unwrap(),
             Ipv4PathMtuDiscovery::PROBE
         );
         assert_eq!(
-            sockopt::ip_mtu_discover(&v4(false)).unwrap(),
+            sockopt::ip_mtu_discover(v4(false)).unwrap(),
             Ipv4PathMtuDiscovery::OMIT
         );
         for df in [true, false] {
             assert_eq!(
-                sockopt::ipv6_mtu_discover(&v6(df)).unwrap(),
+                sockopt::ipv6_mtu_discover(v6(df)).unwrap(),
                 Ipv6PathMtuDiscovery::OMIT
             );
         }
