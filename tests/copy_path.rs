@@ -244,3 +244,93 @@ fn copied_replies_are_the_general_paths_byte_for_byte() {
         assert!(compared > 10_000, "{compared}");
     }
 }
+
+/// The A records of a reply.
+fn addresses(reply: &[u8]) -> Vec<String> {
+    let mut found: Vec<String> = Message::from_vec(reply)
+        .unwrap()
+        .answers
+        .iter()
+        .map(|r| r.data.to_string())
+        .collect();
+    found.sort();
+    found
+}
+
+/// The query path remembers proximity decisions per subnet; a decision
+/// taken on one snapshot must never answer on another: not after a drain
+/// (the candidates' order moves, so an old mask would name other regions),
+/// not on a second publisher whose generation number is the same.
+#[test]
+fn a_remembered_decision_never_answers_from_another_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("zone.db"), ZONE.replace("@250@", "z")).unwrap();
+    std::fs::write(dir.path().join("inferdns.toml"), MAIN.replace("@DB@", DB)).unwrap();
+    let config = Arc::new(inferdns::config::load(&dir.path().join("inferdns.toml")).unwrap());
+    let endpoints: u64 = config
+        .regions
+        .iter()
+        .map(|r| r.endpoints.len() as u64)
+        .sum();
+    let geo = Arc::new(GeoDb::load(std::path::Path::new(DB)).unwrap());
+    let publisher = |drain: Option<&str>| {
+        let (mut publisher, snapshot, _) = Publisher::new(
+            config.clone(),
+            (0..endpoints).collect(),
+            Some(geo.clone()),
+            inferdns::metrics::Metrics::new(),
+        );
+        for e in 0..endpoints {
+            up(&mut publisher, e);
+        }
+        if let Some(region) = drain {
+            let (done, _) = tokio::sync::oneshot::channel();
+            publisher.apply(Msg::Drain {
+                region: region.into(),
+                drained: true,
+                done,
+            });
+        }
+        publisher.publish();
+        (publisher, snapshot)
+    };
+    // A client in DE (ECS 192.0.2.0/24): within 50 ms of both EU regions.
+    let packet = query(
+        "near.inference.example.com.",
+        RecordType::A,
+        Some((1232, false, Some("192.0.2.0/24"))),
+    );
+    let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    let ask = |handler: &Handler| {
+        let mut out = Vec::new();
+        assert!(handler.respond(&packet, src, Transport::Udp, &mut out));
+        addresses(&out)
+    };
+    let both = vec!["192.0.2.71".to_string(), "192.0.2.72".to_string()];
+    let west = vec!["192.0.2.72".to_string()];
+
+    // One publisher: asked, drained, asked again on the same thread.
+    let (mut first, first_snapshot) = publisher(None);
+    let handler = Handler::new(first_snapshot.clone(), 1232);
+    assert_eq!(ask(&handler), both);
+    assert_eq!(ask(&handler), both); // From memory this time.
+    let (done, _) = tokio::sync::oneshot::channel();
+    first.apply(Msg::Drain {
+        region: "eu-central".into(),
+        drained: true,
+        done,
+    });
+    first.publish();
+    assert_eq!(ask(&handler), west);
+
+    // Two publishers at the same generation, one with eu-central drained
+    // (the other drains a region `near` does not use).
+    let (_a, up_all) = publisher(Some("never"));
+    let (_b, drained) = publisher(Some("eu-central"));
+    assert_eq!(up_all.load().generation, drained.load().generation);
+    let (a, b) = (Handler::new(up_all, 1232), Handler::new(drained, 1232));
+    for _ in 0..3 {
+        assert_eq!(ask(&a), both);
+        assert_eq!(ask(&b), west);
+    }
+}

@@ -42,6 +42,7 @@ fn broken_snapshot() -> Snapshot {
     );
     Snapshot {
         generation: 1,
+        id: Snapshot::next_id(),
         built: SystemTime::now(),
         zone: Arc::new(Zone {
             apex: LowerName::new(&apex),

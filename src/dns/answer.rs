@@ -325,10 +325,8 @@ pub struct Located {
 /// is never answered from an older view. Resolvers repeat their own address
 /// and their clients' subnets, so most queries skip the tree walk.
 pub fn locate(snap: &Snapshot, client: &Client) -> Located {
-    let (subnet, from_ecs) = match (client.ecs, client.addr) {
-        (Some(net), _) => (net.trunc(), true),
-        (None, Some(ip)) => (ipnet::IpNet::from(ip.to_canonical()), false),
-        (None, None) => return Located::default(),
+    let Some((subnet, from_ecs)) = locate_key(client) else {
+        return Located::default();
     };
     let geo = &snap.geo;
     if geo.id == 0 {
@@ -354,6 +352,16 @@ pub fn locate(snap: &Snapshot, client: &Client) -> Located {
         recent[slot] = Some((key, located));
     });
     located
+}
+
+/// What [`locate`] places `client` by: the ECS subnet if any, else the
+/// resolver's address; and whether it came from ECS.
+pub(super) fn locate_key(client: &Client) -> Option<(ipnet::IpNet, bool)> {
+    match (client.ecs, client.addr) {
+        (Some(net), _) => Some((net.trunc(), true)),
+        (None, Some(ip)) => Some((ipnet::IpNet::from(ip.to_canonical()), false)),
+        (None, None) => None,
+    }
 }
 
 /// Subnets each thread remembers in [`locate`]: 1,024 entries of 80 bytes.

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, RData, Record, RecordType};
 
-use super::answer::{Client, choice_key, class_of, estimate, locate, sticky_scope};
+use super::answer::{Client, choice_key, class_of, estimate, locate, locate_key, sticky_scope};
 use super::handler::{ecs_echo, located_subnet};
 use super::query::{self, Ecs, HEADER_LEN, Query, Question};
 use super::reply::{Header, Opt, Section, Writer, write_opt};
@@ -160,6 +160,7 @@ fn wire_name(name: &LowerName) -> Box<[u8]> {
 fn scratch_snapshot(zone: Arc<Zone>) -> Snapshot {
     Snapshot {
         generation: 0,
+        id: 0,
         built: SystemTime::UNIX_EPOCH,
         zone,
         services: Vec::new(),
@@ -334,9 +335,13 @@ pub(super) fn copy(
     }
 }
 
+/// Pieces a reply's records are copied from (the nearest candidates'
+/// records each take one).
+const PIECES: usize = 3;
+
 /// The records part of a reply: up to three pieces copied in order.
 struct Body<'a> {
-    parts: [&'a [u8]; 3],
+    parts: [&'a [u8]; PIECES],
     counts: [u16; 3],
     rcode: u8,
 }
@@ -356,7 +361,7 @@ struct Asked<'a, 'q> {
 struct Pick<'a> {
     /// SERVFAIL instead (all down and so configured, or not probed yet).
     servfail: bool,
-    parts: [&'a [u8]; 3],
+    parts: [&'a [u8]; PIECES],
     count: u16,
     counters: Counted<'a>,
     /// The subnet located (for the ECS echo) and the scope of the decision.
@@ -377,6 +382,120 @@ enum Counted<'a> {
         [usize; MAX_DRAWN],
         usize,
     ),
+}
+
+/// What a decision for one subnet is remembered under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DecidedKey {
+    /// [`Snapshot::id`]: never 0 here, never given to two snapshots.
+    snapshot: u64,
+    service: usize,
+    /// The subnet located and whether it came from ECS ([`locate_key`]).
+    subnet: ipnet::IpNet,
+    from_ecs: bool,
+}
+
+/// A service's answer for one subnet, as far as it does not depend on the
+/// query's type: its client class, the scope, and for proximity the
+/// candidates within the tolerance (bit j: candidate j; `None`: the
+/// class's records).
+#[derive(Debug, Clone, Copy)]
+struct Decision {
+    class: usize,
+    scope: Option<u8>,
+    nearest: Option<u64>,
+}
+
+/// Decisions each query-path thread remembers: 1,024 entries of 80 bytes,
+/// one per slot, overwritten on collision (nothing a sender can grow). An
+/// entry holds for one snapshot only (its `id`), so a health change, a
+/// reload or a database swap is never answered from an older decision;
+/// resolvers repeat their own address and their clients' subnets, so most
+/// queries of a located service skip locating and the distance estimates.
+/// Drawn (capacity) answers are never remembered.
+const DECIDED: usize = 1024;
+
+thread_local! {
+    static DECIDED_RECENTLY: std::cell::RefCell<Vec<Option<(DecidedKey, Decision)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn decided_slot(key: &DecidedKey) -> usize {
+    let bits = match key.subnet.addr() {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let folded = (bits as u64)
+        ^ ((bits >> 64) as u64).rotate_left(17)
+        ^ (u64::from(key.subnet.prefix_len()) << 1)
+        ^ u64::from(key.from_ecs)
+        ^ (key.service as u64).rotate_left(40)
+        ^ key.snapshot.rotate_left(23);
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DECIDED.trailing_zeros())) as usize
+}
+
+fn recall(key: &DecidedKey) -> Option<Decision> {
+    DECIDED_RECENTLY.with_borrow(|decided| {
+        decided
+            .get(decided_slot(key))
+            .and_then(|entry| entry.as_ref())
+            .filter(|(k, _)| k == key)
+            .map(|(_, decision)| *decision)
+    })
+}
+
+fn remember(key: DecidedKey, decision: Decision) {
+    DECIDED_RECENTLY.with_borrow_mut(|decided| {
+        if decided.is_empty() {
+            decided.resize(DECIDED, None);
+        }
+        decided[decided_slot(&key)] = Some((key, decision));
+    });
+}
+
+/// The records of a decision, in the query's family.
+fn pick<'a>(
+    service: &'a ServiceAnswer,
+    wire: &'a ServiceWire,
+    decision: Decision,
+    located: Option<ipnet::IpNet>,
+    aaaa: bool,
+) -> Option<Pick<'a>> {
+    let class = service.classes.get(decision.class)?;
+    let cw = wire.classes.get(decision.class)?;
+    let mut pick = Pick {
+        servfail: false,
+        parts: [&[], &[], &[]],
+        count: 0,
+        counters: Counted::None,
+        located,
+        scope: decision.scope,
+    };
+    match decision.nearest {
+        Some(mask) => {
+            if mask.checked_shr(cw.candidates.len() as u32).unwrap_or(0) != 0 {
+                return None; // Not encoded for every candidate: the general path.
+            }
+            let mut used = 0;
+            for (j, candidate) in cw.candidates.iter().enumerate() {
+                if mask & (1 << j) == 0 {
+                    continue;
+                }
+                let records = if aaaa { &candidate.aaaa } else { &candidate.a };
+                *pick.parts.get_mut(used)? = &records.bytes;
+                used += 1;
+                pick.count += records.count;
+            }
+            pick.counters = Counted::Candidates(&class.candidates, mask);
+        }
+        None => {
+            let records = if aaaa { &cw.aaaa } else { &cw.a };
+            pick.parts[0] = &records.bytes;
+            pick.count = records.count;
+            pick.counters = Counted::Class(&class.answered);
+        }
+    }
+    Some(pick)
 }
 
 impl<'a> Asked<'a, '_> {
@@ -409,6 +528,22 @@ impl<'a> Asked<'a, '_> {
             addr: Some(resolver.to_canonical()),
             ecs: located_net,
         };
+        // Decided before on this very snapshot for the same subnet: the
+        // same class, scope and nearest candidates (all functions of the
+        // snapshot and the subnet), without locating or measuring again.
+        let key = if service.located && snap.id != 0 {
+            locate_key(&client).map(|(subnet, from_ecs)| DecidedKey {
+                snapshot: snap.id,
+                service: index,
+                subnet,
+                from_ecs,
+            })
+        } else {
+            None
+        };
+        if let Some(decision) = key.as_ref().and_then(recall) {
+            return pick(service, wire, decision, located_net, aaaa);
+        }
         let located = service.located.then(|| locate(snap, &client));
         let class_index = class_of(service, located.as_ref());
         let class = service.classes.get(class_index)?;
@@ -417,16 +552,15 @@ impl<'a> Asked<'a, '_> {
             return None;
         }
         let mut scope = located.map(|l| l.scope);
-        let mut pick = Pick {
-            servfail: cw.servfail,
-            parts: [&[], &[], &[]],
-            count: 0,
-            counters: Counted::None,
-            located: located_net,
-            scope,
-        };
-        if pick.servfail {
-            return Some(pick);
+        if cw.servfail {
+            return Some(Pick {
+                servfail: true,
+                parts: [&[], &[], &[]],
+                count: 0,
+                counters: Counted::None,
+                located: located_net,
+                scope,
+            });
         }
         if let Some(d) = &class.drawn {
             let entries = if aaaa { &d.aaaa } else { &d.a };
@@ -440,7 +574,6 @@ impl<'a> Asked<'a, '_> {
             } else {
                 rand::random()
             };
-            pick.scope = scope;
             // The `k` lowest scores, lowest first, ties to the earlier entry
             // (as the general path's stable sort orders them).
             // Each entry's score once (the same values the general path
@@ -471,12 +604,16 @@ impl<'a> Asked<'a, '_> {
             } else {
                 &d.a_counters
             };
-            pick.count = k as u16;
-            pick.counters = Counted::Drawn(counters, chosen, k);
-            pick.parts[0] = &drawn[..len];
-            return Some(pick);
+            return Some(Pick {
+                servfail: false,
+                parts: [&drawn[..len], &[], &[]],
+                count: k as u16,
+                counters: Counted::Drawn(counters, chosen, k),
+                located: located_net,
+                scope,
+            });
         }
-        match (service.tolerance_ms, located.and_then(|l| l.point)) {
+        let nearest = match (service.tolerance_ms, located.and_then(|l| l.point)) {
             (Some(tolerance), Some(point)) if !class.candidates.is_empty() => {
                 // As `nearest` decides, with each estimate computed once.
                 let n = class.candidates.len();
@@ -488,34 +625,29 @@ impl<'a> Asked<'a, '_> {
                     *e = estimate(&point, c);
                 }
                 let best = estimates[..n].iter().copied().fold(f64::INFINITY, f64::min);
-                let mut used = 0;
                 let mut mask = 0u64;
                 for (j, e) in estimates[..n].iter().enumerate() {
                     // (Written as `nearest` compares: a NaN is never within.)
-                    let within = *e <= best + tolerance;
-                    if !within {
-                        continue;
+                    if *e <= best + tolerance {
+                        mask |= 1 << j;
                     }
-                    if used == pick.parts.len() {
-                        return None; // More regions in the band than pieces.
-                    }
-                    let candidate = cw.candidates.get(j)?;
-                    let records = if aaaa { &candidate.aaaa } else { &candidate.a };
-                    pick.parts[used] = &records.bytes;
-                    used += 1;
-                    pick.count += records.count;
-                    mask |= 1 << j;
                 }
-                pick.counters = Counted::Candidates(&class.candidates, mask);
+                if mask.count_ones() as usize > PIECES {
+                    return None; // More regions in the band than pieces.
+                }
+                Some(mask)
             }
-            _ => {
-                let records = if aaaa { &cw.aaaa } else { &cw.a };
-                pick.parts[0] = &records.bytes;
-                pick.count = records.count;
-                pick.counters = Counted::Class(&class.answered);
-            }
+            _ => None,
+        };
+        let decision = Decision {
+            class: class_index,
+            scope,
+            nearest,
+        };
+        if let Some(key) = key {
+            remember(key, decision);
         }
-        Some(pick)
+        pick(service, wire, decision, located_net, aaaa)
     }
 
     /// The reply with the records picked; NODATA when there are none.

@@ -97,6 +97,11 @@ pub struct EndpointView {
 #[derive(Debug)]
 pub struct Snapshot {
     pub generation: u64,
+    /// Unique to this snapshot in the process ([`Snapshot::next_id`]; 0
+    /// for a scratch one): what the query path's memory of decisions is
+    /// keyed by, so that nothing decided on one snapshot answers from
+    /// another (generations repeat across publishers in one process).
+    pub id: u64,
     pub built: SystemTime,
     pub zone: Arc<Zone>,
     /// By service index; a build shares the unchanged ones with the
@@ -124,6 +129,14 @@ pub struct Snapshot {
     /// Answers already encoded, for the query path to copy (empty: every
     /// query takes the general path).
     pub wire: wire::Wire,
+}
+
+impl Snapshot {
+    /// A snapshot id never given before in this process, never 0.
+    pub fn next_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Everything needed to locate a client.

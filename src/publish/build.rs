@@ -498,6 +498,7 @@ pub(super) fn build(cx: BuildInputs<'_>, previous: Option<(&Built, &Snapshot)>) 
     let nsid = &config.server.nsid;
     let snapshot = Snapshot {
         generation,
+        id: Snapshot::next_id(),
         built: SystemTime::now(),
         zone: loaded.zone.clone(),
         services,
