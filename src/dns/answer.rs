@@ -375,15 +375,26 @@ thread_local! {
 }
 
 fn recent_slot(subnet: &ipnet::IpNet, from_ecs: bool) -> usize {
+    slot_of(subnet_bits(subnet, from_ecs), RECENT)
+}
+
+/// A subnet and its origin folded into 64 bits, for the query path's
+/// per-thread tables. A sender can aim at a slot, which is harmless: the
+/// tables only overwrite, so a collision costs a lookup, never memory.
+pub(super) fn subnet_bits(subnet: &ipnet::IpNet, from_ecs: bool) -> u64 {
     let bits = match subnet.addr() {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
     };
-    let folded = (bits as u64)
+    (bits as u64)
         ^ ((bits >> 64) as u64).rotate_left(17)
         ^ (u64::from(subnet.prefix_len()) << 1)
-        ^ u64::from(from_ecs);
-    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT.trailing_zeros())) as usize
+        ^ u64::from(from_ecs)
+}
+
+/// The slot of `folded` in a table of `size` (a power of two) entries.
+pub(super) fn slot_of(folded: u64, size: usize) -> usize {
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - size.trailing_zeros())) as usize
 }
 
 /// [`locate`] without the memory of recent subnets.

@@ -19,7 +19,9 @@ use std::time::SystemTime;
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, RData, Record, RecordType};
 
-use super::answer::{Client, choice_key, class_of, estimate, locate, locate_key, sticky_scope};
+use super::answer::{
+    Client, choice_key, class_of, estimate, locate, locate_key, slot_of, sticky_scope, subnet_bits,
+};
 use super::handler::{ecs_echo, located_subnet};
 use super::query::{self, Ecs, HEADER_LEN, Query, Question};
 use super::reply::{Header, Opt, Section, Writer, write_opt};
@@ -421,17 +423,10 @@ thread_local! {
 }
 
 fn decided_slot(key: &DecidedKey) -> usize {
-    let bits = match key.subnet.addr() {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    };
-    let folded = (bits as u64)
-        ^ ((bits >> 64) as u64).rotate_left(17)
-        ^ (u64::from(key.subnet.prefix_len()) << 1)
-        ^ u64::from(key.from_ecs)
+    let folded = subnet_bits(&key.subnet, key.from_ecs)
         ^ (key.service as u64).rotate_left(40)
         ^ key.snapshot.rotate_left(23);
-    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DECIDED.trailing_zeros())) as usize
+    slot_of(folded, DECIDED)
 }
 
 fn recall(key: &DecidedKey) -> Option<Decision> {
