@@ -408,7 +408,7 @@ struct Decision {
     nearest: Option<u64>,
 }
 
-/// Decisions each query-path thread remembers: 1,024 entries of 80 bytes,
+/// Decisions each query-path thread remembers: 1,024 entries of about 80 bytes,
 /// one per slot, overwritten on collision (nothing a sender can grow). An
 /// entry holds for one snapshot only (its `id`), so a health change, a
 /// reload or a database swap is never answered from an older decision;
