@@ -779,7 +779,8 @@ fn socket_for(addr: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Resu
 
 /// The largest `max-udp-payload` under which IPv4 answers are sent with
 /// DF set: 1232 bytes (the default; DNS Flag Day 2020) make IP packets of
-/// at most 1260 bytes, which every real path carries whole.
+/// at most 1260 bytes, which nearly every path carries whole (a path that
+/// does not drops them, and the resolver retries smaller or over TCP).
 const DF_MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// A UDP socket for DNS, where answers never take path-MTU information
