@@ -333,24 +333,12 @@ pub fn locate(snap: &Snapshot, client: &Client) -> Located {
         return locate_in(geo, subnet, from_ecs);
     }
     let key = (geo.id, subnet, from_ecs);
-    let slot = recent_slot(&subnet, from_ecs);
-    let hit = RECENTLY_LOCATED.with_borrow(|recent| {
-        recent
-            .get(slot)
-            .and_then(|entry| entry.as_ref())
-            .filter(|(k, _)| *k == key)
-            .map(|(_, located)| *located)
-    });
-    if let Some(located) = hit {
+    let folded = subnet_bits(&subnet, from_ecs);
+    if let Some(located) = RECENTLY_LOCATED.with_borrow(|recent| recent.get(folded, &key)) {
         return located;
     }
     let located = locate_in(geo, subnet, from_ecs);
-    RECENTLY_LOCATED.with_borrow_mut(|recent| {
-        if recent.is_empty() {
-            recent.resize(RECENT, None);
-        }
-        recent[slot] = Some((key, located));
-    });
+    RECENTLY_LOCATED.with_borrow_mut(|recent| recent.put(folded, key, located));
     located
 }
 
@@ -364,18 +352,45 @@ pub(super) fn locate_key(client: &Client) -> Option<(ipnet::IpNet, bool)> {
     }
 }
 
-/// Subnets each thread remembers in [`locate`]: 1,024 entries of 80 bytes.
-const RECENT: usize = 1024;
-
 type RecentKey = (u64, ipnet::IpNet, bool);
 
 thread_local! {
-    static RECENTLY_LOCATED: std::cell::RefCell<Vec<Option<(RecentKey, Located)>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    /// Subnets each thread remembers in [`locate`]: 1,024 entries of about
+    /// 80 bytes.
+    static RECENTLY_LOCATED: std::cell::RefCell<Recent<RecentKey, Located, 1024>> =
+        const { std::cell::RefCell::new(Recent::new()) };
 }
 
-fn recent_slot(subnet: &ipnet::IpNet, from_ecs: bool) -> usize {
-    slot_of(subnet_bits(subnet, from_ecs), RECENT)
+/// What a query-path thread remembers of recent work (located subnets,
+/// decisions): `N` entries (a power of two), one per slot, overwritten on
+/// collision, so nothing a sender sends can grow it; allocated at the
+/// first entry. A key must say everything the value depends on.
+pub(super) struct Recent<K, V, const N: usize> {
+    entries: Vec<Option<(K, V)>>,
+}
+
+impl<K: PartialEq + Copy, V: Copy, const N: usize> Recent<K, V, N> {
+    pub(super) const fn new() -> Self {
+        Recent {
+            entries: Vec::new(),
+        }
+    }
+
+    /// The value under `key`, whose bits folded into 64 are `folded`.
+    pub(super) fn get(&self, folded: u64, key: &K) -> Option<V> {
+        self.entries
+            .get(slot_of(folded, N))
+            .and_then(|entry| entry.as_ref())
+            .filter(|(k, _)| k == key)
+            .map(|(_, value)| *value)
+    }
+
+    pub(super) fn put(&mut self, folded: u64, key: K, value: V) {
+        if self.entries.is_empty() {
+            self.entries.resize(N, None);
+        }
+        self.entries[slot_of(folded, N)] = Some((key, value));
+    }
 }
 
 /// A subnet and its origin folded into 64 bits, for the query path's
@@ -393,7 +408,7 @@ pub(super) fn subnet_bits(subnet: &ipnet::IpNet, from_ecs: bool) -> u64 {
 }
 
 /// The slot of `folded` in a table of `size` (a power of two) entries.
-pub(super) fn slot_of(folded: u64, size: usize) -> usize {
+fn slot_of(folded: u64, size: usize) -> usize {
     (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - size.trailing_zeros())) as usize
 }
 

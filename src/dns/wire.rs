@@ -20,7 +20,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::{LowerName, RData, Record, RecordType};
 
 use super::answer::{
-    Client, choice_key, class_of, estimate, locate, locate_key, slot_of, sticky_scope, subnet_bits,
+    Client, Recent, choice_key, class_of, estimate, locate, locate_key, sticky_scope, subnet_bits,
 };
 use super::handler::{ecs_echo, located_subnet};
 use super::query::{self, Ecs, HEADER_LEN, Query, Question};
@@ -408,44 +408,30 @@ struct Decision {
     nearest: Option<u64>,
 }
 
-/// Decisions each query-path thread remembers: 1,024 entries of about 80 bytes,
-/// one per slot, overwritten on collision (nothing a sender can grow). An
-/// entry holds for one snapshot only (its `id`), so a health change, a
-/// reload or a database swap is never answered from an older decision;
-/// resolvers repeat their own address and their clients' subnets, so most
-/// queries of a located service skip locating and the distance estimates.
-/// Drawn (capacity) answers are never remembered.
-const DECIDED: usize = 1024;
-
 thread_local! {
-    static DECIDED_RECENTLY: std::cell::RefCell<Vec<Option<(DecidedKey, Decision)>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    /// Decisions each query-path thread remembers: 1,024 entries of about
+    /// 80 bytes. An entry holds for one snapshot only (its `id`), so a
+    /// health change, a reload or a database swap is never answered from an
+    /// older decision; resolvers repeat their own address and their
+    /// clients' subnets, so most queries of a located service skip locating
+    /// and the distance estimates. Drawn (capacity) answers are never
+    /// remembered.
+    static DECIDED_RECENTLY: std::cell::RefCell<Recent<DecidedKey, Decision, 1024>> =
+        const { std::cell::RefCell::new(Recent::new()) };
 }
 
-fn decided_slot(key: &DecidedKey) -> usize {
-    let folded = subnet_bits(&key.subnet, key.from_ecs)
+fn folded(key: &DecidedKey) -> u64 {
+    subnet_bits(&key.subnet, key.from_ecs)
         ^ (key.service as u64).rotate_left(40)
-        ^ key.snapshot.rotate_left(23);
-    slot_of(folded, DECIDED)
+        ^ key.snapshot.rotate_left(23)
 }
 
 fn recall(key: &DecidedKey) -> Option<Decision> {
-    DECIDED_RECENTLY.with_borrow(|decided| {
-        decided
-            .get(decided_slot(key))
-            .and_then(|entry| entry.as_ref())
-            .filter(|(k, _)| k == key)
-            .map(|(_, decision)| *decision)
-    })
+    DECIDED_RECENTLY.with_borrow(|decided| decided.get(folded(key), key))
 }
 
 fn remember(key: DecidedKey, decision: Decision) {
-    DECIDED_RECENTLY.with_borrow_mut(|decided| {
-        if decided.is_empty() {
-            decided.resize(DECIDED, None);
-        }
-        decided[decided_slot(&key)] = Some((key, decision));
-    });
+    DECIDED_RECENTLY.with_borrow_mut(|decided| decided.put(folded(&key), key, decision));
 }
 
 /// The records of a decision, in the query's family.

@@ -131,20 +131,26 @@ pub struct Snapshot {
     pub wire: wire::Wire,
 }
 
+/// An id never given before in this process, never 0: what the query
+/// path's per-thread memories key snapshots and GeoIP views by.
+fn unique_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Snapshot {
     /// A snapshot id never given before in this process, never 0.
     pub fn next_id() -> u64 {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        unique_id()
     }
 }
 
 /// Everything needed to locate a client.
 #[derive(Debug, Clone, Default)]
 pub struct GeoView {
-    /// Unique to this view in the process ([`GeoView::next_id`]; 0 for a
-    /// default one): what the query path's memory of located subnets is
-    /// keyed by.
+    /// Unique to this view in the process ([`unique_id`], shared with
+    /// snapshots; 0 for a default one): what the query path's memory of
+    /// located subnets is keyed by.
     pub id: u64,
     pub db: Option<Arc<GeoDb>>,
     /// Longest prefix first.
@@ -168,7 +174,6 @@ impl GeoView {
         config: &Config,
         previous: Option<&GeoView>,
     ) -> GeoView {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut view = GeoView {
             id: 0,
             db,
@@ -179,7 +184,7 @@ impl GeoView {
         };
         view.id = match previous {
             Some(p) if p.id != 0 && p.locates_as(&view) => p.id,
-            _ => NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            _ => unique_id(),
         };
         view
     }
